@@ -1,0 +1,10 @@
+//! adt: Adversarial Diffusion Tuning for Stable Diffusion models, on libtorch.
+pub mod data;
+pub mod disc;
+pub mod eval;
+pub mod fixtures;
+pub mod inspect;
+pub mod models;
+pub mod schedule;
+pub mod train;
+pub mod weights;

@@ -1,0 +1,400 @@
+//! The training configuration: a TOML file plus `--set key=value` overrides,
+//! validated up front. Defaults are the paper's (section 5, "Training Settings").
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+use crate::schedule::SamplerKind;
+
+/// ADT or the plain fine-tuning baseline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Adversarial Diffusion Tuning (Algorithm 1).
+    Adt,
+    /// Plain diffusion-loss fine-tuning (the paper's FT baseline).
+    Ft,
+}
+
+/// Which stop-gradients the sampled trajectory uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GradPath {
+    /// Eq. 11: x + (a - 1) sg(x) + b eps(sg(x)): unit-scale gradient to every step.
+    Adt,
+    /// Eq. 4 (DRTune): a x + b eps(sg(x)): the gradient scales by prod a.
+    Drtune,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiscKind {
+    /// Eq. 6: dual EMA heads, BYOL predictor, cosine score.
+    Siamese,
+    /// Plain heads with scalar logits (paper ablation).
+    StyleganT,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FeatureNet {
+    Dinov2,
+    EfficientnetLite0,
+    EfficientnetLite1,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSection {
+    /// A diffusers pipeline folder, or "tiny-random" for randomly initialised tiny
+    /// models of the real architectures (smoke tests).
+    pub path: String,
+    /// Weight variant to prefer, e.g. "fp16".
+    pub variant: Option<String>,
+    /// Where the tuned pipeline is written (default: `<output.dir>/final`).
+    pub save_to: Option<PathBuf>,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection { path: "tiny-random".into(), variant: None, save_to: None }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainSection {
+    pub mode: Mode,
+    pub grad_path: GradPath,
+    /// Training iterations (each has a D step; every H-th also a G step).
+    pub iterations: usize,
+    pub batch_size: usize,
+    /// Micro-batches accumulated per optimiser step.
+    pub grad_accum: usize,
+    pub seed: u64,
+    /// Weight of the diffusion loss in the generator objective (Eq. 8).
+    pub lambda: f64,
+    /// Number of kept gradient steps besides t_s (Alg. 1 line 5).
+    pub k: usize,
+    /// Generator update period (Alg. 1 line 19).
+    pub h: usize,
+    /// EMA rate of the dual heads (Alg. 1 line 18).
+    pub tau: f64,
+    pub lr_g: f64,
+    pub lr_d: f64,
+    pub warmup_g: usize,
+    pub warmup_d: usize,
+    pub weight_decay_g: f64,
+    pub weight_decay_d: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    /// Gradient-norm clipping for the generator (0 = off).
+    pub grad_clip: f64,
+    /// EMA of the generator weights (None = off).
+    pub ema_decay: Option<f64>,
+    /// Per-step gradient decomposition (Eq. 12): one UNet graph at a time.
+    /// `false` keeps the whole trajectory in one graph.
+    pub decompose: bool,
+    /// Training resolution in pixels.
+    pub resolution: i64,
+    /// Probability of dropping the caption (for CFG) in the diffusion loss.
+    pub caption_dropout: f64,
+    /// Iterations with discriminator updates only, before the first generator step.
+    pub d_only_iterations: usize,
+    /// "cpu", "cuda" or "cuda:N".
+    pub device: String,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            mode: Mode::Adt,
+            grad_path: GradPath::Adt,
+            iterations: 20_000,
+            batch_size: 8,
+            grad_accum: 1,
+            seed: 0,
+            lambda: 0.5,
+            k: 3,
+            h: 5,
+            tau: 0.99,
+            lr_g: 5e-6,
+            lr_d: 5e-6,
+            warmup_g: 500,
+            warmup_d: 1000,
+            weight_decay_g: 1e-2,
+            weight_decay_d: 1e-2,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            grad_clip: 1.0,
+            ema_decay: None,
+            decompose: true,
+            resolution: 512,
+            caption_dropout: 0.0,
+            d_only_iterations: 0,
+            device: "cpu".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SamplerSection {
+    pub kind: SamplerKind,
+    pub steps: usize,
+    /// Classifier-free guidance scale (1 = off).
+    pub cfg: f64,
+}
+
+impl Default for SamplerSection {
+    fn default() -> Self {
+        SamplerSection { kind: SamplerKind::Ddim, steps: 50, cfg: 7.0 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiscSection {
+    pub kind: DiscKind,
+    pub features: FeatureNet,
+    /// Folder of the feature network's weights (DINOv2: a transformers folder).
+    pub features_path: Option<PathBuf>,
+    /// Tapped blocks (DINOv2 ViT-S/14: [2, 5, 8, 11]).
+    pub blocks: Vec<usize>,
+    /// Input resolution of the feature network.
+    pub resolution: i64,
+    /// DiffAugment policy.
+    pub diffaug: String,
+    /// Head width.
+    pub channels: i64,
+}
+
+impl Default for DiscSection {
+    fn default() -> Self {
+        DiscSection {
+            kind: DiscKind::Siamese,
+            features: FeatureNet::Dinov2,
+            features_path: None,
+            blocks: vec![2, 5, 8, 11],
+            resolution: 224,
+            diffaug: "color,translation,cutout".into(),
+            channels: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutputSection {
+    pub dir: PathBuf,
+    pub log_every: usize,
+    pub sample_every: usize,
+    pub checkpoint_every: usize,
+    pub validation_prompts: Vec<String>,
+    /// Keep this many periodic checkpoints (the newest ones).
+    pub keep_checkpoints: usize,
+}
+
+impl Default for OutputSection {
+    fn default() -> Self {
+        OutputSection {
+            dir: PathBuf::from("runs/adt"),
+            log_every: 1,
+            sample_every: 500,
+            checkpoint_every: 1000,
+            validation_prompts: vec![],
+            keep_checkpoints: 2,
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelSection,
+    pub train: TrainSection,
+    pub sampler: SamplerSection,
+    pub disc: DiscSection,
+    pub data: toml::Table,
+    pub output: OutputSection,
+}
+
+/// Parse `key=value` where value is a TOML value; bare words become strings.
+fn parse_override(s: &str) -> Result<(Vec<String>, toml::Value)> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| anyhow!("--set {s:?}: expected key=value, e.g. train.lr_g=1e-5"))?;
+    let key: Vec<String> = k.trim().split('.').map(|p| p.trim().to_string()).collect();
+    if key.iter().any(|p| p.is_empty()) {
+        bail!("--set {s:?}: empty key part");
+    }
+    let v = v.trim();
+    let value = match format!("x = {v}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("x").unwrap(),
+        Err(_) => toml::Value::String(v.to_string()),
+    };
+    Ok((key, value))
+}
+
+fn set_path(table: &mut toml::Table, key: &[String], value: toml::Value) -> Result<()> {
+    let (first, rest) = key.split_first().unwrap();
+    if rest.is_empty() {
+        table.insert(first.clone(), value);
+        return Ok(());
+    }
+    let entry = table.entry(first.clone()).or_insert_with(|| toml::Value::Table(Default::default()));
+    match entry {
+        toml::Value::Table(t) => set_path(t, rest, value),
+        _ => bail!("--set {}: {first} is not a section", key.join(".")),
+    }
+}
+
+impl Config {
+    /// Load a TOML file (or start from defaults) and apply `key=value` overrides.
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Config> {
+        let mut table: toml::Table = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).with_context(|| format!("reading config {}", p.display()))?;
+                text.parse().with_context(|| format!("{}: invalid TOML", p.display()))?
+            }
+            None => toml::Table::new(),
+        };
+        for o in overrides {
+            let (key, value) = parse_override(o)?;
+            set_path(&mut table, &key, value)?;
+        }
+        let where_ = path.map(|p| p.display().to_string()).unwrap_or_else(|| "configuration".into());
+        let cfg: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            anyhow!("{where_}: key {key}: {}", inner.message().trim())
+        })?;
+        cfg.validate().with_context(|| format!("{where_}: invalid value"))?;
+        Ok(cfg)
+    }
+
+    /// Range and consistency checks; errors name the key and the allowed values.
+    pub fn validate(&self) -> Result<()> {
+        let t = &self.train;
+        let pos = |k: &str, v: usize| -> Result<()> {
+            if v == 0 {
+                bail!("{k} = 0: must be at least 1");
+            }
+            Ok(())
+        };
+        pos("train.iterations", t.iterations)?;
+        pos("train.batch_size", t.batch_size)?;
+        pos("train.grad_accum", t.grad_accum)?;
+        pos("train.h", t.h)?;
+        pos("sampler.steps", self.sampler.steps)?;
+        if !(0.0..=1.0).contains(&t.tau) {
+            bail!("train.tau = {}: must be in [0, 1]", t.tau);
+        }
+        if t.lambda < 0.0 || !t.lambda.is_finite() {
+            bail!("train.lambda = {}: must be a finite number >= 0", t.lambda);
+        }
+        for (k, v) in [("train.lr_g", t.lr_g), ("train.lr_d", t.lr_d)] {
+            if !(v > 0.0 && v.is_finite()) {
+                bail!("{k} = {v}: must be a positive number");
+            }
+        }
+        if let Some(d) = t.ema_decay {
+            if !(0.0..1.0).contains(&d) {
+                bail!("train.ema_decay = {d}: must be in [0, 1)");
+            }
+        }
+        if !(0.0..=1.0).contains(&t.caption_dropout) {
+            bail!("train.caption_dropout = {}: must be in [0, 1]", t.caption_dropout);
+        }
+        if t.resolution < 8 || t.resolution % 8 != 0 {
+            bail!("train.resolution = {}: must be a positive multiple of 8", t.resolution);
+        }
+        if self.sampler.cfg < 0.0 {
+            bail!("sampler.cfg = {}: must be >= 0 (1 = no guidance)", self.sampler.cfg);
+        }
+        if self.disc.blocks.is_empty() {
+            bail!("disc.blocks: at least one block is needed");
+        }
+        if self.disc.channels <= 0 {
+            bail!("disc.channels = {}: must be positive", self.disc.channels);
+        }
+        for p in self.disc.diffaug.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            if !["color", "translation", "cutout"].contains(&p) {
+                bail!("disc.diffaug: unknown policy {p:?} (allowed: color, translation, cutout)");
+            }
+        }
+        match t.device.as_str() {
+            "cpu" | "cuda" => {}
+            d if d.starts_with("cuda:") && d[5..].parse::<usize>().is_ok() => {}
+            d => bail!("train.device = {d:?}: allowed values are cpu, cuda, cuda:N"),
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML.
+    pub fn to_toml(&self) -> Result<String> {
+        Ok(toml::to_string_pretty(self)?)
+    }
+
+    pub fn device(&self) -> tch::Device {
+        match self.train.device.as_str() {
+            "cpu" => tch::Device::Cpu,
+            "cuda" => tch::Device::Cuda(0),
+            d => tch::Device::Cuda(d[5..].parse().unwrap_or(0)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_papers() {
+        let c = Config::load(None, &[]).unwrap();
+        assert_eq!(c.train.lambda, 0.5);
+        assert_eq!(c.train.k, 3);
+        assert_eq!(c.train.h, 5);
+        assert_eq!(c.train.tau, 0.99);
+        assert_eq!(c.train.lr_g, 5e-6);
+        assert_eq!(c.train.lr_d, 5e-6);
+        assert_eq!((c.train.warmup_d, c.train.warmup_g), (1000, 500));
+        assert_eq!(c.train.batch_size, 8);
+        assert_eq!(c.sampler.kind, SamplerKind::Ddim);
+        assert_eq!(c.sampler.steps, 50);
+        assert_eq!(c.sampler.cfg, 7.0);
+        assert_eq!(c.disc.blocks, vec![2, 5, 8, 11]);
+    }
+
+    #[test]
+    fn overrides_apply_and_round_trip() {
+        let c = Config::load(None, &["train.k=8".into(), "sampler.kind=dpm_solver_pp2m".into(), "train.mode=ft".into()])
+            .unwrap();
+        assert_eq!(c.train.k, 8);
+        assert_eq!(c.sampler.kind, SamplerKind::DpmSolverPp2m);
+        assert_eq!(c.train.mode, Mode::Ft);
+        let text = c.to_toml().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, text).unwrap();
+        assert_eq!(Config::load(Some(&p), &[]).unwrap(), c);
+    }
+
+    #[test]
+    fn errors_name_the_key_and_allowed_values() {
+        let e = format!("{:#}", Config::load(None, &["train.mode=gan".into()]).unwrap_err());
+        assert!(e.contains("train.mode") && e.contains("adt") && e.contains("ft"), "{e}");
+        let e = format!("{:#}", Config::load(None, &["train.lamda=0.5".into()]).unwrap_err());
+        assert!(e.contains("lamda") && e.contains("lambda"), "{e}");
+        let e = format!("{:#}", Config::load(None, &["train.tau=1.5".into()]).unwrap_err());
+        assert!(e.contains("train.tau"), "{e}");
+        let e = format!("{:#}", Config::load(None, &["disc.diffaug=color,blur".into()]).unwrap_err());
+        assert!(e.contains("blur") && e.contains("cutout"), "{e}");
+        let e = format!("{:#}", Config::load(None, &["nonsense".into()]).unwrap_err());
+        assert!(e.contains("key=value"), "{e}");
+        let e = format!("{:#}", Config::load(None, &["train.device=tpu".into()]).unwrap_err());
+        assert!(e.contains("cuda:N"), "{e}");
+    }
+}

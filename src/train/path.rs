@@ -1,0 +1,420 @@
+//! The sampled trajectory inside training, with the backward-flowing path
+//! constraint of the paper (section 3.2).
+//!
+//! A training trajectory starts at step index `s` (image-to-image, Eq. 7) and runs
+//! the inference sampler, with classifier-free guidance, to the end. A set of kept
+//! steps (always `s`, plus up to K later ones, Alg. 1 line 5) produce model outputs
+//! with gradient; all other outputs are computed without a graph. Per step:
+//!
+//! * ADT (Eq. 11): `x <- x + (a - 1) sg(x) + b eps(sg(x))`, so that
+//!   d x_hat0 / d x_t = I for every t: each kept step gets the upstream gradient
+//!   with unit scale.
+//! * DRTune (Eq. 4): `x <- a x + b eps(sg(x))`: the gradient reaching step i is
+//!   scaled by the product of the later a's (appendix A.1).
+//!
+//! Multistep history terms (DPM-Solver++) are treated as constants.
+//!
+//! Because every kept step receives the same upstream gradient g = dL/dx_hat0
+//! (times a known scalar), the generator gradient decomposes exactly (Eq. 12):
+//! `sum_t b_t s_t (d eps_t / d theta)^T g`. [`rollout`] runs the trajectory without
+//! any graph and stores the kept steps' inputs; [`backprop_kept`] recomputes one kept
+//! step at a time with grad and backpropagates `<b_t s_t eps_t, g>`, so the peak
+//! memory is one model graph whatever K is. [`rollout_graph`] is the direct version
+//! (everything in one graph), kept as an option and as the test oracle.
+
+use crate::schedule::{cfg_combine, Plan};
+use crate::train::config::GradPath;
+use tch::{Kind, Tensor};
+
+/// Conditioning handed to the denoiser.
+pub struct Cond {
+    /// Token states [B, L, D] (cross-attention context).
+    pub context: Tensor,
+    /// Pooled text embedding [B, P] (SDXL `text_embeds`, SD3 `pooled_projections`).
+    pub pooled: Option<Tensor>,
+    /// SDXL micro-conditioning [B, 6].
+    pub time_ids: Option<Tensor>,
+}
+
+impl Cond {
+    pub fn new(context: Tensor) -> Cond {
+        Cond { context, pooled: None, time_ids: None }
+    }
+
+    /// Concatenate along the batch (for batched unconditional + conditional CFG).
+    pub fn cat(a: &Cond, b: &Cond) -> Cond {
+        let cat2 = |x: &Option<Tensor>, y: &Option<Tensor>| match (x, y) {
+            (Some(x), Some(y)) => Some(Tensor::cat(&[x, y], 0)),
+            _ => None,
+        };
+        Cond {
+            context: Tensor::cat(&[&a.context, &b.context], 0),
+            pooled: cat2(&a.pooled, &b.pooled),
+            time_ids: cat2(&a.time_ids, &b.time_ids),
+        }
+    }
+
+    pub fn detach(&self) -> Cond {
+        Cond {
+            context: self.context.detach(),
+            pooled: self.pooled.as_ref().map(|t| t.detach()),
+            time_ids: self.time_ids.as_ref().map(|t| t.detach()),
+        }
+    }
+
+    pub fn to_kind(&self, kind: Kind) -> Cond {
+        Cond {
+            context: self.context.to_kind(kind),
+            pooled: self.pooled.as_ref().map(|t| t.to_kind(kind)),
+            time_ids: self.time_ids.as_ref().map(|t| t.to_kind(kind)),
+        }
+    }
+}
+
+/// A noise-prediction network: raw output (epsilon, v or velocity) for latents x
+/// [B, C, h, w] at timesteps t [B] (float) under a conditioning.
+pub trait Denoiser {
+    fn predict(&self, x: &Tensor, t: &Tensor, cond: &Cond) -> Tensor;
+}
+
+impl<F: Fn(&Tensor, &Tensor, &Cond) -> Tensor> Denoiser for F {
+    fn predict(&self, x: &Tensor, t: &Tensor, cond: &Cond) -> Tensor {
+        self(x, t, cond)
+    }
+}
+
+/// Unconditional and conditional embeddings, and the guidance scale.
+pub struct Guidance<'a> {
+    pub uncond: &'a Cond,
+    pub cond: &'a Cond,
+    /// Pre-concatenated [uncond; cond] for batched CFG.
+    pub both: Option<Cond>,
+    pub scale: f64,
+}
+
+impl<'a> Guidance<'a> {
+    pub fn new(uncond: &'a Cond, cond: &'a Cond, scale: f64) -> Guidance<'a> {
+        let both = if scale != 1.0 { Some(Cond::cat(uncond, cond)) } else { None };
+        Guidance { uncond, cond, both, scale }
+    }
+}
+
+/// Guided output at timestep value `t` and the conditional branch alone.
+pub fn guided_output(model: &dyn Denoiser, x: &Tensor, t: f64, g: &Guidance) -> (Tensor, Tensor) {
+    let b = x.size()[0];
+    match &g.both {
+        None => {
+            let tt = Tensor::full([b], t, (Kind::Float, x.device()));
+            let out = model.predict(x, &tt, g.cond);
+            (out.shallow_clone(), out)
+        }
+        Some(both) => {
+            let tt = Tensor::full([2 * b], t, (Kind::Float, x.device()));
+            let out = model.predict(&Tensor::cat(&[x, x], 0), &tt, both);
+            let parts = out.split(b, 0);
+            let (u, c) = (&parts[0], &parts[1]);
+            (cfg_combine(u, c, g.scale), c.shallow_clone())
+        }
+    }
+}
+
+/// What [`rollout`] records about a kept step.
+pub struct KeptStep {
+    /// Step index in the plan.
+    pub index: usize,
+    /// The (detached) state at this step: the model's input.
+    pub x: Tensor,
+    /// Coefficient on the model output.
+    pub b: f64,
+    /// Gradient scale from x_{next} to x_hat0: 1 under ADT, the product of the later
+    /// a's under DRTune.
+    pub scale: f64,
+}
+
+/// The result of a trajectory run without a graph.
+pub struct Rollout {
+    pub final_x: Tensor,
+    pub kept: Vec<KeptStep>,
+}
+
+/// Run the sampler from step `start` (state `x_start`) to the end without a graph,
+/// recording the inputs of the `kept` step indices.
+pub fn rollout(
+    model: &dyn Denoiser,
+    plan: &Plan,
+    start: usize,
+    x_start: &Tensor,
+    kept: &[usize],
+    g: &Guidance,
+    path: GradPath,
+) -> Rollout {
+    tch::no_grad(|| {
+        let mut x = x_start.detach();
+        let mut history: Vec<Tensor> = Vec::new();
+        let mut kept_steps = Vec::new();
+        let mut a_list = Vec::new();
+        for i in start..plan.len() {
+            let c = plan.coeffs(i, history.len());
+            if kept.contains(&i) {
+                kept_steps.push(KeptStep { index: i, x: x.shallow_clone(), b: c.b, scale: 1.0 });
+            }
+            a_list.push((i, c.a));
+            let (out, _) = guided_output(model, &x, plan.timesteps[i], g);
+            let next = plan.apply(&c, &x, &out, &history);
+            plan.push_history(&c, &x, &out, &mut history);
+            x = next;
+        }
+        if path == GradPath::Drtune {
+            for k in &mut kept_steps {
+                k.scale = a_list.iter().filter(|(i, _)| *i > k.index).map(|(_, a)| a).product();
+            }
+        }
+        Rollout { final_x: x, kept: kept_steps }
+    })
+}
+
+/// Backpropagate the generator gradient of the kept steps, one step at a time
+/// (Eq. 12): for each kept step, recompute the guided output with grad and call
+/// backward on `<b s eps, g_final>`; at the start step also add
+/// `lambda * mse(cond_output, target)` (the diffusion loss of Eq. 8).
+/// Returns the diffusion-loss value (if a start step with a target was given).
+pub fn backprop_kept(
+    model: &dyn Denoiser,
+    plan: &Plan,
+    kept: &[KeptStep],
+    g_final: &Tensor,
+    guidance: &Guidance,
+    diffusion: Option<(usize, &Tensor, f64)>,
+) -> Option<f64> {
+    let mut diff_value = None;
+    for k in kept {
+        let (out, cond_out) = guided_output(model, &k.x, plan.timesteps[k.index], guidance);
+        let mut loss = (&out * g_final.detach()).sum(Kind::Double) * (k.b * k.scale);
+        if let Some((start, target, lambda)) = diffusion {
+            if start == k.index {
+                let d = (cond_out.to_kind(Kind::Float) - target.to_kind(Kind::Float)).square().mean(Kind::Float);
+                diff_value = Some(d.double_value(&[]));
+                loss = loss + d.to_kind(Kind::Double) * lambda;
+            }
+        }
+        loss.backward();
+    }
+    diff_value
+}
+
+/// The same trajectory as [`rollout`] with everything in one graph: the returned
+/// final state carries the gradient of the kept steps (and of `x_start`, if it
+/// requires grad) with the stop-gradients of `path`. Also returns the conditional
+/// output at the start step (for the diffusion loss).
+pub fn rollout_graph(
+    model: &dyn Denoiser,
+    plan: &Plan,
+    start: usize,
+    x_start: &Tensor,
+    kept: &[usize],
+    g: &Guidance,
+    path: GradPath,
+) -> (Tensor, Option<Tensor>) {
+    let mut x = x_start.shallow_clone();
+    let mut history: Vec<Tensor> = Vec::new();
+    let mut start_cond = None;
+    for i in start..plan.len() {
+        let c = plan.coeffs(i, history.len());
+        let xd = x.detach();
+        let (out, cond_out) = if kept.contains(&i) {
+            let (o, co) = guided_output(model, &xd, plan.timesteps[i], g);
+            (o, Some(co))
+        } else {
+            let (o, _) = tch::no_grad(|| guided_output(model, &xd, plan.timesteps[i], g));
+            (o, None)
+        };
+        if i == start {
+            start_cond = cond_out;
+        }
+        let linear = match path {
+            // x + (a - 1) sg(x): value a x, gradient identity.
+            GradPath::Adt => &x + &xd * (c.a - 1.0),
+            GradPath::Drtune => &x * c.a,
+        };
+        let mut next = linear + &out * c.b;
+        for (cj, h) in c.c.iter().zip(history.iter()) {
+            next += h * *cj;
+        }
+        plan.push_history(&c, &xd, &out, &mut history);
+        x = next;
+    }
+    (x, start_cond)
+}
+
+/// Choose the kept steps: the start step plus `min(k, remaining)` distinct later
+/// steps drawn uniformly (Alg. 1 line 5), sorted.
+pub fn choose_kept(rng: &mut impl rand::Rng, start: usize, n_steps: usize, k: usize) -> Vec<usize> {
+    let later: Vec<usize> = (start + 1..n_steps).collect();
+    let take = k.min(later.len());
+    let mut chosen = rand::seq::index::sample(rng, later.len(), take).into_iter().map(|j| later[j]).collect::<Vec<_>>();
+    chosen.push(start);
+    chosen.sort_unstable();
+    chosen
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schedule::{SamplerKind, ScheduleConfig};
+    use tch::{nn, nn::Module, Device};
+
+    /// A small convolutional denoiser with trainable weights (float64) whose output
+    /// depends on x, t and the context.
+    struct Toy {
+        conv: nn::Conv2D,
+        lin: nn::Linear,
+    }
+
+    impl Toy {
+        fn new(vs: &nn::VarStore) -> Toy {
+            let p = vs.root();
+            let conv = nn::conv2d(&p / "conv", 2, 2, 3, nn::ConvConfig { padding: 1, ..Default::default() });
+            let lin = nn::linear(&p / "lin", 3, 2, Default::default());
+            Toy { conv, lin }
+        }
+    }
+
+    impl Denoiser for Toy {
+        fn predict(&self, x: &Tensor, t: &Tensor, cond: &Cond) -> Tensor {
+            let ctx = self.lin.forward(&cond.context.mean_dim(1, false, Kind::Double)); // [B, 2]
+            let h = self.conv.forward(x).tanh();
+            let tt = (t.to_kind(Kind::Double) / 1000.0).view([-1, 1, 1, 1]);
+            h + ctx.view([-1, 2, 1, 1]) * 0.3 + tt * 0.1
+        }
+    }
+
+    fn setup(kind: SamplerKind) -> (nn::VarStore, Toy, Plan, Cond, Cond) {
+        tch::manual_seed(0);
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let toy = Toy::new(&vs);
+        vs.double();
+        let cfg = if kind == SamplerKind::FlowEuler { ScheduleConfig::sd3() } else { ScheduleConfig::sd15() };
+        let plan = Plan::new(&cfg, kind, 8).unwrap();
+        let opts = (Kind::Double, Device::Cpu);
+        let cond = Cond::new(Tensor::randn([2, 4, 3], opts));
+        let uncond = Cond::new(Tensor::randn([2, 4, 3], opts));
+        (vs, toy, plan, cond, uncond)
+    }
+
+    fn grads(vs: &nn::VarStore) -> Vec<Tensor> {
+        let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v.into_iter().map(|(_, t)| t.grad().copy()).collect()
+    }
+
+    fn zero(vs: &nn::VarStore) {
+        for (_, t) in vs.variables() {
+            let mut g = t.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+    }
+
+    /// Under Eq. 11, d x_hat0 / d x_{t_i} is the identity; under DRTune it is the
+    /// product of the later a's (appendix A.1, Eq. A1).
+    #[test]
+    fn unit_scale_gradient_property() {
+        for kind in [SamplerKind::Ddim, SamplerKind::DpmSolverPp2m, SamplerKind::FlowEuler] {
+            let (_vs, toy, plan, cond, uncond) = setup(kind);
+            let g = Guidance::new(&uncond, &cond, 3.0);
+            for start in [0, 3, plan.len() - 1] {
+                let opts = (Kind::Double, Device::Cpu);
+                let x = Tensor::randn([2, 2, 4, 4], opts).set_requires_grad(true);
+                let v = Tensor::randn([2, 2, 4, 4], opts);
+                let kept: Vec<usize> = (start..plan.len()).collect();
+                let (xf, _) = rollout_graph(&toy, &plan, start, &x, &kept, &g, GradPath::Adt);
+                (&xf * &v).sum(Kind::Double).backward();
+                let e = crate::fixtures::max_rel_err(&x.grad(), &v);
+                assert!(e < 1e-12, "{kind:?} start {start}: ADT input gradient is not the identity ({e})");
+
+                let x = Tensor::randn([2, 2, 4, 4], opts).set_requires_grad(true);
+                let (xf, _) = rollout_graph(&toy, &plan, start, &x, &kept, &g, GradPath::Drtune);
+                (&xf * &v).sum(Kind::Double).backward();
+                let mut hist = 0;
+                let mut prod = 1.0;
+                for i in start..plan.len() {
+                    let c = plan.coeffs(i, hist);
+                    if c.hist.is_some() {
+                        hist = 1;
+                    }
+                    prod *= c.a;
+                }
+                let e = crate::fixtures::max_rel_err(&x.grad(), &(&v * prod));
+                assert!(e < 1e-12, "{kind:?} start {start}: DRTune gradient is not prod(a) ({e})");
+            }
+        }
+    }
+
+    /// DRTune's gradient scale grows without bound towards t = T (appendix A.1).
+    #[test]
+    fn drtune_scale_explodes_for_early_steps() {
+        let plan = Plan::new(&ScheduleConfig::sd15(), SamplerKind::Ddim, 50).unwrap();
+        let prod: f64 = (0..plan.len()).map(|i| plan.coeffs(i, 0).a).product();
+        // Eq. A3: prod a = alpha_final / alpha_T for DDIM.
+        let (alpha_t, _) = plan.alpha_sigma(0);
+        let want = plan.final_alpha_cumprod.sqrt() / alpha_t;
+        assert!((prod - want).abs() / want < 1e-9, "{prod} vs {want}");
+        assert!(prod > 10.0, "{prod}");
+    }
+
+    /// The per-step decomposition (Eq. 12) gives the same parameter gradient as the
+    /// whole trajectory in one graph, for every sampler and both paths.
+    #[test]
+    fn decomposed_gradient_equals_full_graph() {
+        for kind in [SamplerKind::Ddim, SamplerKind::DpmSolverPp2m, SamplerKind::FlowEuler] {
+            for path in [GradPath::Adt, GradPath::Drtune] {
+                let (vs, toy, plan, cond, uncond) = setup(kind);
+                let g = Guidance::new(&uncond, &cond, 2.5);
+                let opts = (Kind::Double, Device::Cpu);
+                let x0 = Tensor::randn([2, 2, 4, 4], opts);
+                let eps = Tensor::randn([2, 2, 4, 4], opts);
+                let w = Tensor::randn([2, 2, 4, 4], opts);
+                let start = 2;
+                let xs = plan.add_noise(&x0, &eps, start);
+                let target = plan.target(&x0, &eps, start);
+                let kept = vec![2, 4, 7];
+                let lambda = 0.5;
+                // A non-linear loss on the final state.
+                let loss_of = |xf: &Tensor| (xf.sin() * &w).sum(Kind::Double);
+
+                let (xf, start_cond) = rollout_graph(&toy, &plan, start, &xs, &kept, &g, path);
+                let diff = (start_cond.unwrap() - &target).square().mean(Kind::Double);
+                (loss_of(&xf) + diff * lambda).backward();
+                let full = grads(&vs);
+                zero(&vs);
+
+                let r = rollout(&toy, &plan, start, &xs, &kept, &g, path);
+                assert!(crate::fixtures::max_rel_err(&r.final_x, &xf.detach()) < 1e-12);
+                let leaf = r.final_x.detach().set_requires_grad(true);
+                loss_of(&leaf).backward();
+                let gf = leaf.grad();
+                backprop_kept(&toy, &plan, &r.kept, &gf, &g, Some((start, &target, lambda)));
+                let dec = grads(&vs);
+                for (a, b) in full.iter().zip(&dec) {
+                    let e = crate::fixtures::max_rel_err(b, a);
+                    assert!(e < 1e-6, "{kind:?} {path:?}: decomposed vs full gradient rel err {e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn kept_steps_include_the_start_and_respect_k() {
+        use rand::SeedableRng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        for _ in 0..100 {
+            let s = rand::Rng::gen_range(&mut rng, 0..10);
+            let kept = choose_kept(&mut rng, s, 10, 3);
+            assert_eq!(kept[0], s);
+            assert_eq!(kept.len(), 1 + 3.min(9 - s));
+            assert!(kept.windows(2).all(|w| w[0] < w[1]));
+            assert!(kept.iter().all(|&i| i < 10));
+        }
+    }
+}

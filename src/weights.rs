@@ -1,0 +1,297 @@
+//! Reading and writing safetensors weights with strict name / shape checking.
+//!
+//! Models are built on a `tch::nn::VarStore` whose variable names follow the
+//! diffusers / transformers naming (`down_blocks.0.resnets.1.conv1.weight`). Loading
+//! checks every variable against the files: a missing tensor, an unexpected tensor
+//! or a shape mismatch is an error naming the file, the tensor, expected and found.
+
+use anyhow::{bail, Context, Result};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use tch::{nn::VarStore, Device, Kind, Tensor};
+
+/// Convert a safetensors dtype to a tch Kind.
+fn kind_of(dtype: safetensors::Dtype) -> Option<Kind> {
+    use safetensors::Dtype as D;
+    Some(match dtype {
+        D::F32 => Kind::Float,
+        D::F16 => Kind::Half,
+        D::BF16 => Kind::BFloat16,
+        D::F64 => Kind::Double,
+        D::I64 => Kind::Int64,
+        D::I32 => Kind::Int,
+        D::I16 => Kind::Int16,
+        D::I8 => Kind::Int8,
+        D::U8 => Kind::Uint8,
+        D::BOOL => Kind::Bool,
+        _ => return None,
+    })
+}
+
+fn dtype_of(kind: Kind) -> Result<safetensors::Dtype> {
+    use safetensors::Dtype as D;
+    Ok(match kind {
+        Kind::Float => D::F32,
+        Kind::Half => D::F16,
+        Kind::BFloat16 => D::BF16,
+        Kind::Double => D::F64,
+        Kind::Int64 => D::I64,
+        Kind::Int => D::I32,
+        Kind::Int16 => D::I16,
+        Kind::Int8 => D::I8,
+        Kind::Uint8 => D::U8,
+        Kind::Bool => D::BOOL,
+        k => bail!("cannot store tensors of kind {k:?} in safetensors"),
+    })
+}
+
+/// Parse a safetensors buffer into named CPU tensors (copied out of the buffer).
+pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    parse_safetensors(&bytes).with_context(|| format!("parsing safetensors file {}", path.display()))
+}
+
+pub fn parse_safetensors(bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
+    let st = safetensors::SafeTensors::deserialize(bytes)?;
+    let mut out = Vec::new();
+    let mut names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
+    names.sort();
+    for name in names {
+        let view = st.tensor(&name)?;
+        let kind = kind_of(view.dtype())
+            .with_context(|| format!("tensor {name}: unsupported dtype {:?}", view.dtype()))?;
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind)
+            .with_context(|| format!("tensor {name}: bad data"))?;
+        out.push((name, t));
+    }
+    Ok(out)
+}
+
+/// Read several safetensors files into one map, as sharded checkpoints are laid out.
+pub fn read_many(paths: &[PathBuf]) -> Result<BTreeMap<String, (Tensor, PathBuf)>> {
+    let mut map = BTreeMap::new();
+    for p in paths {
+        for (name, t) in read_safetensors(p)? {
+            if let Some((_, prev)) = map.insert(name.clone(), (t, p.clone())) {
+                bail!("tensor {name} appears in both {} and {}", prev.display(), p.display());
+            }
+        }
+    }
+    Ok(map)
+}
+
+/// Options for [`load_into`].
+#[derive(Default, Clone)]
+pub struct LoadOptions {
+    /// Tensor names in the file that the model does not use and may be ignored
+    /// (exact names, or prefixes ending in '.'; a leading '*' matches a suffix).
+    pub ignore: Vec<String>,
+    /// Renames applied to file names before matching: (from_prefix, to_prefix).
+    pub rename: Vec<(String, String)>,
+}
+
+fn ignored(name: &str, ignore: &[String]) -> bool {
+    ignore.iter().any(|pat| {
+        if let Some(suffix) = pat.strip_prefix('*') {
+            name.ends_with(suffix)
+        } else if pat.ends_with('.') {
+            name.starts_with(pat.as_str())
+        } else {
+            name == pat
+        }
+    })
+}
+
+/// Copy the tensors of `paths` into the variables of `vs`. Every variable must be
+/// found with the same shape; every tensor in the files must be used unless ignored.
+/// Values are converted to each variable's kind.
+pub fn load_into(vs: &mut VarStore, paths: &[PathBuf], opts: &LoadOptions) -> Result<()> {
+    let file_list = paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+    let mut tensors = read_many(paths)?;
+    // Apply renames.
+    if !opts.rename.is_empty() {
+        let mut renamed = BTreeMap::new();
+        for (name, v) in std::mem::take(&mut tensors) {
+            let mut new = name.clone();
+            for (from, to) in &opts.rename {
+                if let Some(rest) = name.strip_prefix(from.as_str()) {
+                    new = format!("{to}{rest}");
+                    break;
+                }
+            }
+            renamed.insert(new, v);
+        }
+        tensors = renamed;
+    }
+    let vars = vs.variables();
+    let mut missing = Vec::new();
+    let mut used = std::collections::HashSet::new();
+    tch::no_grad(|| -> Result<()> {
+        let mut names: Vec<&String> = vars.keys().collect();
+        names.sort();
+        for name in names {
+            let var = &vars[name];
+            match tensors.get(name) {
+                None => missing.push(name.clone()),
+                Some((t, file)) => {
+                    if t.size() != var.size() {
+                        bail!(
+                            "{}: tensor {name} has shape {:?}, the model expects {:?}",
+                            file.display(),
+                            t.size(),
+                            var.size()
+                        );
+                    }
+                    let mut v = var.shallow_clone();
+                    v.copy_(&t.to_kind(var.kind()).to_device(var.device()));
+                    used.insert(name.clone());
+                }
+            }
+        }
+        Ok(())
+    })?;
+    if !missing.is_empty() {
+        let n = missing.len();
+        missing.truncate(8);
+        bail!(
+            "{file_list}: {n} tensor(s) the model needs are missing, e.g. {}",
+            missing.join(", ")
+        );
+    }
+    let unexpected: Vec<&String> = tensors
+        .keys()
+        .filter(|k| !used.contains(*k) && !ignored(k, &opts.ignore))
+        .collect();
+    if !unexpected.is_empty() {
+        let n = unexpected.len();
+        let shown: Vec<String> = unexpected.iter().take(8).map(|s| s.to_string()).collect();
+        bail!(
+            "{file_list}: {n} unexpected tensor(s) the model does not have (wrong architecture or config?), e.g. {}",
+            shown.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Find the weight files of a diffusers / transformers component folder, preferring
+/// `variant` (e.g. "fp16") when given. Sharded checkpoints (`*.safetensors.index.json`)
+/// are supported.
+pub fn find_weight_files(dir: &Path, stems: &[&str], variant: Option<&str>) -> Result<Vec<PathBuf>> {
+    let mut candidates = Vec::new();
+    for stem in stems {
+        if let Some(v) = variant {
+            candidates.push(format!("{stem}.{v}.safetensors"));
+        }
+        candidates.push(format!("{stem}.safetensors"));
+    }
+    for c in &candidates {
+        let p = dir.join(c);
+        if p.is_file() {
+            return Ok(vec![p]);
+        }
+        let idx = dir.join(format!("{c}.index.json"));
+        if idx.is_file() {
+            let text = std::fs::read_to_string(&idx)
+                .with_context(|| format!("reading {}", idx.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", idx.display()))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .with_context(|| format!("{}: no weight_map object", idx.display()))?;
+            let mut files: Vec<String> =
+                map.values().filter_map(|f| f.as_str().map(String::from)).collect();
+            files.sort();
+            files.dedup();
+            return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+        }
+    }
+    bail!(
+        "{}: no weights found (looked for {}); .bin/.ckpt files are not supported, convert them to safetensors",
+        dir.display(),
+        candidates.join(", ")
+    )
+}
+
+/// Write named tensors to a safetensors file atomically (temp file + rename),
+/// converting floating-point tensors to `kind` when given.
+pub fn save_safetensors(
+    tensors: &[(String, Tensor)],
+    path: &Path,
+    kind: Option<Kind>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let mut owned: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = Vec::new();
+    for (name, t) in tensors {
+        let t = t.detach().to_device(Device::Cpu);
+        let t = match kind {
+            Some(k) if t.is_floating_point() => t.to_kind(k),
+            _ => t,
+        }
+        .contiguous();
+        let dtype = dtype_of(t.kind())?;
+        let numel = t.numel();
+        let nbytes = numel * t.kind().elt_size_in_bytes();
+        let mut buf = vec![0u8; nbytes];
+        if numel > 0 {
+            t.f_copy_data_u8(&mut buf, numel)?;
+        }
+        let shape = t.size().iter().map(|&d| d as usize).collect();
+        owned.push((name.clone(), buf, shape, dtype));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+        .iter()
+        .map(|(n, b, s, d)| Ok((n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b)?)))
+        .collect::<Result<_>>()?;
+    let bytes = safetensors::tensor::serialize(views, metadata)?;
+    atomic_write(path, &bytes)
+}
+
+/// Write a file atomically: write a sibling temp file, fsync, rename over the target.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|s| s.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
+    {
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+/// Save every variable of a VarStore under its own name.
+pub fn save_varstore(vs: &VarStore, path: &Path, kind: Option<Kind>) -> Result<()> {
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    save_safetensors(&vars, path, kind, Some(HashMap::from([("format".to_string(), "pt".to_string())])))
+}
+
+/// The floating-point kind of the tensors in a safetensors file (the most common one).
+pub fn file_float_kind(path: &Path) -> Result<Kind> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .with_context(|| format!("parsing safetensors header of {}", path.display()))?;
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for (_, info) in meta.tensors() {
+        if let Some(k) = kind_of(info.dtype) {
+            if matches!(k, Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double) {
+                *counts.entry(format!("{k:?}")).or_default() += 1;
+            }
+        }
+    }
+    let best = counts.into_iter().max_by_key(|(_, c)| *c).map(|(k, _)| k);
+    Ok(match best.as_deref() {
+        Some("Half") => Kind::Half,
+        Some("BFloat16") => Kind::BFloat16,
+        Some("Double") => Kind::Double,
+        _ => Kind::Float,
+    })
+}
