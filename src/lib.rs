@@ -5,6 +5,7 @@ pub mod eval;
 pub mod fixtures;
 pub mod inspect;
 pub mod models;
+pub mod sample;
 pub mod schedule;
 pub mod train;
 pub mod weights;

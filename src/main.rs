@@ -1,7 +1,8 @@
 //! The `adt` command line: a thin layer over the library.
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -24,32 +25,153 @@ enum Command {
         /// Print the effective configuration (with defaults) and exit.
         #[arg(long)]
         print_config: bool,
+        /// Continue from the latest checkpoint of the output folder, or from DIR.
+        #[arg(long, value_name = "DIR", num_args = 0..=1)]
+        resume: Option<Option<PathBuf>>,
+        /// Stop after this many iterations of this invocation (checkpoints are kept).
+        #[arg(long)]
+        max_iterations: Option<usize>,
+    },
+    /// Generate images from prompts with a pipeline folder.
+    Sample {
+        /// Diffusers pipeline folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// One prompt (repeatable).
+        #[arg(long)]
+        prompt: Vec<String>,
+        /// A text file with one prompt per line.
+        #[arg(long)]
+        prompts: Option<PathBuf>,
+        /// ddim, dpmpp or flow.
+        #[arg(long, default_value = "ddim")]
+        sampler: String,
+        /// Step counts (comma-separated for a sweep).
+        #[arg(long, default_value = "50", value_delimiter = ',')]
+        steps: Vec<usize>,
+        /// Guidance scales (comma-separated for a sweep).
+        #[arg(long, default_value = "7", value_delimiter = ',')]
+        cfg: Vec<f64>,
+        #[arg(long, default_value_t = 0)]
+        seed: i64,
+        /// Image size in pixels (default: the UNet's sample_size times the VAE factor).
+        #[arg(long)]
+        resolution: Option<i64>,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Describe a diffusers pipeline folder, a component folder or a .safetensors file.
-    Inspect {
+    Inspect { path: PathBuf },
+    /// Report on a dataset: counts, resolutions, caption lengths, bad samples.
+    InspectData {
         path: PathBuf,
+        /// Fail on the first bad sample.
+        #[arg(long)]
+        strict: bool,
+    },
+    /// Run one component on named inputs and write named outputs (parity checks).
+    Forward {
+        /// unet, vae-encode, vae-decode, clip-text, clip-text-proj, dinov2, dinov2-grad, efficientnet
+        #[arg(long)]
+        component: String,
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        inputs: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the 77 token ids an SD pipeline feeds its text encoder, one JSON array per text.
+    Tokenize {
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// eos (SD1.x, SDXL tokenizer), zero (SD2, SDXL tokenizer_2) or config.
+        #[arg(long)]
+        pad: Option<String>,
+        texts: Vec<String>,
     },
 }
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Train { config, set, print_config } => {
+        Command::Train { config, set, print_config, resume, max_iterations } => {
             let cfg = adt::train::config::Config::load(config.as_deref(), &set)?;
             if print_config {
                 print!("{}", cfg.to_toml()?);
                 return Ok(());
             }
-            anyhow::bail!("training is not available in this build");
+            let opts = adt::train::run::RunOptions { resume, max_iterations, quiet: false };
+            let tr = adt::train::run::run(cfg, &opts)?;
+            eprintln!("finished {} iterations; logs in {}", tr.step, tr.out_dir.display());
         }
-        Command::Inspect { path } => {
-            print!("{}", adt::inspect::inspect(&path)?);
+        Command::Sample { model, prompt, prompts, sampler, steps, cfg, seed, resolution, batch_size, out } => {
+            let mut all = prompt;
+            if let Some(f) = prompts {
+                let text = std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
+                all.extend(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from));
+            }
+            if all.is_empty() {
+                bail!("no prompts: give --prompt TEXT or --prompts FILE");
+            }
+            let kind: adt::schedule::SamplerKind = sampler.parse()?;
+            let device = if tch::Cuda::is_available() { tch::Device::Cuda(0) } else { tch::Device::Cpu };
+            let pipe = adt::models::pipeline::Pipeline::load(&model, device, tch::Kind::Float, tch::Kind::Float)?;
+            let res = resolution.unwrap_or_else(|| pipe.unet.config.sample_size.unwrap_or(64) * pipe.vae_scale());
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            for &n in &steps {
+                let plan = adt::schedule::Plan::new(&pipe.schedule, kind, n)?;
+                for &g in &cfg {
+                    let tag = format!("{sampler}-{n}steps-cfg{g}");
+                    let mut imgs = Vec::new();
+                    for (ci, chunk) in all.chunks(batch_size.max(1)).enumerate() {
+                        let x = adt::sample::generate(&pipe, &plan, chunk, g, seed + ci as i64, res)?;
+                        imgs.push(x);
+                    }
+                    let x = tch::Tensor::cat(&imgs, 0);
+                    for (i, im) in adt::sample::to_rgb8(&x)?.iter().enumerate() {
+                        let p = out.join(&tag).join(format!("{i:05}.png"));
+                        std::fs::create_dir_all(p.parent().unwrap())?;
+                        im.save(&p).with_context(|| format!("writing {}", p.display()))?;
+                    }
+                    let grid = out.join(format!("grid-{tag}.png"));
+                    adt::sample::save_grid(&x, &grid, 4)?;
+                    eprintln!("wrote {} images and {}", all.len(), grid.display());
+                }
+            }
+        }
+        Command::Inspect { path } => print!("{}", adt::inspect::inspect(&path)?),
+        Command::InspectData { path, strict } => print!("{}", adt::data::inspect_data(&path, strict)?),
+        Command::Forward { component, model, inputs, out } => {
+            let ins: HashMap<String, tch::Tensor> = adt::weights::read_safetensors(&inputs)?.into_iter().collect();
+            use adt::models::*;
+            let outs = match component.as_str() {
+                "unet" => unet::run_forward(&component, &model, &ins)?,
+                "vae-encode" | "vae-decode" => vae::run_forward(&component, &model, &ins)?,
+                "clip-text" | "clip-text-proj" => clip::run_forward(&component, &model, &ins)?,
+                "dinov2" | "dinov2-grad" => dinov2::run_forward(&component, &model, &ins)?,
+                "efficientnet" => efficientnet::run_forward(&component, &model, &ins)?,
+                c => bail!(
+                    "unknown component {c:?}: expected unet, vae-encode, vae-decode, clip-text, clip-text-proj, dinov2, dinov2-grad, efficientnet"
+                ),
+            };
+            let mut named: Vec<(String, tch::Tensor)> = outs.into_iter().collect();
+            named.sort_by(|a, b| a.0.cmp(&b.0));
+            adt::weights::save_safetensors(&named, &out, None, None)?;
+            for (k, t) in &named {
+                eprintln!("{k}: {:?}", t.size());
+            }
+        }
+        Command::Tokenize { tokenizer, pad, texts } => {
+            for ids in adt::models::tokenizer::run_tokenize(&tokenizer, pad.as_deref(), &texts)? {
+                println!("{}", serde_json::to_string(&ids)?);
+            }
         }
     }
     Ok(())

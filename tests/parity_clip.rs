@@ -182,7 +182,7 @@ fn attention_mask_semantics() {
 /// first position holding eos_token_id.
 #[test]
 fn pooled_position_rule() {
-    let ids = Tensor::from_slice(&[49406i64, 7, 500, 7, 320, 49000, 1, 1]).view([1, 8]);
+    let ids = Tensor::from_slice(&[320i64, 7, 500, 7, 320, 49000, 1, 1]).view([1, 8]);
     for (eos, expect) in [(2i64, 5i64), (7, 1)] {
         let mut cfg = ClipTextConfig::tiny();
         cfg.eos_token_id = eos;
@@ -243,4 +243,26 @@ fn presets_have_checkpoint_names() {
         (768, 12, 12, 3072)
     );
     assert_eq!(c.hidden_act, "quick_gelu");
+}
+
+/// Loading converts the weights to the requested kind; bfloat16 stays close to the
+/// float32 reference.
+#[test]
+fn loads_in_bfloat16() {
+    let loaded = ClipTextModel::load(
+        &fixtures::dir("clip_text_proj"),
+        Device::Cpu,
+        Kind::BFloat16,
+    )
+    .unwrap();
+    assert!(loaded
+        .vs
+        .variables()
+        .values()
+        .all(|v| v.kind() == Kind::BFloat16));
+    let io = fixtures::io("clip_text_proj").unwrap();
+    let out = tch::no_grad(|| loaded.model.forward(&io["prompts.in.input_ids"], None)).unwrap();
+    let err = fixtures::max_rel_err(&out.text_embeds.unwrap(), &io["prompts.out.text_embeds"]);
+    println!("bfloat16 text_embeds: max rel err {err:.3e}");
+    assert!(err < 0.1, "{err}");
 }

@@ -16,16 +16,29 @@ fn call_inputs(call: &serde_json::Value, io: &HashMap<String, Tensor>) -> HashMa
         .expect("kwargs object")
         .iter()
         .map(|(k, v)| {
-            let key = v["tensor"].as_str().unwrap_or_else(|| panic!("kwarg {k} is not a tensor"));
+            let key = v["tensor"]
+                .as_str()
+                .unwrap_or_else(|| panic!("kwarg {k} is not a tensor"));
             (k.clone(), io[key].shallow_clone())
         })
         .collect()
 }
 
 fn forward_call(unet: &LoadedUNet, inputs: &HashMap<String, Tensor>) -> Tensor {
-    let added = if unet.config.needs_added_cond() { Some((&inputs["text_embeds"], &inputs["time_ids"])) } else { None };
-    tch::no_grad(|| unet.model.forward(&inputs["sample"], &inputs["timestep"], &inputs["encoder_hidden_states"], added))
-        .expect("forward")
+    let added = if unet.config.needs_added_cond() {
+        Some((&inputs["text_embeds"], &inputs["time_ids"]))
+    } else {
+        None
+    };
+    tch::no_grad(|| {
+        unet.model.forward(
+            &inputs["sample"],
+            &inputs["timestep"],
+            &inputs["encoder_hidden_states"],
+            added,
+        )
+    })
+    .expect("forward")
 }
 
 fn check_fixture(name: &str) {
@@ -44,7 +57,10 @@ fn check_fixture(name: &str) {
             let reference = &io[key.as_str().unwrap()];
             let err = fixtures::max_rel_err(&out, reference);
             println!("{name}/{cname}/{oname}: max rel err {err:.3e}");
-            assert!(err <= TOL, "{name}/{cname}/{oname}: max rel err {err:.3e} > {TOL:e}");
+            assert!(
+                err <= TOL,
+                "{name}/{cname}/{oname}: max rel err {err:.3e} > {TOL:e}"
+            );
         }
     }
 }
@@ -73,9 +89,13 @@ fn run_forward_matches_fixture_and_names_missing_inputs() {
     assert!(err <= TOL);
 
     inputs.remove("time_ids");
-    let e = unet::run_forward("unet", &fixtures::dir(name), &inputs).unwrap_err().to_string();
+    let e = unet::run_forward("unet", &fixtures::dir(name), &inputs)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("missing input time_ids"), "{e}");
-    let e = unet::run_forward("unet2", &fixtures::dir(name), &inputs).unwrap_err().to_string();
+    let e = unet::run_forward("unet2", &fixtures::dir(name), &inputs)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("unet2"), "{e}");
 }
 
@@ -100,7 +120,11 @@ fn scalar_and_per_sample_timesteps_agree() {
         assert!(diff <= 1e-6, "{label}: {diff}");
     }
     // A wrong batch of timesteps is an error, not a silent broadcast.
-    let e = tch::no_grad(|| unet.model.forward(sample, &Tensor::from_slice(&[1i64, 2, 3]), ehs, None)).unwrap_err();
+    let e = tch::no_grad(|| {
+        unet.model
+            .forward(sample, &Tensor::from_slice(&[1i64, 2, 3]), ehs, None)
+    })
+    .unwrap_err();
     assert!(e.to_string().contains("timestep"), "{e}");
     // SD1.5 takes no added conditioning, SDXL requires it.
     let e = tch::no_grad(|| unet.model.forward(sample, t0, ehs, Some((ehs, ehs)))).unwrap_err();
@@ -108,7 +132,12 @@ fn scalar_and_per_sample_timesteps_agree() {
     let xl = LoadedUNet::load(&fixtures::dir("unet_sdxl"), Device::Cpu, Kind::Float).unwrap();
     let io = fixtures::io("unet_sdxl").unwrap();
     let e = tch::no_grad(|| {
-        xl.model.forward(&io["text_time.in.sample"], &io["text_time.in.timestep"], &io["text_time.in.encoder_hidden_states"], None)
+        xl.model.forward(
+            &io["text_time.in.sample"],
+            &io["text_time.in.timestep"],
+            &io["text_time.in.encoder_hidden_states"],
+            None,
+        )
     })
     .unwrap_err();
     assert!(e.to_string().contains("text_embeds"), "{e}");
@@ -161,12 +190,17 @@ fn train_save_reload_roundtrip() {
     unet.save_pretrained(tmp16.path(), Kind::Half).unwrap();
     let w16 = tmp16.path().join("diffusion_pytorch_model.safetensors");
     assert_eq!(adt::weights::file_float_kind(&w16).unwrap(), Kind::Half);
-    let names16: Vec<String> = adt::weights::read_safetensors(&w16).unwrap().into_iter().map(|(n, _)| n).collect();
-    let orig: Vec<String> = adt::weights::read_safetensors(&dir.join("diffusion_pytorch_model.safetensors"))
+    let names16: Vec<String> = adt::weights::read_safetensors(&w16)
         .unwrap()
         .into_iter()
         .map(|(n, _)| n)
         .collect();
+    let orig: Vec<String> =
+        adt::weights::read_safetensors(&dir.join("diffusion_pytorch_model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
     assert_eq!(names16, orig);
 }
 
@@ -180,10 +214,21 @@ fn broken_copy(
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = adt::models::config::read_json(&src.join("config.json")).unwrap();
     edit_cfg(&mut cfg);
-    std::fs::write(tmp.path().join("config.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
-    let mut w = adt::weights::read_safetensors(&src.join("diffusion_pytorch_model.safetensors")).unwrap();
+    std::fs::write(
+        tmp.path().join("config.json"),
+        serde_json::to_string_pretty(&cfg).unwrap(),
+    )
+    .unwrap();
+    let mut w =
+        adt::weights::read_safetensors(&src.join("diffusion_pytorch_model.safetensors")).unwrap();
     edit_weights(&mut w);
-    adt::weights::save_safetensors(&w, &tmp.path().join("diffusion_pytorch_model.safetensors"), None, None).unwrap();
+    adt::weights::save_safetensors(
+        &w,
+        &tmp.path().join("diffusion_pytorch_model.safetensors"),
+        None,
+        None,
+    )
+    .unwrap();
     tmp
 }
 
@@ -215,30 +260,64 @@ fn bad_checkpoints_error_clearly() {
     );
     let e = load_err(d.path());
     println!("wrong shape: {e}");
-    assert!(e.contains(victim) && e.contains("[32, 31]") && e.contains("[32, 32]"), "{e}");
+    assert!(
+        e.contains(victim) && e.contains("[32, 31]") && e.contains("[32, 32]"),
+        "{e}"
+    );
 
-    let d = broken_copy("unet_sd15", |c| c["resnet_time_scale_shift"] = "scale_shift".into(), |_| {});
+    let d = broken_copy(
+        "unet_sd15",
+        |c| c["resnet_time_scale_shift"] = "scale_shift".into(),
+        |_| {},
+    );
     let e = load_err(d.path());
     println!("scale_shift: {e}");
-    assert!(e.contains("resnet_time_scale_shift") && e.contains("scale_shift") && e.contains("config.json"), "{e}");
+    assert!(
+        e.contains("resnet_time_scale_shift")
+            && e.contains("scale_shift")
+            && e.contains("config.json"),
+        "{e}"
+    );
 
-    let d = broken_copy("unet_sd15", |c| c["class_embed_type"] = "timestep".into(), |_| {});
+    let d = broken_copy(
+        "unet_sd15",
+        |c| c["class_embed_type"] = "timestep".into(),
+        |_| {},
+    );
     let e = load_err(d.path());
     println!("class_embed_type: {e}");
-    assert!(e.contains("class_embed_type") && e.contains("timestep"), "{e}");
+    assert!(
+        e.contains("class_embed_type") && e.contains("timestep"),
+        "{e}"
+    );
 
-    let d = broken_copy("unet_sd15", |c| c["down_block_types"][0] = "SimpleCrossAttnDownBlock2D".into(), |_| {});
+    let d = broken_copy(
+        "unet_sd15",
+        |c| c["down_block_types"][0] = "SimpleCrossAttnDownBlock2D".into(),
+        |_| {},
+    );
     let e = load_err(d.path());
-    assert!(e.contains("down_block_types") && e.contains("SimpleCrossAttnDownBlock2D"), "{e}");
+    assert!(
+        e.contains("down_block_types") && e.contains("SimpleCrossAttnDownBlock2D"),
+        "{e}"
+    );
 
     // An extra tensor the architecture does not have.
     let d = broken_copy(
         "unet_sd15",
         |_| {},
-        |w| w.push(("class_embedding.linear_1.weight".into(), Tensor::zeros([4, 4], (Kind::Float, Device::Cpu)))),
+        |w| {
+            w.push((
+                "class_embedding.linear_1.weight".into(),
+                Tensor::zeros([4, 4], (Kind::Float, Device::Cpu)),
+            ))
+        },
     );
     let e = load_err(d.path());
-    assert!(e.contains("class_embedding.linear_1.weight") && e.contains("unexpected"), "{e}");
+    assert!(
+        e.contains("class_embedding.linear_1.weight") && e.contains("unexpected"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -271,8 +350,16 @@ fn presets_and_tiny_configs() {
         let y = u.model.forward(&x, &t, &ctx, added).unwrap();
         assert_eq!(y.size(), x.size());
         y.square().sum(Kind::Float).backward();
-        let with_grad = u.vs.trainable_variables().iter().filter(|v| v.grad().defined()).count();
-        assert_eq!(with_grad, u.vs.variables().len(), "every UNet variable gets a gradient");
+        let with_grad =
+            u.vs.trainable_variables()
+                .iter()
+                .filter(|v| v.grad().defined())
+                .count();
+        assert_eq!(
+            with_grad,
+            u.vs.variables().len(),
+            "every UNet variable gets a gradient"
+        );
         // from_config writes a loadable checkpoint.
         let tmp = tempfile::tempdir().unwrap();
         u.save_pretrained(tmp.path(), Kind::Float).unwrap();
@@ -280,4 +367,33 @@ fn presets_and_tiny_configs() {
         let y2 = tch::no_grad(|| r.model.forward(&x, &t, &ctx, added)).unwrap();
         assert_eq!(max_abs_diff(&y.detach(), &y2), 0.0);
     }
+}
+
+#[test]
+fn loads_and_runs_in_bfloat16() {
+    let name = "unet_sdxl";
+    let io = fixtures::io(name).unwrap();
+    let u = LoadedUNet::load(&fixtures::dir(name), Device::Cpu, Kind::BFloat16).unwrap();
+    assert!(u
+        .vs
+        .variables()
+        .values()
+        .all(|v| v.kind() == Kind::BFloat16));
+    let x = io["text_time.in.sample"].to_kind(Kind::BFloat16);
+    let out = tch::no_grad(|| {
+        u.model.forward(
+            &x,
+            &io["text_time.in.timestep"],
+            &io["text_time.in.encoder_hidden_states"],
+            Some((
+                &io["text_time.in.text_embeds"],
+                &io["text_time.in.time_ids"],
+            )),
+        )
+    })
+    .unwrap();
+    assert_eq!(out.kind(), Kind::BFloat16);
+    let err = fixtures::max_rel_err(&out, &io["text_time.out.sample"]);
+    println!("bf16 unet_sdxl: max rel err {err:.3e}");
+    assert!(err < 5e-2, "bf16 error {err}");
 }

@@ -37,7 +37,10 @@ fn check_fixture(name: &str) {
         for (oname, key) in expected {
             let err = fixtures::max_rel_err(&outs[oname], &io[key.as_str().unwrap()]);
             println!("{name}/{cname}/{oname}: max rel err {err:.3e}");
-            assert!(err <= TOL, "{name}/{cname}/{oname}: max rel err {err:.3e} > {TOL:e}");
+            assert!(
+                err <= TOL,
+                "{name}/{cname}/{oname}: max rel err {err:.3e} > {TOL:e}"
+            );
         }
     }
 }
@@ -57,30 +60,47 @@ fn run_forward_components() {
     let name = "vae_sd3";
     let io = fixtures::io(name).unwrap();
     let dir = fixtures::dir(name);
-    let enc = vae::run_forward("vae-encode", &dir, &HashMap::from([("x".to_string(), io["encode.in.x"].shallow_clone())])).unwrap();
+    let enc = vae::run_forward(
+        "vae-encode",
+        &dir,
+        &HashMap::from([("x".to_string(), io["encode.in.x"].shallow_clone())]),
+    )
+    .unwrap();
     for o in ["mean", "logvar"] {
         let err = fixtures::max_rel_err(&enc[o], &io[&format!("encode.out.{o}")]);
         println!("run_forward vae-encode {o}: {err:.3e}");
         assert!(err <= TOL);
     }
-    let dec = vae::run_forward("vae-decode", &dir, &HashMap::from([("z".to_string(), io["decode.in.z"].shallow_clone())])).unwrap();
+    let dec = vae::run_forward(
+        "vae-decode",
+        &dir,
+        &HashMap::from([("z".to_string(), io["decode.in.z"].shallow_clone())]),
+    )
+    .unwrap();
     let err = fixtures::max_rel_err(&dec["sample"], &io["decode.out.sample"]);
     println!("run_forward vae-decode sample: {err:.3e}");
     assert!(err <= TOL);
-    let e = vae::run_forward("vae-decode", &dir, &HashMap::new()).unwrap_err().to_string();
+    let e = vae::run_forward("vae-decode", &dir, &HashMap::new())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("missing input z"), "{e}");
-    let e = vae::run_forward("vae", &dir, &HashMap::new()).unwrap_err().to_string();
+    let e = vae::run_forward("vae", &dir, &HashMap::new())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("\"vae\""), "{e}");
 }
 
 #[test]
-fn latent_scaling_helpers() {
+fn latent_scaling_functions() {
     for (name, scale, shift) in [("vae", 0.18215, 0.0), ("vae_sd3", 1.5305, 0.0609)] {
         let v = load(name, Kind::Float);
         let io = fixtures::io(name).unwrap();
         assert_eq!(v.model.downscale(), 8);
         tch::no_grad(|| {
-            let lat = v.model.latents_from_image(&io["encode.in.x"], false).unwrap();
+            let lat = v
+                .model
+                .latents_from_image(&io["encode.in.x"], false)
+                .unwrap();
             let expect = (&io["encode.out.mean"] - shift) * scale;
             let err = fixtures::max_rel_err(&lat, &expect);
             println!("{name} latents_from_image: {err:.3e}");
@@ -107,8 +127,14 @@ fn posterior_sample_uses_mean_and_std() {
     let m = noise.mean(Kind::Double).double_value(&[]);
     let sd = noise.std(true).double_value(&[]);
     println!("standardised sample noise: mean {m:.3}, std {sd:.3}");
-    assert!(m.abs() < 0.1 && (sd - 1.0).abs() < 0.1, "mean {m}, std {sd}");
-    let tight = AutoencoderKL::sample(&mean, &Tensor::full([4, 4, 16, 16], -30.0, (Kind::Float, Device::Cpu)));
+    assert!(
+        m.abs() < 0.1 && (sd - 1.0).abs() < 0.1,
+        "mean {m}, std {sd}"
+    );
+    let tight = AutoencoderKL::sample(
+        &mean,
+        &Tensor::full([4, 4, 16, 16], -30.0, (Kind::Float, Device::Cpu)),
+    );
     assert!((tight - &mean).abs().max().double_value(&[]) < 1e-5);
 }
 
@@ -116,7 +142,10 @@ fn posterior_sample_uses_mean_and_std() {
 fn decode_gradient_matches_finite_differences() {
     for name in ["vae", "vae_sd3"] {
         let v = load(name, Kind::Double);
-        assert!(v.vs.variables().values().all(|w| !w.requires_grad()), "VAE weights must be frozen");
+        assert!(
+            v.vs.variables().values().all(|w| !w.requires_grad()),
+            "VAE weights must be frozen"
+        );
         let io = fixtures::io(name).unwrap();
         let z0 = io["decode.in.z"].to_kind(Kind::Double).narrow(0, 0, 1);
         tch::manual_seed(5);
@@ -131,20 +160,33 @@ fn decode_gradient_matches_finite_differences() {
         let gmax = grad.abs().max().double_value(&[]);
         assert!(gmax > 0.0);
         let c = z0.size()[1];
-        let coords = [[0, 0, 0, 0], [0, c - 1, 3, 3], [0, 1, 2, 1], [0, c / 2, 1, 2], [0, 2, 3, 0]];
+        let coords = [
+            [0, 0, 0, 0],
+            [0, c - 1, 3, 3],
+            [0, 1, 2, 1],
+            [0, c / 2, 1, 2],
+            [0, 2, 3, 0],
+        ];
         let h = 1e-5;
         for idx in coords {
             let fd = tch::no_grad(|| {
                 let bump = |d: f64| {
                     let zz = z0.copy();
-                    let _ = zz.get(idx[0]).get(idx[1]).get(idx[2]).get(idx[3]).fill_(z0.double_value(&idx) + d);
+                    let _ = zz
+                        .get(idx[0])
+                        .get(idx[1])
+                        .get(idx[2])
+                        .get(idx[3])
+                        .fill_(z0.double_value(&idx) + d);
                     f(&zz).double_value(&[])
                 };
                 (bump(h) - bump(-h)) / (2.0 * h)
             });
             let an = grad.double_value(&idx);
             let rel = (fd - an).abs() / fd.abs().max(an.abs()).max(1e-12);
-            println!("{name} dL/dz{idx:?}: autograd {an:.8e}, central diff {fd:.8e}, rel err {rel:.2e}");
+            println!(
+                "{name} dL/dz{idx:?}: autograd {an:.8e}, central diff {fd:.8e}, rel err {rel:.2e}"
+            );
             assert!(rel < 1e-4, "{name} {idx:?}: rel err {rel:e}");
         }
     }
@@ -158,7 +200,11 @@ fn bad_configs_error_clearly() {
         let mut cfg = adt::models::config::read_json(&src.join("config.json")).unwrap();
         edit(&mut cfg);
         std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
-        std::fs::copy(src.join("diffusion_pytorch_model.safetensors"), tmp.path().join("diffusion_pytorch_model.safetensors")).unwrap();
+        std::fs::copy(
+            src.join("diffusion_pytorch_model.safetensors"),
+            tmp.path().join("diffusion_pytorch_model.safetensors"),
+        )
+        .unwrap();
         tmp
     };
     let err = |dir: &std::path::Path| match LoadedVae::load(dir, Device::Cpu, Kind::Float) {
@@ -168,15 +214,24 @@ fn bad_configs_error_clearly() {
     let d = write(&|c| c["latents_mean"] = serde_json::json!([0.1, 0.2, 0.3, 0.4]));
     let e = err(d.path());
     println!("{e}");
-    assert!(e.contains("latents_mean") && e.contains("config.json"), "{e}");
+    assert!(
+        e.contains("latents_mean") && e.contains("config.json"),
+        "{e}"
+    );
     let d = write(&|c| c["up_block_types"][1] = "AttnUpDecoderBlock2D".into());
     let e = err(d.path());
-    assert!(e.contains("up_block_types") && e.contains("AttnUpDecoderBlock2D"), "{e}");
+    assert!(
+        e.contains("up_block_types") && e.contains("AttnUpDecoderBlock2D"),
+        "{e}"
+    );
     // The SD3 layout (no quant convs) against SD weights that have them.
     let d = write(&|c| c["use_quant_conv"] = false.into());
     let e = err(d.path());
     println!("{e}");
-    assert!(e.contains("quant_conv.weight") && e.contains("unexpected"), "{e}");
+    assert!(
+        e.contains("quant_conv.weight") && e.contains("unexpected"),
+        "{e}"
+    );
     // A latent width that does not match the weights.
     let d = write(&|c| c["latent_channels"] = 16.into());
     let e = err(d.path());

@@ -2,7 +2,7 @@
 //! resumable position and bad-sample policy.
 
 use super::bad::{BadCounts, BadKind, BadSample};
-use super::config::DataConfig;
+use super::config::{DataConfig, DataFormat};
 use super::image::Transform;
 use super::pipeline::{Body, Good, Mode, Pipeline, Shared};
 use super::source::{self, Source};
@@ -26,6 +26,8 @@ pub struct Batch {
     pub crop_top_lefts: Vec<(u32, u32)>,
     /// (height, width) of the training resolution.
     pub target_size: (u32, u32),
+    /// The epoch the samples come from.
+    pub epoch: u64,
     /// Sample identifiers: path relative to the dataset, or `shard/key`.
     pub keys: Vec<String>,
     /// sha256 of each image file's bytes (hex), for content-keyed caches.
@@ -89,9 +91,11 @@ pub struct DataLoader {
     last_epoch: Option<EpochStats>,
     warned: HashSet<BadKind>,
     truncation_warned: bool,
+    epoch_end_pending: bool,
     index_bad: Vec<BadSample>,
     description: String,
     fingerprint: String,
+    format: DataFormat,
 }
 
 impl DataLoader {
@@ -141,9 +145,11 @@ impl DataLoader {
             last_epoch: None,
             warned,
             truncation_warned: false,
+            epoch_end_pending: false,
             index_bad: opened.index_bad,
             description: opened.description,
             fingerprint: opened.fingerprint,
+            format: opened.format,
         })
     }
 
@@ -166,6 +172,11 @@ impl DataLoader {
             Source::Indexed(e) => Some(e.len()),
             Source::Shards(_) => None,
         }
+    }
+
+    /// The layout in use (`auto` resolved).
+    pub fn format(&self) -> DataFormat {
+        self.format
     }
 
     pub fn description(&self) -> &str {
@@ -220,6 +231,7 @@ impl DataLoader {
             );
         }
         self.pipeline = None;
+        self.epoch_end_pending = false;
         self.epoch = state.epoch;
         self.index = state.index;
         self.stats = EpochStats { epoch: state.epoch, started_at: state.index, ..Default::default() };
@@ -278,8 +290,23 @@ impl DataLoader {
 
     /// The next batch; epochs follow each other without end (a new seeded order each).
     pub fn next_batch(&mut self) -> Result<Batch> {
+        self.epoch_end_pending = false;
+        Ok(self.fill(false)?.expect("batches are produced until one is full"))
+    }
+
+    /// The next batch of the current epoch, or None once the epoch is over (the call
+    /// after that starts the next epoch).
+    pub fn next_in_epoch(&mut self) -> Result<Option<Batch>> {
+        if std::mem::take(&mut self.epoch_end_pending) {
+            return Ok(None);
+        }
+        self.fill(true)
+    }
+
+    fn fill(&mut self, stop_at_epoch_end: bool) -> Result<Option<Batch>> {
         let mut items: Vec<Good> = Vec::with_capacity(self.batch_size);
         let window = self.batch_size * self.shared.cfg.prefetch_batches.max(1) + 2 * self.shared.cfg.num_workers.max(1);
+        let epoch = self.epoch;
         loop {
             if self.pipeline.is_none() {
                 self.pipeline = Some(Pipeline::start(self.shared.clone(), self.epoch, self.index, false, window));
@@ -312,19 +339,28 @@ impl DataLoader {
                     self.record_bad(b)?;
                 }
                 Body::EpochEnd => {
+                    let partial = !items.is_empty() && !self.shared.cfg.drop_last;
+                    if partial {
+                        // Counted in the epoch it belongs to.
+                        self.stats.batches += 1;
+                    }
                     self.finish_epoch()?;
-                    if !items.is_empty() && !self.shared.cfg.drop_last {
-                        break;
+                    if partial {
+                        self.epoch_end_pending = stop_at_epoch_end;
+                        return Ok(Some(self.assemble(items, epoch)));
                     }
                     items.clear();
+                    if stop_at_epoch_end {
+                        return Ok(None);
+                    }
                 }
             }
         }
         self.stats.batches += 1;
-        Ok(self.assemble(items))
+        Ok(Some(self.assemble(items, self.epoch)))
     }
 
-    fn assemble(&self, items: Vec<Good>) -> Batch {
+    fn assemble(&self, items: Vec<Good>, epoch: u64) -> Batch {
         let (h, w) = self.target;
         let per = 3 * h as usize * w as usize;
         let mut pixels = Vec::with_capacity(items.len() * per);
@@ -334,6 +370,7 @@ impl DataLoader {
             original_sizes: Vec::with_capacity(items.len()),
             crop_top_lefts: Vec::with_capacity(items.len()),
             target_size: self.target,
+            epoch,
             keys: Vec::with_capacity(items.len()),
             content_hashes: Vec::with_capacity(items.len()),
             flipped: Vec::with_capacity(items.len()),

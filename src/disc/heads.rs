@@ -191,8 +191,10 @@ impl Conv1d {
         match (&self.u, &self.v) {
             (Some(u), Some(v)) => {
                 let w = self.weight.reshape([self.out_channels, -1]);
-                let u = u.to_kind(w.kind());
-                let v = v.to_kind(w.kind());
+                // Copies: a later training forward updates the buffers in place, which
+                // must not touch the values saved for this graph's backward.
+                let u = u.to_kind(w.kind()).copy();
+                let v = v.to_kind(w.kind()).copy();
                 Some(u.dot(&w.mv(&v)))
             }
             _ => None,

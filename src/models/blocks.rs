@@ -20,23 +20,50 @@ pub fn group_norm(p: &nn::Path, groups: i64, channels: i64, eps: f64) -> Result<
         p,
         groups,
         channels,
-        nn::GroupNormConfig { eps, ..Default::default() },
+        nn::GroupNormConfig {
+            eps,
+            ..Default::default()
+        },
     ))
 }
 
 /// A `torch.nn.LayerNorm` over the last dimension with affine parameters.
 pub fn layer_norm(p: &nn::Path, dim: i64, eps: f64) -> nn::LayerNorm {
-    nn::layer_norm(p, vec![dim], nn::LayerNormConfig { eps, ..Default::default() })
+    nn::layer_norm(
+        p,
+        vec![dim],
+        nn::LayerNormConfig {
+            eps,
+            ..Default::default()
+        },
+    )
 }
 
 /// A 2-D convolution with stride 1 and "same" padding for an odd kernel.
 pub fn conv2d(p: &nn::Path, c_in: i64, c_out: i64, kernel: i64) -> nn::Conv2D {
-    nn::conv2d(p, c_in, c_out, kernel, nn::ConvConfig { padding: (kernel - 1) / 2, ..Default::default() })
+    nn::conv2d(
+        p,
+        c_in,
+        c_out,
+        kernel,
+        nn::ConvConfig {
+            padding: (kernel - 1) / 2,
+            ..Default::default()
+        },
+    )
 }
 
 /// A linear layer, with or without bias.
 pub fn linear(p: &nn::Path, d_in: i64, d_out: i64, bias: bool) -> nn::Linear {
-    nn::linear(p, d_in, d_out, nn::LinearConfig { bias, ..Default::default() })
+    nn::linear(
+        p,
+        d_in,
+        d_out,
+        nn::LinearConfig {
+            bias,
+            ..Default::default()
+        },
+    )
 }
 
 /// The sinusoidal embedding of diffusers' `get_timestep_embedding` (scale 1, max period
@@ -46,11 +73,16 @@ pub fn linear(p: &nn::Path, d_in: i64, d_out: i64, bias: bool) -> nn::Linear {
 pub fn timestep_embedding(t: &Tensor, dim: i64, flip_sin_to_cos: bool, shift: f64) -> Tensor {
     let half = dim / 2;
     let device = t.device();
-    let exponent = Tensor::arange(half, (Kind::Float, device)) * (-(10000f64.ln())) / (half as f64 - shift);
+    let exponent =
+        Tensor::arange(half, (Kind::Float, device)) * (-(10000f64.ln())) / (half as f64 - shift);
     let freqs = exponent.exp();
     let args = t.to_kind(Kind::Float).unsqueeze(1) * freqs.unsqueeze(0);
     let (sin, cos) = (args.sin(), args.cos());
-    let emb = if flip_sin_to_cos { Tensor::cat(&[cos, sin], -1) } else { Tensor::cat(&[sin, cos], -1) };
+    let emb = if flip_sin_to_cos {
+        Tensor::cat(&[cos, sin], -1)
+    } else {
+        Tensor::cat(&[sin, cos], -1)
+    };
     if dim % 2 == 1 {
         emb.constant_pad_nd([0, 1])
     } else {
@@ -67,7 +99,10 @@ pub struct TimestepEmbedding {
 
 impl TimestepEmbedding {
     pub fn new(p: &nn::Path, in_dim: i64, out_dim: i64) -> Self {
-        Self { linear_1: linear(&(p / "linear_1"), in_dim, out_dim, true), linear_2: linear(&(p / "linear_2"), out_dim, out_dim, true) }
+        Self {
+            linear_1: linear(&(p / "linear_1"), in_dim, out_dim, true),
+            linear_2: linear(&(p / "linear_2"), out_dim, out_dim, true),
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
@@ -89,7 +124,14 @@ pub struct ResnetBlock2D {
 
 impl ResnetBlock2D {
     /// `temb_channels`: the time-embedding width, or `None` for the VAE's blocks.
-    pub fn new(p: &nn::Path, c_in: i64, c_out: i64, temb_channels: Option<i64>, groups: i64, eps: f64) -> Result<Self> {
+    pub fn new(
+        p: &nn::Path,
+        c_in: i64,
+        c_out: i64,
+        temb_channels: Option<i64>,
+        groups: i64,
+        eps: f64,
+    ) -> Result<Self> {
         Ok(Self {
             norm1: group_norm(&(p / "norm1"), groups, c_in, eps)?,
             conv1: conv2d(&(p / "conv1"), c_in, c_out, 3),
@@ -104,7 +146,7 @@ impl ResnetBlock2D {
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Tensor {
         let mut h = self.conv1.forward(&self.norm1.forward(x).silu());
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            h = h + proj.forward(&temb.silu()).unsqueeze(-1).unsqueeze(-1);
+            h = &h + proj.forward(&temb.silu()).unsqueeze(-1).unsqueeze(-1);
         }
         let h = self.conv2.forward(&self.norm2.forward(&h).silu());
         match &self.conv_shortcut {
@@ -127,8 +169,21 @@ impl Downsample2D {
         if padding != 0 && padding != 1 {
             bail!("Downsample2D: padding must be 0 or 1, found {padding}");
         }
-        let conv = nn::conv2d(&(p / "conv"), channels, channels, 3, nn::ConvConfig { stride: 2, padding, ..Default::default() });
-        Ok(Self { conv, pad_right_bottom: padding == 0 })
+        let conv = nn::conv2d(
+            &(p / "conv"),
+            channels,
+            channels,
+            3,
+            nn::ConvConfig {
+                stride: 2,
+                padding,
+                ..Default::default()
+            },
+        );
+        Ok(Self {
+            conv,
+            pad_right_bottom: padding == 0,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
@@ -149,7 +204,9 @@ pub struct Upsample2D {
 
 impl Upsample2D {
     pub fn new(p: &nn::Path, channels: i64) -> Self {
-        Self { conv: conv2d(&(p / "conv"), channels, channels, 3) }
+        Self {
+            conv: conv2d(&(p / "conv"), channels, channels, 3),
+        }
     }
 
     /// `size`: the output spatial size; `None` doubles height and width.
@@ -233,9 +290,13 @@ impl Attention {
             )
             .to_kind(kind)
         } else {
-            Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, false, None, false)
+            Tensor::scaled_dot_product_attention::<Tensor>(
+                &q, &k, &v, None, 0.0, false, None, false,
+            )
         };
-        let out = out.transpose(1, 2).reshape([b, n, self.heads * self.head_dim]);
+        let out = out
+            .transpose(1, 2)
+            .reshape([b, n, self.heads * self.head_dim]);
         self.to_out.forward(&out)
     }
 }
@@ -250,7 +311,10 @@ pub struct GegluFeedForward {
 
 impl GegluFeedForward {
     pub fn new(p: &nn::Path, dim: i64, inner: i64) -> Self {
-        Self { proj: linear(&(p / "net" / "0" / "proj"), dim, inner * 2, true), out: linear(&(p / "net" / "2"), inner, dim, true) }
+        Self {
+            proj: linear(&(p / "net" / "0" / "proj"), dim, inner * 2, true),
+            out: linear(&(p / "net" / "2"), inner, dim, true),
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
@@ -276,7 +340,16 @@ impl SpatialSelfAttention {
         }
         Ok(Self {
             group_norm: group_norm(&(p / "group_norm"), groups, channels, eps)?,
-            attn: Attention::new(p, channels, None, channels / head_dim, head_dim, true, true, true),
+            attn: Attention::new(
+                p,
+                channels,
+                None,
+                channels / head_dim,
+                head_dim,
+                true,
+                true,
+                true,
+            ),
         })
     }
 
@@ -284,7 +357,11 @@ impl SpatialSelfAttention {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let s = x.size();
         let (b, c, h, w) = (s[0], s[1], s[2], s[3]);
-        let t = self.group_norm.forward(x).view([b, c, h * w]).transpose(1, 2);
+        let t = self
+            .group_norm
+            .forward(x)
+            .view([b, c, h * w])
+            .transpose(1, 2);
         let out = self.attn.forward(&t, None);
         out.transpose(1, 2).reshape([b, c, h, w]) + x
     }
@@ -311,13 +388,21 @@ mod tests {
         }
         let odd = timestep_embedding(&t, 7, false, 0.0);
         assert_eq!(odd.size(), vec![3, 7]);
-        assert_eq!(odd.select(1, 6).abs().sum(Kind::Double).double_value(&[]), 0.0);
+        assert_eq!(
+            odd.select(1, 6).abs().sum(Kind::Double).double_value(&[]),
+            0.0
+        );
     }
 
     #[test]
     fn group_norm_rejects_bad_groups() {
         let vs = nn::VarStore::new(tch::Device::Cpu);
-        let err = group_norm(&(vs.root() / "x" / "norm"), 3, 8, 1e-5).unwrap_err().to_string();
-        assert!(err.contains("x.norm") && err.contains('3') && err.contains('8'), "{err}");
+        let err = group_norm(&(vs.root() / "x" / "norm"), 3, 8, 1e-5)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("x.norm") && err.contains('3') && err.contains('8'),
+            "{err}"
+        );
     }
 }

@@ -11,7 +11,7 @@
 
 use crate::weights;
 use anyhow::{bail, ensure, Context, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
 use tch::nn::{self, Module, VarStore};
@@ -38,7 +38,7 @@ fn default_projection_dim() -> i64 {
 
 /// `config.json` of a transformers `CLIPTextModel` / `CLIPTextModelWithProjection`
 /// (or the `text_config` of a full `CLIPModel`).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ClipTextConfig {
     #[serde(default = "default_vocab")]
     pub vocab_size: i64,

@@ -118,23 +118,40 @@ impl Dinov2Config {
             ensure!(mt == "dinov2", "model_type is {mt:?}, expected \"dinov2\"");
         }
         if let Some(r) = self.num_register_tokens {
-            ensure!(r == 0, "num_register_tokens = {r} is not supported (Dinov2WithRegisters)");
+            ensure!(
+                r == 0,
+                "num_register_tokens = {r} is not supported (Dinov2WithRegisters)"
+            );
         }
         ensure!(
-            self.hidden_size > 0 && self.num_attention_heads > 0 && self.hidden_size % self.num_attention_heads == 0,
+            self.hidden_size > 0
+                && self.num_attention_heads > 0
+                && self.hidden_size % self.num_attention_heads == 0,
             "hidden_size {} is not a positive multiple of num_attention_heads {}",
             self.hidden_size,
             self.num_attention_heads
         );
-        ensure!(self.patch_size > 0, "patch_size must be positive, found {}", self.patch_size);
+        ensure!(
+            self.patch_size > 0,
+            "patch_size must be positive, found {}",
+            self.patch_size
+        );
         ensure!(
             self.image_size >= self.patch_size,
             "image_size {} is smaller than patch_size {}",
             self.image_size,
             self.patch_size
         );
-        ensure!(self.num_hidden_layers >= 0, "num_hidden_layers is negative: {}", self.num_hidden_layers);
-        ensure!(self.mlp_ratio > 0.0, "mlp_ratio must be positive, found {}", self.mlp_ratio);
+        ensure!(
+            self.num_hidden_layers >= 0,
+            "num_hidden_layers is negative: {}",
+            self.num_hidden_layers
+        );
+        ensure!(
+            self.mlp_ratio > 0.0,
+            "mlp_ratio must be positive, found {}",
+            self.mlp_ratio
+        );
         Activation::parse(&self.hidden_act)?;
         Ok(())
     }
@@ -169,24 +186,49 @@ impl Activation {
 }
 
 fn layer_norm(p: nn::Path, dim: i64, eps: f64) -> nn::LayerNorm {
-    nn::layer_norm(p, vec![dim], nn::LayerNormConfig { eps, ..Default::default() })
+    nn::layer_norm(
+        p,
+        vec![dim],
+        nn::LayerNormConfig {
+            eps,
+            ..Default::default()
+        },
+    )
 }
 
 fn linear(p: nn::Path, d_in: i64, d_out: i64, bias: bool) -> nn::Linear {
-    nn::linear(p, d_in, d_out, nn::LinearConfig { bias, ..Default::default() })
+    nn::linear(
+        p,
+        d_in,
+        d_out,
+        nn::LinearConfig {
+            bias,
+            ..Default::default()
+        },
+    )
 }
 
 #[derive(Debug)]
 enum Mlp {
-    Plain { fc1: nn::Linear, fc2: nn::Linear, act: Activation },
-    SwiGlu { weights_in: nn::Linear, weights_out: nn::Linear },
+    Plain {
+        fc1: nn::Linear,
+        fc2: nn::Linear,
+        act: Activation,
+    },
+    SwiGlu {
+        weights_in: nn::Linear,
+        weights_out: nn::Linear,
+    },
 }
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Tensor {
         match self {
             Self::Plain { fc1, fc2, act } => fc2.forward(&act.apply(&fc1.forward(x))),
-            Self::SwiGlu { weights_in, weights_out } => {
+            Self::SwiGlu {
+                weights_in,
+                weights_out,
+            } => {
                 let h = weights_in.forward(x).chunk(2, -1);
                 weights_out.forward(&(h[0].silu() * &h[1]))
             }
@@ -250,7 +292,16 @@ impl Layer {
         let q = split(self.query.forward(&h));
         let k = split(self.key.forward(&h));
         let v = split(self.value.forward(&h));
-        let a = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false);
+        let a = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<Tensor>,
+            0.0,
+            false,
+            None,
+            false,
+        );
         let a = a.transpose(1, 2).reshape([b, n, d]);
         let x = x + self.out.forward(&a) * &self.lambda1;
         let m = self.mlp.forward(&self.norm2.forward(&x));
@@ -298,14 +349,32 @@ impl Dinov2Model {
             cfg.num_channels,
             d,
             cfg.patch_size,
-            nn::ConvConfig { stride: cfg.patch_size, ..Default::default() },
+            nn::ConvConfig {
+                stride: cfg.patch_size,
+                ..Default::default()
+            },
         );
         let n_pos = cfg.grid() * cfg.grid() + 1;
-        let cls_token = emb.var("cls_token", &[1, 1, d], nn::Init::Randn { mean: 0.0, stdev: 0.02 });
-        let position_embeddings =
-            emb.var("position_embeddings", &[1, n_pos, d], nn::Init::Randn { mean: 0.0, stdev: 0.02 });
+        let cls_token = emb.var(
+            "cls_token",
+            &[1, 1, d],
+            nn::Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
+        );
+        let position_embeddings = emb.var(
+            "position_embeddings",
+            &[1, n_pos, d],
+            nn::Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
+        );
         let enc = p / "encoder" / "layer";
-        let layers = (0..cfg.num_hidden_layers).map(|i| Layer::new(&enc / i, cfg)).collect::<Result<Vec<_>>>()?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Layer::new(&enc / i, cfg))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             config: cfg.clone(),
             patch,
@@ -320,14 +389,19 @@ impl Dinov2Model {
     /// `dir`, convert to `kind` on `device`, and freeze the weights.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<LoadedDinov2> {
         let config: Dinov2Config = crate::models::config::read_config(&dir.join("config.json"))?;
-        config.validate().with_context(|| format!("{}", dir.join("config.json").display()))?;
+        config
+            .validate()
+            .with_context(|| format!("{}", dir.join("config.json").display()))?;
         let mut vs = nn::VarStore::new(device);
         let model = Self::new(&vs.root(), &config)?;
         if kind != Kind::Float {
             vs.set_kind(kind);
         }
         let files = weights::find_weight_files(dir, &["model"], None)?;
-        let opts = LoadOptions { ignore: vec!["embeddings.mask_token".into()], rename: vec![] };
+        let opts = LoadOptions {
+            ignore: vec!["embeddings.mask_token".into()],
+            rename: vec![],
+        };
         weights::load_into(&mut vs, &files, &opts)?;
         vs.freeze();
         Ok(LoadedDinov2 { vs, model, config })
@@ -349,8 +423,13 @@ impl Dinov2Model {
             .reshape([1, g, g, d])
             .permute([0, 3, 1, 2])
             .to_kind(Kind::Float);
-        let (nh, nw) = (height / self.config.patch_size, width / self.config.patch_size);
-        let grid = grid.upsample_bicubic2d([nh, nw], false, None, None).to_kind(kind);
+        let (nh, nw) = (
+            height / self.config.patch_size,
+            width / self.config.patch_size,
+        );
+        let grid = grid
+            .upsample_bicubic2d([nh, nw], false, None, None)
+            .to_kind(kind);
         let grid = grid.permute([0, 2, 3, 1]).reshape([1, nh * nw, d]);
         Tensor::cat(&[cls, grid], 1)
     }
@@ -366,7 +445,10 @@ impl Dinov2Model {
         );
         let (b, h, w) = (size[0], size[2], size[3]);
         let p = self.config.patch_size;
-        ensure!(h >= p && w >= p, "DINOv2 input {h}x{w} is smaller than one {p}x{p} patch");
+        ensure!(
+            h >= p && w >= p,
+            "DINOv2 input {h}x{w} is smaller than one {p}x{p} patch"
+        );
         let x = pixel_values.to_kind(self.position_embeddings.kind());
         let x = self.patch.forward(&x).flatten(2, 3).transpose(1, 2);
         let n = x.size()[1];
@@ -393,9 +475,15 @@ impl Dinov2Model {
 
     pub fn forward(&self, pixel_values: &Tensor) -> Result<Dinov2Output> {
         let hidden_states = self.hidden_states(pixel_values, self.layers.len())?;
-        let last_hidden_state = self.layernorm.forward(hidden_states.last().expect("non-empty"));
+        let last_hidden_state = self
+            .layernorm
+            .forward(hidden_states.last().expect("non-empty"));
         let pooler_output = last_hidden_state.select(1, 0);
-        Ok(Dinov2Output { last_hidden_state, pooler_output, hidden_states })
+        Ok(Dinov2Output {
+            last_hidden_state,
+            pooler_output,
+            hidden_states,
+        })
     }
 
     pub fn num_layers(&self) -> usize {
@@ -403,8 +491,14 @@ impl Dinov2Model {
     }
 }
 
-fn input<'a>(inputs: &'a HashMap<String, Tensor>, name: &str, component: &str) -> Result<&'a Tensor> {
-    inputs.get(name).with_context(|| format!("{component}: missing input tensor {name:?}"))
+fn input<'a>(
+    inputs: &'a HashMap<String, Tensor>,
+    name: &str,
+    component: &str,
+) -> Result<&'a Tensor> {
+    inputs
+        .get(name)
+        .with_context(|| format!("{component}: missing input tensor {name:?}"))
 }
 
 /// Developer entry point of `adt forward`.

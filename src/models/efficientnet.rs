@@ -79,12 +79,20 @@ impl EfficientNetConfig {
     }
 
     pub fn lite1() -> Self {
-        Self { variant: Some("lite1".into()), depth_coefficient: 1.1, image_size: 240, ..Self::lite0() }
+        Self {
+            variant: Some("lite1".into()),
+            depth_coefficient: 1.1,
+            image_size: 240,
+            ..Self::lite0()
+        }
     }
 
     pub fn validate(&self) -> Result<()> {
         if let Some(mt) = &self.model_type {
-            ensure!(mt == "efficientnet_lite", "model_type is {mt:?}, expected \"efficientnet_lite\"");
+            ensure!(
+                mt == "efficientnet_lite",
+                "model_type is {mt:?}, expected \"efficientnet_lite\""
+            );
         }
         ensure!(
             self.width_coefficient == 1.0,
@@ -96,8 +104,16 @@ impl EfficientNetConfig {
             "depth_coefficient = {} is out of the supported range [1, 4]",
             self.depth_coefficient
         );
-        ensure!(self.image_size >= 32, "image_size = {} is too small", self.image_size);
-        ensure!(self.num_classes > 0, "num_classes = {} must be positive", self.num_classes);
+        ensure!(
+            self.image_size >= 32,
+            "image_size = {} is too small",
+            self.image_size
+        );
+        ensure!(
+            self.num_classes > 0,
+            "num_classes = {} must be positive",
+            self.num_classes
+        );
         Ok(())
     }
 
@@ -145,9 +161,16 @@ impl SameConv {
         let weight = p.var(
             "weight",
             &[c_out, c_in / groups, k, k],
-            nn::Init::Randn { mean: 0.0, stdev: (2.0 / fan_in as f64).sqrt() },
+            nn::Init::Randn {
+                mean: 0.0,
+                stdev: (2.0 / fan_in as f64).sqrt(),
+            },
         );
-        Self { weight, stride, groups }
+        Self {
+            weight,
+            stride,
+            groups,
+        }
     }
 
     fn same_pad(size: i64, k: i64, s: i64) -> (i64, i64) {
@@ -166,7 +189,14 @@ impl SameConv {
         } else {
             (x.constant_pad_nd([l, r, t, b]), [0, 0])
         };
-        x.conv2d(&self.weight, None::<Tensor>, [self.stride, self.stride], pad, [1, 1], self.groups)
+        x.conv2d(
+            &self.weight,
+            None::<Tensor>,
+            [self.stride, self.stride],
+            pad,
+            [1, 1],
+            self.groups,
+        )
     }
 }
 
@@ -219,8 +249,12 @@ struct MbConv {
 impl MbConv {
     fn new(p: nn::Path, c_in: i64, c_out: i64, k: i64, stride: i64, expand: i64, eps: f64) -> Self {
         let mid = c_in * expand;
-        let expand = (expand != 1)
-            .then(|| (SameConv::new(&p / "_expand_conv", c_in, mid, 1, 1, 1), BatchNorm::new(&p / "_bn0", mid, eps)));
+        let expand = (expand != 1).then(|| {
+            (
+                SameConv::new(&p / "_expand_conv", c_in, mid, 1, 1, 1),
+                BatchNorm::new(&p / "_bn0", mid, eps),
+            )
+        });
         Self {
             expand,
             depthwise: SameConv::new(&p / "_depthwise_conv", mid, mid, k, stride, mid),
@@ -276,7 +310,15 @@ impl EfficientNet {
         for (repeats, k, s, e, c_in, c_out) in cfg.stages() {
             for r in 0..repeats {
                 let (ci, st) = if r == 0 { (c_in, s) } else { (c_out, 1) };
-                blocks.push(MbConv::new(p / "_blocks" / blocks.len(), ci, c_out, k, st, e, eps));
+                blocks.push(MbConv::new(
+                    p / "_blocks" / blocks.len(),
+                    ci,
+                    c_out,
+                    k,
+                    st,
+                    e,
+                    eps,
+                ));
             }
             stage_ends.push(blocks.len());
         }
@@ -289,22 +331,33 @@ impl EfficientNet {
             stage_ends,
             conv_head: SameConv::new(p / "_conv_head", last, HEAD_CHANNELS, 1, 1, 1),
             bn1: BatchNorm::new(p / "_bn1", HEAD_CHANNELS, eps),
-            fc: nn::linear(p / "_fc", HEAD_CHANNELS, cfg.num_classes, Default::default()),
+            fc: nn::linear(
+                p / "_fc",
+                HEAD_CHANNELS,
+                cfg.num_classes,
+                Default::default(),
+            ),
         })
     }
 
     /// Read `config.json` and `model.safetensors` from `dir` (as written by
     /// `scripts/convert_efficientnet.py`), convert to `kind` on `device`, freeze.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<LoadedEfficientNet> {
-        let config: EfficientNetConfig = crate::models::config::read_config(&dir.join("config.json"))?;
-        config.validate().with_context(|| format!("{}", dir.join("config.json").display()))?;
+        let config: EfficientNetConfig =
+            crate::models::config::read_config(&dir.join("config.json"))?;
+        config
+            .validate()
+            .with_context(|| format!("{}", dir.join("config.json").display()))?;
         let mut vs = nn::VarStore::new(device);
         let model = Self::new(&vs.root(), &config)?;
         if kind != Kind::Float {
             vs.set_kind(kind);
         }
         let files = weights::find_weight_files(dir, &["model"], None)?;
-        let opts = LoadOptions { ignore: vec!["*.num_batches_tracked".into()], rename: vec![] };
+        let opts = LoadOptions {
+            ignore: vec!["*.num_batches_tracked".into()],
+            rename: vec![],
+        };
         weights::load_into(&mut vs, &files, &opts)?;
         vs.freeze();
         Ok(LoadedEfficientNet { vs, model, config })
@@ -322,7 +375,10 @@ impl EfficientNet {
 
     fn check_input(&self, x: &Tensor) -> Result<()> {
         let s = x.size();
-        ensure!(s.len() == 4 && s[1] == 3, "EfficientNet input must be [B, 3, H, W], found {s:?}");
+        ensure!(
+            s.len() == 4 && s[1] == 3,
+            "EfficientNet input must be [B, 3, H, W], found {s:?}"
+        );
         Ok(())
     }
 
@@ -332,9 +388,14 @@ impl EfficientNet {
     pub fn stage_outputs(&self, x: &Tensor, stages: &[usize]) -> Result<Vec<Tensor>> {
         self.check_input(x)?;
         for &s in stages {
-            ensure!(s < NUM_STAGES, "EfficientNet tap stage {s} is out of range 0..{NUM_STAGES}");
+            ensure!(
+                s < NUM_STAGES,
+                "EfficientNet tap stage {s} is out of range 0..{NUM_STAGES}"
+            );
         }
-        let Some(&max_stage) = stages.iter().max() else { return Ok(vec![]) };
+        let Some(&max_stage) = stages.iter().max() else {
+            return Ok(vec![]);
+        };
         let mut h = self.bn0.forward(&self.conv_stem.forward(x)).relu6();
         let mut found: Vec<Option<Tensor>> = (0..NUM_STAGES).map(|_| None).collect();
         let mut start = 0;
@@ -347,7 +408,10 @@ impl EfficientNet {
                 found[stage] = Some(h.shallow_clone());
             }
         }
-        Ok(stages.iter().map(|&s| found[s].as_ref().expect("computed").shallow_clone()).collect())
+        Ok(stages
+            .iter()
+            .map(|&s| found[s].as_ref().expect("computed").shallow_clone())
+            .collect())
     }
 
     /// The 1280-d globally pooled features (input of the classifier), [B, 1280].
@@ -368,14 +432,22 @@ impl EfficientNet {
 /// (bicubic) to `size` x `size`, then normalised. Returns [1, 3, size, size].
 pub fn preprocess_eval(image01: &Tensor, size: i64) -> Result<Tensor> {
     let s = image01.size();
-    ensure!(s.len() == 3 && s[0] == 3, "expected an image [3, H, W], found {s:?}");
+    ensure!(
+        s.len() == 3 && s[0] == 3,
+        "expected an image [3, H, W], found {s:?}"
+    );
     let (h, w) = (s[1], s[2]);
     let crop = ((size as f64 / (size + 32) as f64) * h.min(w) as f64).round() as i64;
     ensure!(crop >= 1, "image {h}x{w} is too small");
     let top = (h - crop + 1) / 2;
     let left = (w - crop + 1) / 2;
-    let x = image01.narrow(1, top, crop).narrow(2, left, crop).unsqueeze(0);
-    let x = x.upsample_bicubic2d([size, size], false, None, None).clamp(0.0, 1.0);
+    let x = image01
+        .narrow(1, top, crop)
+        .narrow(2, left, crop)
+        .unsqueeze(0);
+    let x = x
+        .upsample_bicubic2d([size, size], false, None, None)
+        .clamp(0.0, 1.0);
     Ok(normalize(&x))
 }
 

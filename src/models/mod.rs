@@ -2,6 +2,7 @@
 pub mod config;
 pub mod dinov2;
 pub mod efficientnet;
+pub mod pipeline;
 pub mod blocks;
 pub mod unet;
 pub mod vae;

@@ -63,13 +63,15 @@ impl Pad {
     }
 }
 
+/// vocab.json + merges.txt with the reference cleaning.
+struct ReferenceBpe {
+    bpe: BPE,
+    split: SysRegex,
+    byte_encoder: [char; 256],
+}
+
 enum Backend {
-    /// vocab.json + merges.txt with the reference cleaning.
-    Reference {
-        bpe: BPE,
-        split: SysRegex,
-        byte_encoder: [char; 256],
-    },
+    Reference(Box<ReferenceBpe>),
     /// tokenizer.json, run by the `tokenizers` crate as it describes itself.
     Json(Box<tokenizers::Tokenizer>),
 }
@@ -143,7 +145,7 @@ impl ClipTokenizer {
         let vocab = dir.join("vocab.json");
         let merges = dir.join("merges.txt");
         let json = dir.join("tokenizer.json");
-        let (backend, lookup): (Backend, Box<dyn Fn(&str) -> Option<u32>>) = if vocab.is_file()
+        let (backend, vocab_map): (Backend, HashMap<String, u32>) = if vocab.is_file()
             && merges.is_file()
         {
             let bpe = BPE::from_file(&path_str(&vocab)?, &path_str(&merges)?)
@@ -160,21 +162,18 @@ impl ClipTokenizer {
             let split =
                 SysRegex::new(SPLIT_PATTERN).map_err(|e| anyhow!("CLIP split pattern: {e}"))?;
             (
-                Backend::Reference {
+                Backend::Reference(Box::new(ReferenceBpe {
                     bpe,
                     split,
                     byte_encoder: byte_encoder(),
-                },
-                Box::new(move |t: &str| vocab_map.get(t).copied()),
+                })),
+                vocab_map,
             )
         } else if json.is_file() {
             let tok = tokenizers::Tokenizer::from_file(&json)
                 .map_err(|e| anyhow!("{}: cannot load: {e}", json.display()))?;
             let vocab_map = tok.get_vocab(true);
-            (
-                Backend::Json(Box::new(tok)),
-                Box::new(move |t: &str| vocab_map.get(t).copied()),
-            )
+            (Backend::Json(Box::new(tok)), vocab_map)
         } else {
             bail!(
                 "{}: no CLIP tokenizer found (looked for vocab.json + merges.txt, or tokenizer.json)",
@@ -182,7 +181,7 @@ impl ClipTokenizer {
             );
         };
         let id = |tok: &str, what: &str| -> Result<i64> {
-            lookup(tok).map(i64::from).with_context(|| {
+            vocab_map.get(tok).copied().map(i64::from).with_context(|| {
                 format!(
                     "{}: the vocabulary has no {what} token {tok:?}",
                     dir.display()
@@ -229,11 +228,12 @@ impl ClipTokenizer {
     /// Token ids of `text` without BOS / EOS and without truncation.
     pub fn encode_content(&self, text: &str) -> Result<Vec<i64>> {
         match &self.backend {
-            Backend::Reference {
-                bpe,
-                split,
-                byte_encoder,
-            } => {
+            Backend::Reference(r) => {
+                let ReferenceBpe {
+                    bpe,
+                    split,
+                    byte_encoder,
+                } = r.as_ref();
                 let cleaned = clean_text(text);
                 let mut ids = Vec::new();
                 for (start, end) in split.find_iter(&cleaned) {

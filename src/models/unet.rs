@@ -7,8 +7,8 @@
 //! error naming the field.
 
 use crate::models::blocks::{
-    conv2d, group_norm, layer_norm, linear, timestep_embedding, Attention, Downsample2D, GegluFeedForward,
-    ResnetBlock2D, TimestepEmbedding, Upsample2D,
+    conv2d, group_norm, layer_norm, linear, timestep_embedding, Attention, Downsample2D,
+    GegluFeedForward, ResnetBlock2D, TimestepEmbedding, Upsample2D,
 };
 use crate::weights;
 use anyhow::{bail, ensure, Context, Result};
@@ -42,7 +42,9 @@ impl<T: Clone + std::fmt::Debug> PerBlock<T> {
         match self {
             PerBlock::One(v) => Ok(vec![v.clone(); n]),
             PerBlock::Many(v) if v.len() == n => Ok(v.clone()),
-            PerBlock::Many(v) => bail!("config field {field}: expected one value or {n} (one per down block), found {v:?}"),
+            PerBlock::Many(v) => bail!(
+                "config field {field}: expected one value or {n} (one per down block), found {v:?}"
+            ),
         }
     }
 }
@@ -96,10 +98,24 @@ fn d_false_pb() -> PerBlock<bool> {
     PerBlock::One(false)
 }
 fn d_down() -> Vec<String> {
-    ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"].map(String::from).to_vec()
+    [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 fn d_up() -> Vec<String> {
-    ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"].map(String::from).to_vec()
+    [
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 fn d_channels() -> Vec<i64> {
     vec![320, 640, 1280, 1280]
@@ -218,7 +234,8 @@ struct Plan {
 impl UNetConfig {
     /// Parse a config JSON value (as read from `config.json`) and validate it.
     pub fn from_value(v: &serde_json::Value) -> Result<Self> {
-        let cfg: Self = serde_json::from_value(v.clone()).context("invalid UNet2DConditionModel config")?;
+        let cfg: Self =
+            serde_json::from_value(v.clone()).context("invalid UNet2DConditionModel config")?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -245,8 +262,16 @@ impl UNetConfig {
         let mut c = Self::sd15();
         c.sample_size = Some(128);
         c.block_out_channels = vec![320, 640, 1280];
-        c.down_block_types = ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"].map(String::from).to_vec();
-        c.up_block_types = ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"].map(String::from).to_vec();
+        c.down_block_types = [
+            "DownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+        ]
+        .map(String::from)
+        .to_vec();
+        c.up_block_types = ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
+            .map(String::from)
+            .to_vec();
         c.attention_head_dim = PerBlock::Many(vec![5, 10, 20]);
         c.transformer_layers_per_block = PerBlock::Many(vec![1, 2, 10]);
         c.cross_attention_dim = PerBlock::One(2048);
@@ -263,8 +288,12 @@ impl UNetConfig {
         let mut c = Self::sd15();
         c.sample_size = Some(8);
         c.block_out_channels = vec![8, 16];
-        c.down_block_types = ["CrossAttnDownBlock2D", "DownBlock2D"].map(String::from).to_vec();
-        c.up_block_types = ["UpBlock2D", "CrossAttnUpBlock2D"].map(String::from).to_vec();
+        c.down_block_types = ["CrossAttnDownBlock2D", "DownBlock2D"]
+            .map(String::from)
+            .to_vec();
+        c.up_block_types = ["UpBlock2D", "CrossAttnUpBlock2D"]
+            .map(String::from)
+            .to_vec();
         c.layers_per_block = PerBlock::One(1);
         c.attention_head_dim = PerBlock::One(2);
         c.cross_attention_dim = PerBlock::One(32);
@@ -276,8 +305,12 @@ impl UNetConfig {
     /// width 16 and time-id embedding width 4) for tests.
     pub fn tiny_sdxl() -> Self {
         let mut c = Self::tiny_sd15();
-        c.down_block_types = ["DownBlock2D", "CrossAttnDownBlock2D"].map(String::from).to_vec();
-        c.up_block_types = ["CrossAttnUpBlock2D", "UpBlock2D"].map(String::from).to_vec();
+        c.down_block_types = ["DownBlock2D", "CrossAttnDownBlock2D"]
+            .map(String::from)
+            .to_vec();
+        c.up_block_types = ["CrossAttnUpBlock2D", "UpBlock2D"]
+            .map(String::from)
+            .to_vec();
         c.transformer_layers_per_block = PerBlock::Many(vec![1, 2]);
         c.use_linear_projection = true;
         c.addition_embed_type = Some("text_time".into());
@@ -293,7 +326,8 @@ impl UNetConfig {
 
     /// The time-embedding width (`time_embedding_dim` or 4 x the first block's channels).
     pub fn time_embed_dim(&self) -> i64 {
-        self.time_embedding_dim.unwrap_or(self.block_out_channels[0] * 4)
+        self.time_embedding_dim
+            .unwrap_or(self.block_out_channels[0] * 4)
     }
 
     /// Check that the config describes an architecture this implementation builds;
@@ -304,7 +338,9 @@ impl UNetConfig {
 
     fn plan(&self) -> Result<Plan> {
         fn unsupported(field: &str, value: impl std::fmt::Debug, supported: &str) -> anyhow::Error {
-            anyhow::anyhow!("UNet config field {field} = {value:?} is not supported (supported: {supported})")
+            anyhow::anyhow!(
+                "UNet config field {field} = {value:?} is not supported (supported: {supported})"
+            )
         }
         let n = self.block_out_channels.len();
         if n == 0 {
@@ -319,12 +355,20 @@ impl UNetConfig {
         }
         for t in &self.down_block_types {
             if t != "CrossAttnDownBlock2D" && t != "DownBlock2D" {
-                return Err(unsupported("down_block_types", t, "CrossAttnDownBlock2D, DownBlock2D"));
+                return Err(unsupported(
+                    "down_block_types",
+                    t,
+                    "CrossAttnDownBlock2D, DownBlock2D",
+                ));
             }
         }
         for t in &self.up_block_types {
             if t != "CrossAttnUpBlock2D" && t != "UpBlock2D" {
-                return Err(unsupported("up_block_types", t, "CrossAttnUpBlock2D, UpBlock2D"));
+                return Err(unsupported(
+                    "up_block_types",
+                    t,
+                    "CrossAttnUpBlock2D, UpBlock2D",
+                ));
             }
         }
         if self.mid_block_type.as_deref() != Some("UNetMidBlock2DCrossAttn") {
@@ -335,7 +379,11 @@ impl UNetConfig {
             return Err(unsupported("act_fn", &self.act_fn, "silu"));
         }
         if self.resnet_time_scale_shift != "default" {
-            return Err(unsupported("resnet_time_scale_shift", &self.resnet_time_scale_shift, "default"));
+            return Err(unsupported(
+                "resnet_time_scale_shift",
+                &self.resnet_time_scale_shift,
+                "default",
+            ));
         }
         if let Some(v) = &self.class_embed_type {
             return Err(unsupported("class_embed_type", v, "null"));
@@ -347,7 +395,11 @@ impl UNetConfig {
             return Err(unsupported("class_embeddings_concat", true, "false"));
         }
         if self.time_embedding_type != "positional" {
-            return Err(unsupported("time_embedding_type", &self.time_embedding_type, "positional"));
+            return Err(unsupported(
+                "time_embedding_type",
+                &self.time_embedding_type,
+                "positional",
+            ));
         }
         if let Some(v) = &self.time_embedding_act_fn {
             return Err(unsupported("time_embedding_act_fn", v, "null"));
@@ -367,11 +419,24 @@ impl UNetConfig {
         if self.dual_cross_attention {
             return Err(unsupported("dual_cross_attention", true, "false"));
         }
-        if self.only_cross_attention.expand(n, "only_cross_attention")?.iter().any(|&b| b) {
-            return Err(unsupported("only_cross_attention", &self.only_cross_attention, "false"));
+        if self
+            .only_cross_attention
+            .expand(n, "only_cross_attention")?
+            .iter()
+            .any(|&b| b)
+        {
+            return Err(unsupported(
+                "only_cross_attention",
+                &self.only_cross_attention,
+                "false",
+            ));
         }
         if self.attention_type != "default" {
-            return Err(unsupported("attention_type", &self.attention_type, "default"));
+            return Err(unsupported(
+                "attention_type",
+                &self.attention_type,
+                "default",
+            ));
         }
         if let Some(v) = &self.cross_attention_norm {
             return Err(unsupported("cross_attention_norm", v, "null"));
@@ -380,33 +445,65 @@ impl UNetConfig {
             return Err(unsupported("resnet_skip_time_act", true, "false"));
         }
         if self.resnet_out_scale_factor != 1.0 {
-            return Err(unsupported("resnet_out_scale_factor", self.resnet_out_scale_factor, "1.0"));
+            return Err(unsupported(
+                "resnet_out_scale_factor",
+                self.resnet_out_scale_factor,
+                "1.0",
+            ));
         }
         if self.mid_block_scale_factor != 1.0 {
-            return Err(unsupported("mid_block_scale_factor", self.mid_block_scale_factor, "1"));
+            return Err(unsupported(
+                "mid_block_scale_factor",
+                self.mid_block_scale_factor,
+                "1",
+            ));
         }
         if self.dropout != 0.0 {
             return Err(unsupported("dropout", self.dropout, "0.0"));
         }
-        if let Some(v) = self.reverse_transformer_layers_per_block.as_ref().filter(|v| !v.is_null()) {
-            return Err(unsupported("reverse_transformer_layers_per_block", v, "null"));
+        if let Some(v) = self
+            .reverse_transformer_layers_per_block
+            .as_ref()
+            .filter(|v| !v.is_null())
+        {
+            return Err(unsupported(
+                "reverse_transformer_layers_per_block",
+                v,
+                "null",
+            ));
         }
         if let Some(v) = &self.num_attention_heads {
             // diffusers itself refuses this field and reads the head count from
             // `attention_head_dim`.
-            return Err(unsupported("num_attention_heads", v, "null (the head count is attention_head_dim)"));
+            return Err(unsupported(
+                "num_attention_heads",
+                v,
+                "null (the head count is attention_head_dim)",
+            ));
         }
         if self.conv_in_kernel % 2 == 0 || self.conv_out_kernel % 2 == 0 {
-            return Err(unsupported("conv_in_kernel / conv_out_kernel", (self.conv_in_kernel, self.conv_out_kernel), "odd sizes"));
+            return Err(unsupported(
+                "conv_in_kernel / conv_out_kernel",
+                (self.conv_in_kernel, self.conv_out_kernel),
+                "odd sizes",
+            ));
         }
         if self.downsample_padding != 1 && self.downsample_padding != 0 {
-            return Err(unsupported("downsample_padding", self.downsample_padding, "0 or 1"));
+            return Err(unsupported(
+                "downsample_padding",
+                self.downsample_padding,
+                "0 or 1",
+            ));
         }
-        let groups = self.norm_num_groups.context("UNet config field norm_num_groups = null is not supported")?;
+        let groups = self
+            .norm_num_groups
+            .context("UNet config field norm_num_groups = null is not supported")?;
         match self.addition_embed_type.as_deref() {
             None => {}
             Some("text_time") => {
-                let t = self.addition_time_embed_dim.context("UNet config: addition_embed_type \"text_time\" needs addition_time_embed_dim")?;
+                let t = self.addition_time_embed_dim.context(
+                    "UNet config: addition_embed_type \"text_time\" needs addition_time_embed_dim",
+                )?;
                 let p = self
                     .projection_class_embeddings_input_dim
                     .context("UNet config: addition_embed_type \"text_time\" needs projection_class_embeddings_input_dim")?;
@@ -415,19 +512,39 @@ impl UNetConfig {
                     "UNet config: projection_class_embeddings_input_dim ({p}) must exceed 6 x addition_time_embed_dim ({t}) by the pooled text width"
                 );
             }
-            Some(other) => return Err(unsupported("addition_embed_type", other, "null, text_time")),
+            Some(other) => {
+                return Err(unsupported("addition_embed_type", other, "null, text_time"))
+            }
         }
         let layers = self.layers_per_block.expand(n, "layers_per_block")?;
         let heads = self.attention_head_dim.expand(n, "attention_head_dim")?;
-        let depth = self.transformer_layers_per_block.expand(n, "transformer_layers_per_block")?;
+        let depth = self
+            .transformer_layers_per_block
+            .expand(n, "transformer_layers_per_block")?;
         let cross = self.cross_attention_dim.expand(n, "cross_attention_dim")?;
         for (i, &c) in self.block_out_channels.iter().enumerate() {
             ensure!(c > 0 && c % groups == 0, "UNet config: block_out_channels[{i}] = {c} is not a multiple of norm_num_groups = {groups}");
             ensure!(heads[i] > 0 && c % heads[i] == 0, "UNet config: block_out_channels[{i}] = {c} is not divisible by the head count attention_head_dim[{i}] = {}", heads[i]);
-            ensure!(layers[i] > 0, "UNet config: layers_per_block[{i}] = {} must be positive", layers[i]);
-            ensure!(depth[i] > 0, "UNet config: transformer_layers_per_block[{i}] = {} must be positive", depth[i]);
+            ensure!(
+                layers[i] > 0,
+                "UNet config: layers_per_block[{i}] = {} must be positive",
+                layers[i]
+            );
+            ensure!(
+                depth[i] > 0,
+                "UNet config: transformer_layers_per_block[{i}] = {} must be positive",
+                depth[i]
+            );
         }
-        Ok(Plan { n, layers, heads, depth, cross, groups, time_embed_dim: self.time_embed_dim() })
+        Ok(Plan {
+            n,
+            layers,
+            heads,
+            depth,
+            cross,
+            groups,
+            time_embed_dim: self.time_embed_dim(),
+        })
     }
 }
 
@@ -450,7 +567,16 @@ impl BasicTransformerBlock {
             norm1: layer_norm(&(p / "norm1"), dim, 1e-5),
             attn1: Attention::new(&(p / "attn1"), dim, None, heads, hd, false, true, upcast),
             norm2: layer_norm(&(p / "norm2"), dim, 1e-5),
-            attn2: Attention::new(&(p / "attn2"), dim, Some(cross), heads, hd, false, true, upcast),
+            attn2: Attention::new(
+                &(p / "attn2"),
+                dim,
+                Some(cross),
+                heads,
+                hd,
+                false,
+                true,
+                upcast,
+            ),
             norm3: layer_norm(&(p / "norm3"), dim, 1e-5),
             ff: GegluFeedForward::new(&(p / "ff"), dim, dim * 4),
         }
@@ -481,7 +607,16 @@ enum Proj {
 
 impl Transformer2D {
     #[allow(clippy::too_many_arguments)]
-    fn new(p: &nn::Path, channels: i64, heads: i64, depth: i64, cross: i64, groups: i64, linear_proj: bool, upcast: bool) -> Result<Self> {
+    fn new(
+        p: &nn::Path,
+        channels: i64,
+        heads: i64,
+        depth: i64,
+        cross: i64,
+        groups: i64,
+        linear_proj: bool,
+        upcast: bool,
+    ) -> Result<Self> {
         let proj = |name: &str| {
             if linear_proj {
                 Proj::Linear(linear(&(p / name), channels, channels, true))
@@ -493,7 +628,15 @@ impl Transformer2D {
             norm: group_norm(&(p / "norm"), groups, channels, 1e-6)?,
             proj_in: proj("proj_in"),
             blocks: (0..depth)
-                .map(|i| BasicTransformerBlock::new(&(p / "transformer_blocks" / i), channels, heads, cross, upcast))
+                .map(|i| {
+                    BasicTransformerBlock::new(
+                        &(p / "transformer_blocks" / i),
+                        channels,
+                        heads,
+                        cross,
+                        upcast,
+                    )
+                })
                 .collect(),
             proj_out: proj("proj_out"),
         })
@@ -577,24 +720,36 @@ impl UNet2DConditionModel {
         let time_embedding = TimestepEmbedding::new(&(p / "time_embedding"), ch[0], temb);
         let add = if cfg.needs_added_cond() {
             let time_dim = cfg.addition_time_embed_dim.unwrap_or_default();
-            let in_dim = cfg.projection_class_embeddings_input_dim.unwrap_or_default();
-            Some(AddTextTime { time_dim, add_embedding: TimestepEmbedding::new(&(p / "add_embedding"), in_dim, temb) })
+            let in_dim = cfg
+                .projection_class_embeddings_input_dim
+                .unwrap_or_default();
+            Some(AddTextTime {
+                time_dim,
+                add_embedding: TimestepEmbedding::new(&(p / "add_embedding"), in_dim, temb),
+            })
         } else {
             None
         };
 
         let mut down_blocks = Vec::with_capacity(n);
         let mut out_c = ch[0];
-        for i in 0..n {
+        for (i, &c) in ch.iter().enumerate() {
             let bp = p / "down_blocks" / i;
             let in_c = out_c;
-            out_c = ch[i];
+            out_c = c;
             let cross_attn = cfg.down_block_types[i] == "CrossAttnDownBlock2D";
             let mut resnets = Vec::new();
             let mut attentions = Vec::new();
             for j in 0..plan.layers[i] {
                 let c_in = if j == 0 { in_c } else { out_c };
-                resnets.push(ResnetBlock2D::new(&(&bp / "resnets" / j), c_in, out_c, Some(temb), groups, eps)?);
+                resnets.push(ResnetBlock2D::new(
+                    &(&bp / "resnets" / j),
+                    c_in,
+                    out_c,
+                    Some(temb),
+                    groups,
+                    eps,
+                )?);
                 if cross_attn {
                     attentions.push(Transformer2D::new(
                         &(&bp / "attentions" / j),
@@ -609,11 +764,19 @@ impl UNet2DConditionModel {
                 }
             }
             let downsampler = if i + 1 < n {
-                Some(Downsample2D::new(&(&bp / "downsamplers" / 0), out_c, cfg.downsample_padding)?)
+                Some(Downsample2D::new(
+                    &(&bp / "downsamplers" / 0),
+                    out_c,
+                    cfg.downsample_padding,
+                )?)
             } else {
                 None
             };
-            down_blocks.push(DownBlock { resnets, attentions, downsampler });
+            down_blocks.push(DownBlock {
+                resnets,
+                attentions,
+                downsampler,
+            });
         }
 
         let mp = p / "mid_block";
@@ -650,7 +813,14 @@ impl UNet2DConditionModel {
             for j in 0..num {
                 let skip = if j == num - 1 { skip_in } else { out_c };
                 let c_in = if j == 0 { prev_c } else { out_c };
-                resnets.push(ResnetBlock2D::new(&(&bp / "resnets" / j), c_in + skip, out_c, Some(temb), groups, eps)?);
+                resnets.push(ResnetBlock2D::new(
+                    &(&bp / "resnets" / j),
+                    c_in + skip,
+                    out_c,
+                    Some(temb),
+                    groups,
+                    eps,
+                )?);
                 if cross_attn {
                     attentions.push(Transformer2D::new(
                         &(&bp / "attentions" / j),
@@ -665,7 +835,11 @@ impl UNet2DConditionModel {
                 }
             }
             let upsampler = (i + 1 < n).then(|| Upsample2D::new(&(&bp / "upsamplers" / 0), out_c));
-            up_blocks.push(UpBlock { resnets, attentions, upsampler });
+            up_blocks.push(UpBlock {
+                resnets,
+                attentions,
+                upsampler,
+            });
         }
 
         Ok(Self {
@@ -677,7 +851,12 @@ impl UNet2DConditionModel {
             mid_block,
             up_blocks,
             conv_norm_out: group_norm(&(p / "conv_norm_out"), groups, ch[0], eps)?,
-            conv_out: conv2d(&(p / "conv_out"), ch[0], cfg.out_channels, cfg.conv_out_kernel),
+            conv_out: conv2d(
+                &(p / "conv_out"),
+                ch[0],
+                cfg.out_channels,
+                cfg.conv_out_kernel,
+            ),
         })
     }
 
@@ -718,10 +897,19 @@ impl UNet2DConditionModel {
             0 => timestep.reshape([1]).expand([b], false),
             1 if timestep.size()[0] == b => timestep.shallow_clone(),
             1 if timestep.size()[0] == 1 => timestep.expand([b], false),
-            _ => bail!("UNet forward: timestep must be 0-d or [{b}], found {:?}", timestep.size()),
+            _ => bail!(
+                "UNet forward: timestep must be 0-d or [{b}], found {:?}",
+                timestep.size()
+            ),
         }
         .to_device(device);
-        let t_emb = timestep_embedding(&t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift).to_kind(kind);
+        let t_emb = timestep_embedding(
+            &t,
+            cfg.block_out_channels[0],
+            cfg.flip_sin_to_cos,
+            cfg.freq_shift,
+        )
+        .to_kind(kind);
         let mut emb = self.time_embedding.forward(&t_emb);
         match (&self.add, added) {
             (Some(add), Some((text_embeds, time_ids))) => {
@@ -741,15 +929,19 @@ impl UNet2DConditionModel {
                     add.time_dim,
                     add_in.size()[1]
                 );
-                emb = emb + add.add_embedding.forward(&add_in);
+                emb = &emb + add.add_embedding.forward(&add_in);
             }
             (Some(_), None) => bail!("UNet forward: this UNet (addition_embed_type \"text_time\") needs text_embeds and time_ids"),
             (None, Some(_)) => bail!("UNet forward: text_embeds / time_ids were given, but the config has no addition_embed_type"),
             (None, None) => {}
         }
-        let ctx = encoder_hidden_states.to_kind(kind);
+        let ctx = encoder_hidden_states.to_device(device).to_kind(kind);
 
-        let x = if cfg.center_input_sample { sample * 2.0 - 1.0 } else { sample.shallow_clone() };
+        let x = if cfg.center_input_sample {
+            sample * 2.0 - 1.0
+        } else {
+            sample.shallow_clone()
+        };
         let mut h = self.conv_in.forward(&x);
         let mut skips = vec![h.shallow_clone()];
         for blk in &self.down_blocks {
@@ -767,13 +959,20 @@ impl UNet2DConditionModel {
         }
 
         h = self.mid_block.resnets[0].forward(&h, Some(&emb));
-        for (a, r) in self.mid_block.attentions.iter().zip(&self.mid_block.resnets[1..]) {
+        for (a, r) in self
+            .mid_block
+            .attentions
+            .iter()
+            .zip(&self.mid_block.resnets[1..])
+        {
             h = r.forward(&a.forward(&h, &ctx), Some(&emb));
         }
 
         for blk in &self.up_blocks {
             for (j, r) in blk.resnets.iter().enumerate() {
-                let skip = skips.pop().context("UNet forward: skip connections exhausted")?;
+                let skip = skips
+                    .pop()
+                    .context("UNet forward: skip connections exhausted")?;
                 h = r.forward(&Tensor::cat(&[&h, &skip], 1), Some(&emb));
                 if let Some(a) = blk.attentions.get(j) {
                     h = a.forward(&h, &ctx);
@@ -811,8 +1010,9 @@ pub(crate) fn component_weight_files(dir: &Path, kind: Kind) -> Result<Vec<PathB
     if kind == Kind::Half {
         weights::find_weight_files(dir, &[WEIGHT_STEM], Some("fp16"))
     } else {
-        weights::find_weight_files(dir, &[WEIGHT_STEM], None)
-            .or_else(|e| weights::find_weight_files(dir, &[WEIGHT_STEM], Some("fp16")).map_err(|_| e))
+        weights::find_weight_files(dir, &[WEIGHT_STEM], None).or_else(|e| {
+            weights::find_weight_files(dir, &[WEIGHT_STEM], Some("fp16")).map_err(|_| e)
+        })
     }
 }
 
@@ -822,7 +1022,12 @@ impl LoadedUNet {
         let mut vs = nn::VarStore::new(device);
         vs.set_kind(kind);
         let model = UNet2DConditionModel::new(&vs.root(), config)?;
-        Ok(Self { vs, model, config: config.clone(), raw_config: config.to_value() })
+        Ok(Self {
+            vs,
+            model,
+            config: config.clone(),
+            raw_config: config.to_value(),
+        })
     }
 
     /// Load `config.json` and `diffusion_pytorch_model*.safetensors` from a diffusers
@@ -830,13 +1035,20 @@ impl LoadedUNet {
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
         let cfg_path = dir.join("config.json");
         let raw = crate::models::config::read_json(&cfg_path)?;
-        let config = UNetConfig::from_value(&raw).with_context(|| format!("{}", cfg_path.display()))?;
+        let config =
+            UNetConfig::from_value(&raw).with_context(|| format!("{}", cfg_path.display()))?;
         let mut vs = nn::VarStore::new(device);
         vs.set_kind(kind);
-        let model = UNet2DConditionModel::new(&vs.root(), &config).with_context(|| format!("{}", cfg_path.display()))?;
+        let model = UNet2DConditionModel::new(&vs.root(), &config)
+            .with_context(|| format!("{}", cfg_path.display()))?;
         let files = component_weight_files(dir, kind)?;
         weights::load_into(&mut vs, &files, &weights::LoadOptions::default())?;
-        Ok(Self { vs, model, config, raw_config: raw })
+        Ok(Self {
+            vs,
+            model,
+            config,
+            raw_config: raw,
+        })
     }
 
     /// Write `config.json` (the original JSON) and `diffusion_pytorch_model.safetensors`
@@ -846,17 +1058,31 @@ impl LoadedUNet {
         let mut text = serde_json::to_string_pretty(&self.raw_config)?;
         text.push('\n');
         weights::atomic_write(&dir.join("config.json"), text.as_bytes())?;
-        weights::save_varstore(&self.vs, &dir.join(format!("{WEIGHT_STEM}.safetensors")), Some(kind))
+        weights::save_varstore(
+            &self.vs,
+            &dir.join(format!("{WEIGHT_STEM}.safetensors")),
+            Some(kind),
+        )
     }
 }
 
-fn input<'a>(inputs: &'a HashMap<String, Tensor>, name: &str, component: &str) -> Result<&'a Tensor> {
-    inputs.get(name).with_context(|| format!("{component}: missing input {name}"))
+fn input<'a>(
+    inputs: &'a HashMap<String, Tensor>,
+    name: &str,
+    component: &str,
+) -> Result<&'a Tensor> {
+    inputs
+        .get(name)
+        .with_context(|| format!("{component}: missing input {name}"))
 }
 
 /// `adt forward unet`: inputs `sample`, `timestep`, `encoder_hidden_states` (and
 /// `text_embeds`, `time_ids` for SDXL); output `sample`.
-pub fn run_forward(component: &str, model_dir: &Path, inputs: &HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
+pub fn run_forward(
+    component: &str,
+    model_dir: &Path,
+    inputs: &HashMap<String, Tensor>,
+) -> Result<HashMap<String, Tensor>> {
     if component != "unet" {
         bail!("unknown UNet component {component:?} (expected \"unet\")");
     }
@@ -866,10 +1092,16 @@ pub fn run_forward(component: &str, model_dir: &Path, inputs: &HashMap<String, T
     let timestep = input(inputs, "timestep", component)?;
     let ehs = input(inputs, "encoder_hidden_states", component)?.to_device(device);
     let added = if unet.config.needs_added_cond() {
-        Some((input(inputs, "text_embeds", component)?, input(inputs, "time_ids", component)?))
+        Some((
+            input(inputs, "text_embeds", component)?,
+            input(inputs, "time_ids", component)?,
+        ))
     } else {
         None
     };
     let out = tch::no_grad(|| unet.model.forward(&sample, timestep, &ehs, added))?;
-    Ok(HashMap::from([("sample".to_string(), out.to_device(Device::Cpu))]))
+    Ok(HashMap::from([(
+        "sample".to_string(),
+        out.to_device(Device::Cpu),
+    )]))
 }

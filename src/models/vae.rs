@@ -5,7 +5,9 @@
 //! [`AutoencoderKL::image_from_latents`] apply the checkpoint's `shift_factor` /
 //! `scaling_factor` as the pipelines do.
 
-use crate::models::blocks::{conv2d, group_norm, Downsample2D, ResnetBlock2D, SpatialSelfAttention, Upsample2D};
+use crate::models::blocks::{
+    conv2d, group_norm, Downsample2D, ResnetBlock2D, SpatialSelfAttention, Upsample2D,
+};
 use crate::weights;
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -89,7 +91,8 @@ pub struct VaeConfig {
 impl VaeConfig {
     /// Parse a config JSON value and validate it.
     pub fn from_value(v: &serde_json::Value) -> Result<Self> {
-        let cfg: Self = serde_json::from_value(v.clone()).context("invalid AutoencoderKL config")?;
+        let cfg: Self =
+            serde_json::from_value(v.clone()).context("invalid AutoencoderKL config")?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -104,19 +107,38 @@ impl VaeConfig {
             self.down_block_types.len(),
             self.up_block_types.len()
         );
-        if let Some(t) = self.down_block_types.iter().find(|t| *t != "DownEncoderBlock2D") {
+        if let Some(t) = self
+            .down_block_types
+            .iter()
+            .find(|t| *t != "DownEncoderBlock2D")
+        {
             bail!("VAE config field down_block_types contains {t:?}, which is not supported (supported: DownEncoderBlock2D)");
         }
-        if let Some(t) = self.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
+        if let Some(t) = self
+            .up_block_types
+            .iter()
+            .find(|t| *t != "UpDecoderBlock2D")
+        {
             bail!("VAE config field up_block_types contains {t:?}, which is not supported (supported: UpDecoderBlock2D)");
         }
-        ensure!(self.act_fn == "silu", "VAE config field act_fn = {:?} is not supported (supported: silu)", self.act_fn);
-        for (name, v) in [("latents_mean", &self.latents_mean), ("latents_std", &self.latents_std)] {
+        ensure!(
+            self.act_fn == "silu",
+            "VAE config field act_fn = {:?} is not supported (supported: silu)",
+            self.act_fn
+        );
+        for (name, v) in [
+            ("latents_mean", &self.latents_mean),
+            ("latents_std", &self.latents_std),
+        ] {
             if v.as_ref().is_some_and(|v| !v.is_null()) {
                 bail!("VAE config field {name} = {} is not supported (supported: null; latents are normalised with scaling_factor / shift_factor)", v.as_ref().unwrap_or(&serde_json::Value::Null));
             }
         }
-        ensure!(self.layers_per_block > 0, "VAE config field layers_per_block = {} must be positive", self.layers_per_block);
+        ensure!(
+            self.layers_per_block > 0,
+            "VAE config field layers_per_block = {} must be positive",
+            self.layers_per_block
+        );
         for (i, &c) in self.block_out_channels.iter().enumerate() {
             ensure!(
                 c > 0 && c % self.norm_num_groups == 0,
@@ -124,7 +146,10 @@ impl VaeConfig {
                 self.norm_num_groups
             );
         }
-        ensure!(self.scaling_factor != 0.0, "VAE config field scaling_factor is 0");
+        ensure!(
+            self.scaling_factor != 0.0,
+            "VAE config field scaling_factor is 0"
+        );
         Ok(())
     }
 }
@@ -143,7 +168,17 @@ impl VaeMidBlock {
                 ResnetBlock2D::new(&(p / "resnets" / 0), c, c, None, groups, 1e-6)?,
                 ResnetBlock2D::new(&(p / "resnets" / 1), c, c, None, groups, 1e-6)?,
             ],
-            attention: if attention { Some(SpatialSelfAttention::new(&(p / "attentions" / 0), c, c, groups, 1e-6)?) } else { None },
+            attention: if attention {
+                Some(SpatialSelfAttention::new(
+                    &(p / "attentions" / 0),
+                    c,
+                    c,
+                    groups,
+                    1e-6,
+                )?)
+            } else {
+                None
+            },
         })
     }
 
@@ -172,14 +207,27 @@ impl Encoder {
         let g = cfg.norm_num_groups;
         let mut down = Vec::with_capacity(n);
         let mut out_c = ch[0];
-        for i in 0..n {
+        for (i, &c) in ch.iter().enumerate() {
             let bp = p / "down_blocks" / i;
             let in_c = out_c;
-            out_c = ch[i];
+            out_c = c;
             let resnets = (0..cfg.layers_per_block)
-                .map(|j| ResnetBlock2D::new(&(&bp / "resnets" / j), if j == 0 { in_c } else { out_c }, out_c, None, g, 1e-6))
+                .map(|j| {
+                    ResnetBlock2D::new(
+                        &(&bp / "resnets" / j),
+                        if j == 0 { in_c } else { out_c },
+                        out_c,
+                        None,
+                        g,
+                        1e-6,
+                    )
+                })
                 .collect::<Result<Vec<_>>>()?;
-            let ds = if i + 1 < n { Some(Downsample2D::new(&(&bp / "downsamplers" / 0), out_c, 0)?) } else { None };
+            let ds = if i + 1 < n {
+                Some(Downsample2D::new(&(&bp / "downsamplers" / 0), out_c, 0)?)
+            } else {
+                None
+            };
             down.push((resnets, ds));
         }
         let last = ch[n - 1];
@@ -229,7 +277,16 @@ impl Decoder {
             let in_c = out_c;
             out_c = ch[n - 1 - i];
             let resnets = (0..cfg.layers_per_block + 1)
-                .map(|j| ResnetBlock2D::new(&(&bp / "resnets" / j), if j == 0 { in_c } else { out_c }, out_c, None, g, 1e-6))
+                .map(|j| {
+                    ResnetBlock2D::new(
+                        &(&bp / "resnets" / j),
+                        if j == 0 { in_c } else { out_c },
+                        out_c,
+                        None,
+                        g,
+                        1e-6,
+                    )
+                })
                 .collect::<Result<Vec<_>>>()?;
             let us = (i + 1 < n).then(|| Upsample2D::new(&(&bp / "upsamplers" / 0), out_c));
             up.push((resnets, us));
@@ -276,8 +333,12 @@ impl AutoencoderKL {
             config: cfg.clone(),
             encoder: Encoder::new(&(p / "encoder"), cfg)?,
             decoder: Decoder::new(&(p / "decoder"), cfg)?,
-            quant_conv: cfg.use_quant_conv.then(|| conv2d(&(p / "quant_conv"), 2 * lc, 2 * lc, 1)),
-            post_quant_conv: cfg.use_post_quant_conv.then(|| conv2d(&(p / "post_quant_conv"), lc, lc, 1)),
+            quant_conv: cfg
+                .use_quant_conv
+                .then(|| conv2d(&(p / "quant_conv"), 2 * lc, 2 * lc, 1)),
+            post_quant_conv: cfg
+                .use_post_quant_conv
+                .then(|| conv2d(&(p / "post_quant_conv"), lc, lc, 1)),
         })
     }
 
@@ -342,7 +403,11 @@ impl AutoencoderKL {
     /// `sample` is true), shifted and scaled.
     pub fn latents_from_image(&self, x: &Tensor, sample: bool) -> Result<Tensor> {
         let (mean, logvar) = self.encode(x)?;
-        let z = if sample { Self::sample(&mean, &logvar) } else { mean };
+        let z = if sample {
+            Self::sample(&mean, &logvar)
+        } else {
+            mean
+        };
         Ok(self.scale_latents(&z))
     }
 
@@ -366,10 +431,12 @@ impl LoadedVae {
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
         let cfg_path = dir.join("config.json");
         let raw = crate::models::config::read_json(&cfg_path)?;
-        let config = VaeConfig::from_value(&raw).with_context(|| format!("{}", cfg_path.display()))?;
+        let config =
+            VaeConfig::from_value(&raw).with_context(|| format!("{}", cfg_path.display()))?;
         let mut vs = nn::VarStore::new(device);
         vs.set_kind(kind);
-        let model = AutoencoderKL::new(&vs.root(), &config).with_context(|| format!("{}", cfg_path.display()))?;
+        let model = AutoencoderKL::new(&vs.root(), &config)
+            .with_context(|| format!("{}", cfg_path.display()))?;
         let files = crate::models::unet::component_weight_files(dir, kind)?;
         weights::load_into(&mut vs, &files, &weights::LoadOptions::default())?;
         vs.freeze();
@@ -379,22 +446,36 @@ impl LoadedVae {
 
 /// `adt forward vae-encode` (input `x`; outputs `mean`, `logvar`) and
 /// `adt forward vae-decode` (input `z`; output `sample`).
-pub fn run_forward(component: &str, model_dir: &Path, inputs: &HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
+pub fn run_forward(
+    component: &str,
+    model_dir: &Path,
+    inputs: &HashMap<String, Tensor>,
+) -> Result<HashMap<String, Tensor>> {
     let name = match component {
         "vae-encode" => "x",
         "vae-decode" => "z",
-        other => bail!("unknown VAE component {other:?} (expected \"vae-encode\" or \"vae-decode\")"),
+        other => {
+            bail!("unknown VAE component {other:?} (expected \"vae-encode\" or \"vae-decode\")")
+        }
     };
-    let x = inputs.get(name).with_context(|| format!("{component}: missing input {name}"))?;
+    let x = inputs
+        .get(name)
+        .with_context(|| format!("{component}: missing input {name}"))?;
     let device = Device::cuda_if_available();
     let vae = LoadedVae::load(model_dir, device, Kind::Float)?;
     let x = x.to_device(device).to_kind(Kind::Float);
     tch::no_grad(|| {
         Ok(if component == "vae-encode" {
             let (mean, logvar) = vae.model.encode(&x)?;
-            HashMap::from([("mean".to_string(), mean.to_device(Device::Cpu)), ("logvar".to_string(), logvar.to_device(Device::Cpu))])
+            HashMap::from([
+                ("mean".to_string(), mean.to_device(Device::Cpu)),
+                ("logvar".to_string(), logvar.to_device(Device::Cpu)),
+            ])
         } else {
-            HashMap::from([("sample".to_string(), vae.model.decode(&x)?.to_device(Device::Cpu))])
+            HashMap::from([(
+                "sample".to_string(),
+                vae.model.decode(&x)?.to_device(Device::Cpu),
+            )])
         })
     })
 }

@@ -1,5 +1,8 @@
 //! Training: Algorithm 1 of the paper, the FT baseline, checkpoints.
+pub mod adt;
+pub mod checkpoint;
 pub mod config;
 pub mod optim;
 pub mod path;
+pub mod run;
 pub mod logging;

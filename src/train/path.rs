@@ -24,6 +24,7 @@
 
 use crate::schedule::{cfg_combine, Plan};
 use crate::train::config::GradPath;
+use anyhow::Result;
 use tch::{Kind, Tensor};
 
 /// Conditioning handed to the denoiser.
@@ -74,11 +75,11 @@ impl Cond {
 /// A noise-prediction network: raw output (epsilon, v or velocity) for latents x
 /// [B, C, h, w] at timesteps t [B] (float) under a conditioning.
 pub trait Denoiser {
-    fn predict(&self, x: &Tensor, t: &Tensor, cond: &Cond) -> Tensor;
+    fn predict(&self, x: &Tensor, t: &Tensor, cond: &Cond) -> Result<Tensor>;
 }
 
-impl<F: Fn(&Tensor, &Tensor, &Cond) -> Tensor> Denoiser for F {
-    fn predict(&self, x: &Tensor, t: &Tensor, cond: &Cond) -> Tensor {
+impl<F: Fn(&Tensor, &Tensor, &Cond) -> Result<Tensor>> Denoiser for F {
+    fn predict(&self, x: &Tensor, t: &Tensor, cond: &Cond) -> Result<Tensor> {
         self(x, t, cond)
     }
 }
@@ -100,20 +101,20 @@ impl<'a> Guidance<'a> {
 }
 
 /// Guided output at timestep value `t` and the conditional branch alone.
-pub fn guided_output(model: &dyn Denoiser, x: &Tensor, t: f64, g: &Guidance) -> (Tensor, Tensor) {
+pub fn guided_output(model: &dyn Denoiser, x: &Tensor, t: f64, g: &Guidance) -> Result<(Tensor, Tensor)> {
     let b = x.size()[0];
     match &g.both {
         None => {
             let tt = Tensor::full([b], t, (Kind::Float, x.device()));
-            let out = model.predict(x, &tt, g.cond);
-            (out.shallow_clone(), out)
+            let out = model.predict(x, &tt, g.cond)?;
+            Ok((out.shallow_clone(), out))
         }
         Some(both) => {
             let tt = Tensor::full([2 * b], t, (Kind::Float, x.device()));
-            let out = model.predict(&Tensor::cat(&[x, x], 0), &tt, both);
+            let out = model.predict(&Tensor::cat(&[x, x], 0), &tt, both)?;
             let parts = out.split(b, 0);
             let (u, c) = (&parts[0], &parts[1]);
-            (cfg_combine(u, c, g.scale), c.shallow_clone())
+            Ok((cfg_combine(u, c, g.scale), c.shallow_clone()))
         }
     }
 }
@@ -147,7 +148,7 @@ pub fn rollout(
     kept: &[usize],
     g: &Guidance,
     path: GradPath,
-) -> Rollout {
+) -> Result<Rollout> {
     tch::no_grad(|| {
         let mut x = x_start.detach();
         let mut history: Vec<Tensor> = Vec::new();
@@ -159,7 +160,7 @@ pub fn rollout(
                 kept_steps.push(KeptStep { index: i, x: x.shallow_clone(), b: c.b, scale: 1.0 });
             }
             a_list.push((i, c.a));
-            let (out, _) = guided_output(model, &x, plan.timesteps[i], g);
+            let (out, _) = guided_output(model, &x, plan.timesteps[i], g)?;
             let next = plan.apply(&c, &x, &out, &history);
             plan.push_history(&c, &x, &out, &mut history);
             x = next;
@@ -169,7 +170,7 @@ pub fn rollout(
                 k.scale = a_list.iter().filter(|(i, _)| *i > k.index).map(|(_, a)| a).product();
             }
         }
-        Rollout { final_x: x, kept: kept_steps }
+        Ok(Rollout { final_x: x, kept: kept_steps })
     })
 }
 
@@ -185,10 +186,10 @@ pub fn backprop_kept(
     g_final: &Tensor,
     guidance: &Guidance,
     diffusion: Option<(usize, &Tensor, f64)>,
-) -> Option<f64> {
+) -> Result<Option<f64>> {
     let mut diff_value = None;
     for k in kept {
-        let (out, cond_out) = guided_output(model, &k.x, plan.timesteps[k.index], guidance);
+        let (out, cond_out) = guided_output(model, &k.x, plan.timesteps[k.index], guidance)?;
         let mut loss = (&out * g_final.detach()).sum(Kind::Double) * (k.b * k.scale);
         if let Some((start, target, lambda)) = diffusion {
             if start == k.index {
@@ -199,7 +200,7 @@ pub fn backprop_kept(
         }
         loss.backward();
     }
-    diff_value
+    Ok(diff_value)
 }
 
 /// The same trajectory as [`rollout`] with everything in one graph: the returned
@@ -214,7 +215,7 @@ pub fn rollout_graph(
     kept: &[usize],
     g: &Guidance,
     path: GradPath,
-) -> (Tensor, Option<Tensor>) {
+) -> Result<(Tensor, Option<Tensor>)> {
     let mut x = x_start.shallow_clone();
     let mut history: Vec<Tensor> = Vec::new();
     let mut start_cond = None;
@@ -222,10 +223,10 @@ pub fn rollout_graph(
         let c = plan.coeffs(i, history.len());
         let xd = x.detach();
         let (out, cond_out) = if kept.contains(&i) {
-            let (o, co) = guided_output(model, &xd, plan.timesteps[i], g);
+            let (o, co) = guided_output(model, &xd, plan.timesteps[i], g)?;
             (o, Some(co))
         } else {
-            let (o, _) = tch::no_grad(|| guided_output(model, &xd, plan.timesteps[i], g));
+            let (o, _) = tch::no_grad(|| guided_output(model, &xd, plan.timesteps[i], g))?;
             (o, None)
         };
         if i == start {
@@ -243,7 +244,7 @@ pub fn rollout_graph(
         plan.push_history(&c, &xd, &out, &mut history);
         x = next;
     }
-    (x, start_cond)
+    Ok((x, start_cond))
 }
 
 /// Choose the kept steps: the start step plus `min(k, remaining)` distinct later
@@ -280,11 +281,11 @@ mod tests {
     }
 
     impl Denoiser for Toy {
-        fn predict(&self, x: &Tensor, t: &Tensor, cond: &Cond) -> Tensor {
+        fn predict(&self, x: &Tensor, t: &Tensor, cond: &Cond) -> Result<Tensor> {
             let ctx = self.lin.forward(&cond.context.mean_dim(1, false, Kind::Double)); // [B, 2]
             let h = self.conv.forward(x).tanh();
             let tt = (t.to_kind(Kind::Double) / 1000.0).view([-1, 1, 1, 1]);
-            h + ctx.view([-1, 2, 1, 1]) * 0.3 + tt * 0.1
+            Ok(h + ctx.view([-1, 2, 1, 1]) * 0.3 + tt * 0.1)
         }
     }
 
@@ -328,13 +329,13 @@ mod tests {
                 let x = Tensor::randn([2, 2, 4, 4], opts).set_requires_grad(true);
                 let v = Tensor::randn([2, 2, 4, 4], opts);
                 let kept: Vec<usize> = (start..plan.len()).collect();
-                let (xf, _) = rollout_graph(&toy, &plan, start, &x, &kept, &g, GradPath::Adt);
+                let (xf, _) = rollout_graph(&toy, &plan, start, &x, &kept, &g, GradPath::Adt).unwrap();
                 (&xf * &v).sum(Kind::Double).backward();
                 let e = crate::fixtures::max_rel_err(&x.grad(), &v);
                 assert!(e < 1e-12, "{kind:?} start {start}: ADT input gradient is not the identity ({e})");
 
                 let x = Tensor::randn([2, 2, 4, 4], opts).set_requires_grad(true);
-                let (xf, _) = rollout_graph(&toy, &plan, start, &x, &kept, &g, GradPath::Drtune);
+                let (xf, _) = rollout_graph(&toy, &plan, start, &x, &kept, &g, GradPath::Drtune).unwrap();
                 (&xf * &v).sum(Kind::Double).backward();
                 let mut hist = 0;
                 let mut prod = 1.0;
@@ -383,18 +384,18 @@ mod tests {
                 // A non-linear loss on the final state.
                 let loss_of = |xf: &Tensor| (xf.sin() * &w).sum(Kind::Double);
 
-                let (xf, start_cond) = rollout_graph(&toy, &plan, start, &xs, &kept, &g, path);
+                let (xf, start_cond) = rollout_graph(&toy, &plan, start, &xs, &kept, &g, path).unwrap();
                 let diff = (start_cond.unwrap() - &target).square().mean(Kind::Double);
                 (loss_of(&xf) + diff * lambda).backward();
                 let full = grads(&vs);
                 zero(&vs);
 
-                let r = rollout(&toy, &plan, start, &xs, &kept, &g, path);
+                let r = rollout(&toy, &plan, start, &xs, &kept, &g, path).unwrap();
                 assert!(crate::fixtures::max_rel_err(&r.final_x, &xf.detach()) < 1e-12);
                 let leaf = r.final_x.detach().set_requires_grad(true);
                 loss_of(&leaf).backward();
                 let gf = leaf.grad();
-                backprop_kept(&toy, &plan, &r.kept, &gf, &g, Some((start, &target, lambda)));
+                backprop_kept(&toy, &plan, &r.kept, &gf, &g, Some((start, &target, lambda))).unwrap();
                 let dec = grads(&vs);
                 for (a, b) in full.iter().zip(&dec) {
                     let e = crate::fixtures::max_rel_err(b, a);

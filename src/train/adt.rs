@@ -1,0 +1,496 @@
+//! Adversarial Diffusion Tuning: Algorithm 1 of the paper, top to bottom, and the
+//! plain fine-tuning (FT) baseline.
+//!
+//! One iteration (ADT mode):
+//! 1. A batch of images x0 and captions; latents z0 = VAE(x0), text states (frozen).
+//! 2. Start index s ~ U over the inference timestep list; x_{t_s} = alpha z0 + sigma eps
+//!    (Eq. 7, Alg. 1 lines 3-4).
+//! 3. Kept steps S: s plus up to K later ones (line 5).
+//! 4. The inference sampler with CFG from t_s to the end (lines 6-14) under the path
+//!    constraint of Eq. 11 (or DRTune's Eq. 4), run without a graph: see `path.rs`.
+//! 5. Discriminator step (lines 16-18): DiffAugment on fake and real, frozen features,
+//!    hinge loss Eq. 9, AdamW, then the EMA update of the dual heads.
+//! 6. Every H iterations the generator step (lines 19-21): L^G of Eq. 8,
+//!    -sum_i D_i(x_hat0) + lambda ||eps_theta(x_{t_s}, t_s) - eps||^2, whose gradient
+//!    decomposes exactly over the kept steps (Eq. 12), so each kept step is recomputed
+//!    and backpropagated on its own (peak memory: one UNet graph).
+
+use anyhow::{bail, Context, Result};
+use rand::{Rng, SeedableRng};
+use std::path::{Path, PathBuf};
+use tch::{nn::VarStore, Device, Kind, Tensor};
+
+use crate::data::{DataConfig, DataLoader};
+use crate::disc::diffaug::{diff_augment, Policy};
+use crate::disc::features::{DinoFeatures, EfficientNetFeatures};
+use crate::disc::siamese::{DiscConfig, DiscVariant, Discriminator};
+use crate::disc::FeatureNetwork;
+use crate::models::dinov2::{Dinov2Config, Dinov2Model};
+use crate::models::efficientnet::EfficientNet;
+use crate::models::pipeline::{Family, Pipeline};
+use crate::models::unet::UNet2DConditionModel;
+use crate::schedule::Plan;
+use crate::train::config::{Config, DiscKind, FeatureNet, Mode};
+use crate::train::logging::{EventWriter, JsonlWriter};
+use crate::train::optim::{warmup_lr, AdamW};
+use crate::train::path::{backprop_kept, choose_kept, rollout, rollout_graph, Cond, Denoiser, Guidance};
+
+/// The UNet as a [`Denoiser`].
+pub struct UNetDenoiser<'a>(pub &'a UNet2DConditionModel);
+
+impl Denoiser for UNetDenoiser<'_> {
+    fn predict(&self, x: &Tensor, t: &Tensor, cond: &Cond) -> Result<Tensor> {
+        let added = match (&cond.pooled, &cond.time_ids) {
+            (Some(p), Some(ids)) => Some((p, ids)),
+            _ => None,
+        };
+        self.0.forward(x, t, &cond.context, added)
+    }
+}
+
+/// Per-iteration numbers (one JSON line of metrics.jsonl).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct StepLog {
+    pub step: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_d: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub d_acc: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub real_score: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fake_score: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_g_adv: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_diff: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_norm_g: Option<f64>,
+    pub lr_g: f64,
+    pub lr_d: f64,
+    /// Start step index s (ADT) or training timestep (FT).
+    pub t_start: i64,
+    pub kept: usize,
+    pub seconds: f64,
+}
+
+fn check_finite(step: usize, name: &str, v: f64) -> Result<()> {
+    if !v.is_finite() {
+        bail!(
+            "step {step}: {name} is {v}; stopping. The last checkpoint is intact; lower the learning rates or check the data"
+        );
+    }
+    Ok(())
+}
+
+/// The feature network F of the discriminator.
+pub fn build_features(cfg: &Config, device: Device, tiny: bool) -> Result<Box<dyn FeatureNetwork>> {
+    let d = &cfg.disc;
+    match d.features {
+        FeatureNet::Dinov2 => {
+            if let Some(path) = &d.features_path {
+                let loaded = Dinov2Model::load(path, device, Kind::Float)
+                    .with_context(|| format!("loading DINOv2 from {}", path.display()))?;
+                let mut vs = loaded.vs;
+                vs.freeze();
+                Ok(Box::new(DinoFeatures::new(loaded.model, Some(vs), d.resolution, &d.blocks)?))
+            } else if tiny {
+                let mut vs = VarStore::new(device);
+                let dcfg = Dinov2Config::tiny();
+                let model = Dinov2Model::new(&vs.root(), &dcfg)?;
+                vs.freeze();
+                let n = dcfg.num_hidden_layers;
+                let blocks: Vec<usize> = d.blocks.iter().map(|&b| b.min(n as usize - 1)).collect();
+                let res = (d.resolution / dcfg.patch_size).max(1) * dcfg.patch_size;
+                Ok(Box::new(DinoFeatures::new(model, Some(vs), res.min(56), &blocks)?))
+            } else {
+                bail!(
+                    "disc.features = \"dinov2\" needs disc.features_path (a transformers Dinov2Model folder); \
+                     for offline use set disc.features = \"efficientnet-lite0\""
+                )
+            }
+        }
+        FeatureNet::EfficientnetLite0 | FeatureNet::EfficientnetLite1 => {
+            let name = if d.features == FeatureNet::EfficientnetLite0 { "lite0" } else { "lite1" };
+            let dir = match &d.features_path {
+                Some(p) => p.clone(),
+                None => {
+                    let p = PathBuf::from(format!(".cache/weights/efficientnet-{name}"));
+                    if !p.join("config.json").is_file() {
+                        bail!(
+                            "disc.features = \"efficientnet-{name}\": no converted weights at {} \
+                             (run scripts/setup-weights.sh, or set disc.features_path)",
+                            p.display()
+                        );
+                    }
+                    p
+                }
+            };
+            let loaded = EfficientNet::load(&dir, device, Kind::Float)
+                .with_context(|| format!("loading EfficientNet-{name} from {}", dir.display()))?;
+            let mut vs = loaded.vs;
+            vs.freeze();
+            let taps: Vec<usize> = d.blocks.clone();
+            Ok(Box::new(EfficientNetFeatures::new(loaded.model, Some(vs), d.resolution, &taps)?))
+        }
+    }
+}
+
+/// The trainer: models, optimisers, data and logs.
+pub struct Trainer {
+    pub cfg: Config,
+    pub pipe: Pipeline,
+    pub plan: Plan,
+    features: Option<Box<dyn FeatureNetwork>>,
+    pub disc: Option<Discriminator>,
+    policy: Policy,
+    pub opt_g: AdamW,
+    pub opt_d: Option<AdamW>,
+    /// EMA copy of the generator weights (name, tensor).
+    pub ema: Option<Vec<(String, Tensor)>>,
+    pub loader: DataLoader,
+    /// Iterations completed.
+    pub step: usize,
+    /// Generator updates completed.
+    pub g_steps: usize,
+    pub out_dir: PathBuf,
+    metrics: JsonlWriter,
+    events: Option<EventWriter>,
+    uncond_cache: Option<(usize, Cond)>,
+}
+
+impl Trainer {
+    pub fn new(cfg: Config) -> Result<Trainer> {
+        let device = cfg.device();
+        let tiny = cfg.model.path == "tiny-random";
+        let pipe = if tiny {
+            Pipeline::tiny_random(device, cfg.train.seed as i64)?
+        } else {
+            Pipeline::load(Path::new(&cfg.model.path), device, Kind::Float, Kind::Float)?
+        };
+        let plan = Plan::new(&pipe.schedule, cfg.sampler.kind, cfg.sampler.steps)
+            .context("sampler settings do not fit the model's schedule")?;
+        let mut data_cfg: DataConfig = toml::Value::Table(cfg.data.clone())
+            .try_into()
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("[data]: {}", e.message().trim()))?;
+        if !cfg.data.contains_key("seed") {
+            data_cfg.seed = cfg.train.seed;
+        }
+        data_cfg.resolution = crate::data::Resolution::Square(cfg.train.resolution as u32);
+        let loader = DataLoader::new(&data_cfg, cfg.train.batch_size).context("opening the dataset ([data] section)")?;
+        let (features, disc, opt_d) = if cfg.train.mode == Mode::Adt {
+            let features = build_features(&cfg, device, tiny)?;
+            let dcfg = DiscConfig {
+                variant: match cfg.disc.kind {
+                    DiscKind::Siamese => DiscVariant::Siamese,
+                    DiscKind::StyleganT => DiscVariant::StyleganT,
+                },
+                head_channels: cfg.disc.channels,
+                ..DiscConfig::default()
+            };
+            let disc = Discriminator::new(device, &features.channels(), &dcfg)?;
+            let t = &cfg.train;
+            let opt_d = AdamW::new(&disc.vs, t.lr_d, t.adam_beta1, t.adam_beta2, t.weight_decay_d);
+            (Some(features), Some(disc), Some(opt_d))
+        } else {
+            (None, None, None)
+        };
+        let t = &cfg.train;
+        let opt_g = AdamW::new(&pipe.unet.vs, t.lr_g, t.adam_beta1, t.adam_beta2, t.weight_decay_g);
+        let ema = t.ema_decay.map(|_| {
+            let mut v: Vec<(String, Tensor)> =
+                pipe.unet.vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).map(|(k, t)| (k, t.detach().copy())).collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        });
+        let policy = Policy::parse(&cfg.disc.diffaug)?;
+        let out_dir = cfg.output.dir.clone();
+        std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+        std::fs::write(out_dir.join("config.toml"), cfg.to_toml()?)?;
+        let metrics = JsonlWriter::open(&out_dir.join("metrics.jsonl"))?;
+        let events = Some(EventWriter::create(&out_dir.join("tensorboard"))?);
+        Ok(Trainer {
+            cfg,
+            pipe,
+            plan,
+            features,
+            disc,
+            policy,
+            opt_g,
+            opt_d,
+            ema,
+            loader,
+            step: 0,
+            g_steps: 0,
+            out_dir,
+            metrics,
+            events,
+            uncond_cache: None,
+        })
+    }
+
+    fn device(&self) -> Device {
+        self.pipe.device
+    }
+
+    /// Empty-caption conditioning for CFG, cached per batch size.
+    fn uncond(&mut self, b: usize, time_ids: Option<&Tensor>) -> Result<Cond> {
+        if self.pipe.family == Family::Sdxl {
+            return Ok(self.pipe.encode_text(&vec![String::new(); b], time_ids)?.0);
+        }
+        if let Some((n, c)) = &self.uncond_cache {
+            if *n == b {
+                return Ok(Cond { context: c.context.shallow_clone(), pooled: None, time_ids: None });
+            }
+        }
+        let (c, _) = self.pipe.encode_text(&vec![String::new(); b], None)?;
+        self.uncond_cache = Some((b, Cond { context: c.context.shallow_clone(), pooled: None, time_ids: None }));
+        Ok(c)
+    }
+
+    fn features(&self, images: &Tensor) -> Vec<Tensor> {
+        self.features.as_ref().expect("ADT mode has a feature network").features(images)
+    }
+
+    /// Run one training iteration (Algorithm 1, lines 3-21, or one FT step).
+    pub fn iteration(&mut self) -> Result<StepLog> {
+        let started = std::time::Instant::now();
+        let step = self.step;
+        // Randomness is a function of (seed, step): a resumed run is bit-identical.
+        let seed = self.cfg.train.seed;
+        tch::manual_seed((seed.wrapping_mul(1_000_003).wrapping_add(step as u64) & 0x7fff_ffff_ffff) as i64);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ ((step as u64) << 20) ^ 0xad7);
+        let mut log = match self.cfg.train.mode {
+            Mode::Adt => self.adt_iteration(step, &mut rng)?,
+            Mode::Ft => self.ft_iteration(step, &mut rng)?,
+        };
+        log.seconds = started.elapsed().as_secs_f64();
+        self.step += 1;
+        Ok(log)
+    }
+
+    /// Line 3 of Alg. 1: a batch, its latents and text conditioning (frozen).
+    fn prepare(&mut self, rng: &mut impl Rng) -> Result<(Tensor, Tensor, Cond, Cond)> {
+        let batch = self.loader.next_batch()?;
+        let dev = self.device();
+        let x0 = batch.images.to_device(dev);
+        let z0 = tch::no_grad(|| self.pipe.vae.model.latents_from_image(&x0, false))?;
+        let p = self.cfg.train.caption_dropout;
+        let captions: Vec<String> =
+            batch.captions.iter().map(|c| if p > 0.0 && rng.gen::<f64>() < p { String::new() } else { c.clone() }).collect();
+        let time_ids = batch.add_time_ids();
+        let (cond, _) = self.pipe.encode_text(&captions, Some(&time_ids))?;
+        let uncond = self.uncond(captions.len(), Some(&time_ids))?;
+        Ok((x0, z0, cond, uncond))
+    }
+
+    fn adt_iteration(&mut self, step: usize, rng: &mut impl Rng) -> Result<StepLog> {
+        let t = self.cfg.train.clone();
+        let (x0, z0, cond, uncond) = self.prepare(rng)?;
+        let n = self.plan.len();
+        // Lines 3-5: start index, noised start, kept steps.
+        let s = rng.gen_range(0..n);
+        let eps = z0.randn_like();
+        let x_s = self.plan.add_noise(&z0, &eps, s);
+        let kept = choose_kept(rng, s, n, t.k);
+        let guidance = Guidance::new(&uncond, &cond, self.cfg.sampler.cfg);
+        let denoiser = UNetDenoiser(&self.pipe.unet.model);
+        // Lines 6-14, without a graph (Eq. 11 decides only the gradient, not values).
+        let r = rollout(&denoiser, &self.plan, s, &x_s, &kept, &guidance, t.grad_path)?;
+        let fake = tch::no_grad(|| self.pipe.vae.model.image_from_latents(&r.final_x))?.clamp(-1.0, 1.0);
+
+        // Lines 16-18: discriminator step on DiffAugment-ed real / fake images.
+        let lr_d = warmup_lr(t.lr_d, step, t.warmup_d);
+        let (loss_d, dstats) = {
+            let real_ref = tch::no_grad(|| diff_augment(&x0, &self.policy))?;
+            let real = tch::no_grad(|| diff_augment(&x0, &self.policy))?;
+            let fake_aug = tch::no_grad(|| diff_augment(&fake, &self.policy))?;
+            let (f_ref, f_real, f_fake) = tch::no_grad(|| (self.features(&real_ref), self.features(&real), self.features(&fake_aug)));
+            let disc = self.disc.as_ref().unwrap();
+            let (loss, stats) = disc.d_loss(&f_ref, &f_real, &f_fake)?;
+            check_finite(step, "loss_d", stats.loss)?;
+            let opt = self.opt_d.as_mut().unwrap();
+            opt.zero_grad();
+            loss.backward();
+            opt.lr = lr_d;
+            opt.step();
+            disc.ema_update(t.tau)?;
+            (stats.loss, stats)
+        };
+
+        let mut log = StepLog {
+            step,
+            loss_d: Some(loss_d),
+            d_acc: Some(dstats.accuracy),
+            real_score: Some(dstats.real_score),
+            fake_score: Some(dstats.fake_score),
+            lr_d,
+            lr_g: warmup_lr(t.lr_g, self.g_steps, t.warmup_g),
+            t_start: s as i64,
+            kept: kept.len(),
+            ..Default::default()
+        };
+
+        // Lines 19-21: generator step every H iterations.
+        if (step + 1) % t.h == 0 && step >= t.d_only_iterations {
+            let target = self.plan.target(&z0, &eps, s);
+            let feats_ref = tch::no_grad(|| -> Result<Vec<Tensor>> { Ok(self.features(&diff_augment(&x0, &self.policy)?)) })?;
+            self.opt_g.zero_grad();
+            let (adv, diff) = if t.decompose {
+                // g = dL_adv / dx_hat0 through decoder, DiffAugment, F and the heads.
+                let leaf = r.final_x.detach().set_requires_grad(true);
+                let img = self.pipe.vae.model.image_from_latents(&leaf)?;
+                let feats = self.features(&diff_augment(&img, &self.policy)?);
+                let (loss_adv, _) = self.disc.as_ref().unwrap().g_loss(&feats_ref, &feats)?;
+                let adv = loss_adv.double_value(&[]);
+                check_finite(step, "loss_g_adv", adv)?;
+                loss_adv.backward();
+                let g = leaf.grad();
+                // Eq. 12: one kept step at a time.
+                let diff = backprop_kept(
+                    &denoiser,
+                    &self.plan,
+                    &r.kept,
+                    &g,
+                    &guidance,
+                    Some((s, &target, t.lambda)),
+                )?;
+                (adv, diff.unwrap_or(0.0))
+            } else {
+                let (xf, start_cond) = rollout_graph(&denoiser, &self.plan, s, &x_s, &kept, &guidance, t.grad_path)?;
+                let img = self.pipe.vae.model.image_from_latents(&xf)?;
+                let feats = self.features(&diff_augment(&img, &self.policy)?);
+                let (loss_adv, _) = self.disc.as_ref().unwrap().g_loss(&feats_ref, &feats)?;
+                let diff = (start_cond.unwrap() - &target).square().mean(Kind::Float);
+                let (adv, dv) = (loss_adv.double_value(&[]), diff.double_value(&[]));
+                check_finite(step, "loss_g_adv", adv)?;
+                (loss_adv + diff * t.lambda).backward();
+                (adv, dv)
+            };
+            check_finite(step, "loss_diff", diff)?;
+            // The discriminator's gradients from the generator loss are discarded.
+            self.opt_d.as_mut().unwrap().zero_grad();
+            let norm = self.opt_g.clip_grad_norm(t.grad_clip);
+            check_finite(step, "generator gradient norm", norm)?;
+            self.opt_g.lr = log.lr_g;
+            self.opt_g.step();
+            self.g_steps += 1;
+            self.update_ema();
+            log.loss_g_adv = Some(adv);
+            log.loss_diff = Some(diff);
+            log.grad_norm_g = Some(norm);
+        }
+        Ok(log)
+    }
+
+    /// The FT baseline: the diffusion loss at a uniformly drawn training timestep.
+    fn ft_iteration(&mut self, step: usize, rng: &mut impl Rng) -> Result<StepLog> {
+        let t = self.cfg.train.clone();
+        let (_x0, z0, cond, _uncond) = self.prepare(rng)?;
+        let b = z0.size()[0];
+        let n_train = self.pipe.schedule.num_train_timesteps;
+        let ac = &self.plan.alphas_cumprod;
+        let ts: Vec<usize> = (0..b).map(|_| rng.gen_range(0..n_train)).collect();
+        let (sa, sb): (Vec<f32>, Vec<f32>) =
+            ts.iter().map(|&i| ((ac[i] as f32).sqrt(), (1.0 - ac[i] as f32).sqrt())).unzip();
+        let dev = self.device();
+        let sa = Tensor::from_slice(&sa).to_device(dev).view([-1, 1, 1, 1]);
+        let sb = Tensor::from_slice(&sb).to_device(dev).view([-1, 1, 1, 1]);
+        let eps = z0.randn_like();
+        let x_t = &z0 * &sa + &eps * &sb;
+        let target = match self.plan.prediction() {
+            crate::schedule::Prediction::Epsilon => eps.shallow_clone(),
+            crate::schedule::Prediction::VPrediction => &eps * &sa - &z0 * &sb,
+            crate::schedule::Prediction::Flow => &eps - &z0,
+        };
+        let tt = Tensor::from_slice(&ts.iter().map(|&i| i as f32).collect::<Vec<_>>()).to_device(dev);
+        self.opt_g.zero_grad();
+        let out = UNetDenoiser(&self.pipe.unet.model).predict(&x_t, &tt, &cond)?;
+        let loss = (out - target).square().mean(Kind::Float);
+        let lv = loss.double_value(&[]);
+        check_finite(step, "loss_diff", lv)?;
+        loss.backward();
+        let norm = self.opt_g.clip_grad_norm(t.grad_clip);
+        check_finite(step, "generator gradient norm", norm)?;
+        let lr = warmup_lr(t.lr_g, self.g_steps, t.warmup_g);
+        self.opt_g.lr = lr;
+        self.opt_g.step();
+        self.g_steps += 1;
+        self.update_ema();
+        Ok(StepLog {
+            step,
+            loss_diff: Some(lv),
+            grad_norm_g: Some(norm),
+            lr_g: lr,
+            t_start: ts[0] as i64,
+            ..Default::default()
+        })
+    }
+
+    fn update_ema(&mut self) {
+        if let (Some(ema), Some(d)) = (&mut self.ema, self.cfg.train.ema_decay) {
+            let vars = self.pipe.unet.vs.variables();
+            tch::no_grad(|| {
+                for (name, e) in ema.iter_mut() {
+                    let p = &vars[name];
+                    let _ = e.g_mul_scalar_(d).g_add_(&(p.detach() * (1.0 - d)));
+                }
+            });
+        }
+    }
+
+    /// Write one metrics line and the TensorBoard scalars.
+    pub fn log(&mut self, l: &StepLog) -> Result<()> {
+        self.metrics.write(&serde_json::to_value(l)?)?;
+        if let Some(ev) = &mut self.events {
+            let mut vals: Vec<(&str, f64)> = vec![("lr_g", l.lr_g), ("lr_d", l.lr_d), ("seconds", l.seconds)];
+            for (k, v) in [
+                ("loss_d", l.loss_d),
+                ("d_acc", l.d_acc),
+                ("real_score", l.real_score),
+                ("fake_score", l.fake_score),
+                ("loss_g_adv", l.loss_g_adv),
+                ("loss_diff", l.loss_diff),
+                ("grad_norm_g", l.grad_norm_g),
+            ] {
+                if let Some(v) = v {
+                    vals.push((k, v));
+                }
+            }
+            ev.scalars(l.step as i64, &vals)?;
+        }
+        Ok(())
+    }
+
+    /// The tuned UNet weights (EMA weights when generator EMA is on).
+    pub fn final_unet_weights(&self) -> Option<&Vec<(String, Tensor)>> {
+        self.ema.as_ref()
+    }
+
+    /// Write the tuned pipeline in the diffusers layout.
+    pub fn save_final(&self, out: &Path) -> Result<()> {
+        if let Some(ema) = &self.ema {
+            // Swap the EMA weights in for saving, then restore.
+            let vars = self.pipe.unet.vs.variables();
+            let backup: Vec<(String, Tensor)> = ema.iter().map(|(k, _)| (k.clone(), vars[k].detach().copy())).collect();
+            tch::no_grad(|| {
+                for (k, e) in ema {
+                    vars[k].shallow_clone().copy_(e);
+                }
+            });
+            let r = self.pipe.save(out);
+            tch::no_grad(|| {
+                for (k, b) in &backup {
+                    vars[k].shallow_clone().copy_(b);
+                }
+            });
+            r
+        } else {
+            self.pipe.save(out)
+        }
+    }
+
+    pub fn feature_network(&self) -> Option<&dyn FeatureNetwork> {
+        self.features.as_deref()
+    }
+}
