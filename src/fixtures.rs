@@ -9,7 +9,9 @@ use tch::Tensor;
 
 /// `tests/fixtures` of this repository.
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("fixtures")
 }
 
 /// One fixture folder, e.g. `dir("unet_sd15")` or `dir("schedulers/ddim_eps")`.
@@ -24,7 +26,9 @@ pub fn io(name: &str) -> Result<HashMap<String, Tensor>> {
 
 /// All tensors of a safetensors file, by name.
 pub fn load_map(path: &Path) -> Result<HashMap<String, Tensor>> {
-    Ok(crate::weights::read_safetensors(path)?.into_iter().collect())
+    Ok(crate::weights::read_safetensors(path)?
+        .into_iter()
+        .collect())
 }
 
 /// A fixture's `case.json`.
@@ -36,9 +40,17 @@ pub fn case(name: &str) -> Result<serde_json::Value> {
 
 /// `max|ours - reference| / max|reference|`, computed in float64.
 pub fn max_rel_err(ours: &Tensor, reference: &Tensor) -> f64 {
-    assert_eq!(ours.size(), reference.size(), "shape mismatch: ours {:?} vs reference {:?}", ours.size(), reference.size());
+    assert_eq!(
+        ours.size(),
+        reference.size(),
+        "shape mismatch: ours {:?} vs reference {:?}",
+        ours.size(),
+        reference.size()
+    );
     let a = ours.to_kind(tch::Kind::Double).to_device(tch::Device::Cpu);
-    let b = reference.to_kind(tch::Kind::Double).to_device(tch::Device::Cpu);
+    let b = reference
+        .to_kind(tch::Kind::Double)
+        .to_device(tch::Device::Cpu);
     let num = (a - &b).abs().max().double_value(&[]);
     let den = b.abs().max().double_value(&[]);
     if den == 0.0 {

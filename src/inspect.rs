@@ -19,11 +19,15 @@ pub fn summarize_safetensors(path: &Path) -> Result<WeightsSummary> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut len = [0u8; 8];
-    f.read_exact(&mut len).with_context(|| format!("{}: too short for a safetensors file", path.display()))?;
+    f.read_exact(&mut len)
+        .with_context(|| format!("{}: too short for a safetensors file", path.display()))?;
     let n = u64::from_le_bytes(len);
     let size = f.metadata()?.len();
     if n > 100_000_000 || n + 8 > size {
-        bail!("{}: corrupt safetensors header (header length {n}, file size {size})", path.display());
+        bail!(
+            "{}: corrupt safetensors header (header length {n}, file size {size})",
+            path.display()
+        );
     }
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header)?;
@@ -35,9 +39,15 @@ pub fn summarize_safetensors(path: &Path) -> Result<WeightsSummary> {
             continue;
         }
         let dtype = info["dtype"].as_str().unwrap_or("?").to_string();
-        let numel: u64 = info["shape"].as_array().map(|a| a.iter().filter_map(|d| d.as_u64()).product()).unwrap_or(0);
+        let numel: u64 = info["shape"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|d| d.as_u64()).product())
+            .unwrap_or(0);
         let off = &info["data_offsets"];
-        let bytes = off[1].as_u64().unwrap_or(0).saturating_sub(off[0].as_u64().unwrap_or(0));
+        let bytes = off[1]
+            .as_u64()
+            .unwrap_or(0)
+            .saturating_sub(off[0].as_u64().unwrap_or(0));
         s.tensors += 1;
         s.parameters += numel;
         s.bytes += bytes;
@@ -84,11 +94,15 @@ const KEY_FIELDS: &[&str] = &[
 ];
 
 fn describe_component(dir: &Path, out: &mut String) -> Result<()> {
-    let mut cfg_files: Vec<_> = ["config.json", "scheduler_config.json", "tokenizer_config.json"]
-        .iter()
-        .map(|f| dir.join(f))
-        .filter(|p| p.is_file())
-        .collect();
+    let mut cfg_files: Vec<_> = [
+        "config.json",
+        "scheduler_config.json",
+        "tokenizer_config.json",
+    ]
+    .iter()
+    .map(|f| dir.join(f))
+    .filter(|p| p.is_file())
+    .collect();
     cfg_files.truncate(1);
     for cfg in cfg_files {
         let v = crate::models::config::read_json(&cfg)?;
@@ -133,22 +147,44 @@ pub fn inspect(path: &Path) -> Result<String> {
     let mut out = String::new();
     if path.is_file() {
         if path.extension().and_then(|e| e.to_str()) != Some("safetensors") {
-            bail!("{}: expected a folder or a .safetensors file", path.display());
+            bail!(
+                "{}: expected a folder or a .safetensors file",
+                path.display()
+            );
         }
         let s = summarize_safetensors(path)?;
-        writeln!(out, "{}: {} tensors, {:.2}M parameters, dtypes {:?}", path.display(), s.tensors, s.parameters as f64 / 1e6, s.dtypes)?;
+        writeln!(
+            out,
+            "{}: {} tensors, {:.2}M parameters, dtypes {:?}",
+            path.display(),
+            s.tensors,
+            s.parameters as f64 / 1e6,
+            s.dtypes
+        )?;
         return Ok(out);
     }
     let index = path.join("model_index.json");
     if index.is_file() {
         let v = crate::models::config::read_json(&index)?;
-        writeln!(out, "pipeline {} ({})", path.display(), v["_class_name"].as_str().unwrap_or("?"))?;
-        let obj = v.as_object().context("model_index.json: expected an object")?;
+        writeln!(
+            out,
+            "pipeline {} ({})",
+            path.display(),
+            v["_class_name"].as_str().unwrap_or("?")
+        )?;
+        let obj = v
+            .as_object()
+            .context("model_index.json: expected an object")?;
         for (name, spec) in obj {
             if name.starts_with('_') {
                 continue;
             }
-            let class = spec.as_array().map(|a| a.iter().map(|x| x.as_str().unwrap_or("null").to_string()).collect::<Vec<_>>().join("."));
+            let class = spec.as_array().map(|a| {
+                a.iter()
+                    .map(|x| x.as_str().unwrap_or("null").to_string())
+                    .collect::<Vec<_>>()
+                    .join(".")
+            });
             match class {
                 Some(c) if c != "null.null" => {
                     writeln!(out, "  {name}: {c}")?;
@@ -183,12 +219,17 @@ mod tests {
 
     #[test]
     fn inspect_errors_name_the_path() {
-        let e = inspect(Path::new("/nonexistent/pipeline")).unwrap_err().to_string();
+        let e = inspect(Path::new("/nonexistent/pipeline"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("/nonexistent/pipeline"), "{e}");
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("bad.safetensors");
         std::fs::write(&p, b"\xff\xff\xff\xff\xff\xff\xff\x00abc").unwrap();
         let e = inspect(&p).unwrap_err().to_string();
-        assert!(e.contains("bad.safetensors") && e.contains("corrupt"), "{e}");
+        assert!(
+            e.contains("bad.safetensors") && e.contains("corrupt"),
+            "{e}"
+        );
     }
 }

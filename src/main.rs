@@ -6,7 +6,11 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "adt", version, about = "Adversarial Diffusion Tuning for Stable Diffusion models")]
+#[command(
+    name = "adt",
+    version,
+    about = "Adversarial Diffusion Tuning for Stable Diffusion models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -96,34 +100,85 @@ enum Command {
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // OpenMP threads spin while waiting; with the data workers sharing the cores,
+    // more intra-op threads than half the cores is slower (measured 10x on 2 cores).
+    if std::env::var_os("OMP_NUM_THREADS").is_none() {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        tch::set_num_threads((cores / 2).max(1) as i32);
+    }
     match cli.command {
-        Command::Train { config, set, print_config, resume, max_iterations } => {
+        Command::Train {
+            config,
+            set,
+            print_config,
+            resume,
+            max_iterations,
+        } => {
             let cfg = adt::train::config::Config::load(config.as_deref(), &set)?;
             if print_config {
                 print!("{}", cfg.to_toml()?);
                 return Ok(());
             }
-            let opts = adt::train::run::RunOptions { resume, max_iterations, quiet: false };
+            let opts = adt::train::run::RunOptions {
+                resume,
+                max_iterations,
+                quiet: false,
+            };
             let tr = adt::train::run::run(cfg, &opts)?;
-            eprintln!("finished {} iterations; logs in {}", tr.step, tr.out_dir.display());
+            eprintln!(
+                "finished {} iterations; logs in {}",
+                tr.step,
+                tr.out_dir.display()
+            );
         }
-        Command::Sample { model, prompt, prompts, sampler, steps, cfg, seed, resolution, batch_size, out } => {
+        Command::Sample {
+            model,
+            prompt,
+            prompts,
+            sampler,
+            steps,
+            cfg,
+            seed,
+            resolution,
+            batch_size,
+            out,
+        } => {
             let mut all = prompt;
             if let Some(f) = prompts {
-                let text = std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
-                all.extend(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from));
+                let text = std::fs::read_to_string(&f)
+                    .with_context(|| format!("reading {}", f.display()))?;
+                all.extend(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty())
+                        .map(String::from),
+                );
             }
             if all.is_empty() {
                 bail!("no prompts: give --prompt TEXT or --prompts FILE");
             }
             let kind: adt::schedule::SamplerKind = sampler.parse()?;
-            let device = if tch::Cuda::is_available() { tch::Device::Cuda(0) } else { tch::Device::Cpu };
-            let pipe = adt::models::pipeline::Pipeline::load(&model, device, tch::Kind::Float, tch::Kind::Float)?;
-            let res = resolution.unwrap_or_else(|| pipe.unet.config.sample_size.unwrap_or(64) * pipe.vae_scale());
+            let device = if tch::Cuda::is_available() {
+                tch::Device::Cuda(0)
+            } else {
+                tch::Device::Cpu
+            };
+            let pipe = adt::models::pipeline::Pipeline::load(
+                &model,
+                device,
+                tch::Kind::Float,
+                tch::Kind::Float,
+            )?;
+            let res = resolution
+                .unwrap_or_else(|| pipe.unet.config.sample_size.unwrap_or(64) * pipe.vae_scale());
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             for &n in &steps {
                 let plan = adt::schedule::Plan::new(&pipe.schedule, kind, n)?;
@@ -131,14 +186,16 @@ fn main() -> Result<()> {
                     let tag = format!("{sampler}-{n}steps-cfg{g}");
                     let mut imgs = Vec::new();
                     for (ci, chunk) in all.chunks(batch_size.max(1)).enumerate() {
-                        let x = adt::sample::generate(&pipe, &plan, chunk, g, seed + ci as i64, res)?;
+                        let x =
+                            adt::sample::generate(&pipe, &plan, chunk, g, seed + ci as i64, res)?;
                         imgs.push(x);
                     }
                     let x = tch::Tensor::cat(&imgs, 0);
                     for (i, im) in adt::sample::to_rgb8(&x)?.iter().enumerate() {
                         let p = out.join(&tag).join(format!("{i:05}.png"));
                         std::fs::create_dir_all(p.parent().unwrap())?;
-                        im.save(&p).with_context(|| format!("writing {}", p.display()))?;
+                        im.save(&p)
+                            .with_context(|| format!("writing {}", p.display()))?;
                     }
                     let grid = out.join(format!("grid-{tag}.png"));
                     adt::sample::save_grid(&x, &grid, 4)?;
@@ -147,9 +204,18 @@ fn main() -> Result<()> {
             }
         }
         Command::Inspect { path } => print!("{}", adt::inspect::inspect(&path)?),
-        Command::InspectData { path, strict } => print!("{}", adt::data::inspect_data(&path, strict)?),
-        Command::Forward { component, model, inputs, out } => {
-            let ins: HashMap<String, tch::Tensor> = adt::weights::read_safetensors(&inputs)?.into_iter().collect();
+        Command::InspectData { path, strict } => {
+            print!("{}", adt::data::inspect_data(&path, strict)?)
+        }
+        Command::Forward {
+            component,
+            model,
+            inputs,
+            out,
+        } => {
+            let ins: HashMap<String, tch::Tensor> = adt::weights::read_safetensors(&inputs)?
+                .into_iter()
+                .collect();
             use adt::models::*;
             let outs = match component.as_str() {
                 "unet" => unet::run_forward(&component, &model, &ins)?,
@@ -168,7 +234,11 @@ fn main() -> Result<()> {
                 eprintln!("{k}: {:?}", t.size());
             }
         }
-        Command::Tokenize { tokenizer, pad, texts } => {
+        Command::Tokenize {
+            tokenizer,
+            pad,
+            texts,
+        } => {
             for ids in adt::models::tokenizer::run_tokenize(&tokenizer, pad.as_deref(), &texts)? {
                 println!("{}", serde_json::to_string(&ids)?);
             }

@@ -11,11 +11,20 @@ use crate::train::path::{guided_output, Guidance};
 
 /// Generate one image per prompt at `resolution` pixels with classifier-free
 /// guidance `cfg`; images in [-1, 1], [B, 3, H, W]. Deterministic for a seed.
-pub fn generate(pipe: &Pipeline, plan: &Plan, prompts: &[String], cfg: f64, seed: i64, resolution: i64) -> Result<Tensor> {
+pub fn generate(
+    pipe: &Pipeline,
+    plan: &Plan,
+    prompts: &[String],
+    cfg: f64,
+    seed: i64,
+    resolution: i64,
+) -> Result<Tensor> {
     tch::no_grad(|| {
         let b = prompts.len() as i64;
         let r = resolution;
-        let time_ids = Tensor::from_slice(&[r as f32, r as f32, 0.0, 0.0, r as f32, r as f32]).view([1, 6]).repeat([b, 1]);
+        let time_ids = Tensor::from_slice(&[r as f32, r as f32, 0.0, 0.0, r as f32, r as f32])
+            .view([1, 6])
+            .repeat([b, 1]);
         let ids = (pipe.family == Family::Sdxl).then_some(&time_ids);
         let (cond, _) = pipe.encode_text(prompts, ids)?;
         let (uncond, _) = pipe.encode_text(&vec![String::new(); prompts.len()], ids)?;
@@ -53,7 +62,12 @@ pub fn generate(pipe: &Pipeline, plan: &Plan, prompts: &[String], cfg: f64, seed
 
 /// [B, 3, H, W] in [-1, 1] to 8-bit RGB images.
 pub fn to_rgb8(images: &Tensor) -> Result<Vec<image::RgbImage>> {
-    let x = ((images.detach().to_device(tch::Device::Cpu).to_kind(Kind::Float) + 1.0) * 127.5)
+    let x = ((images
+        .detach()
+        .to_device(tch::Device::Cpu)
+        .to_kind(Kind::Float)
+        + 1.0)
+        * 127.5)
         .round()
         .clamp(0.0, 255.0)
         .to_kind(Kind::Uint8)
@@ -80,14 +94,24 @@ pub fn save_grid(images: &Tensor, path: &Path, cols: usize) -> Result<()> {
     let rows = n.div_ceil(cols);
     let (w, h) = imgs.first().map(|i| i.dimensions()).unwrap_or((1, 1));
     let g = 2;
-    let mut grid = image::RgbImage::from_pixel(cols as u32 * (w + g) + g, rows as u32 * (h + g) + g, image::Rgb([255, 255, 255]));
+    let mut grid = image::RgbImage::from_pixel(
+        cols as u32 * (w + g) + g,
+        rows as u32 * (h + g) + g,
+        image::Rgb([255, 255, 255]),
+    );
     for (k, im) in imgs.iter().enumerate() {
         let (r, c) = ((k / cols) as u32, (k % cols) as u32);
-        image::imageops::replace(&mut grid, im, (g + c * (w + g)) as i64, (g + r * (h + g)) as i64);
+        image::imageops::replace(
+            &mut grid,
+            im,
+            (g + c * (w + g)) as i64,
+            (g + r * (h + g)) as i64,
+        );
     }
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d)?;
     }
-    grid.save(path).with_context(|| format!("writing {}", path.display()))?;
+    grid.save(path)
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }

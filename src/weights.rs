@@ -48,7 +48,8 @@ fn dtype_of(kind: Kind) -> Result<safetensors::Dtype> {
 /// Parse a safetensors buffer into named CPU tensors (copied out of the buffer).
 pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    parse_safetensors(&bytes).with_context(|| format!("parsing safetensors file {}", path.display()))
+    parse_safetensors(&bytes)
+        .with_context(|| format!("parsing safetensors file {}", path.display()))
 }
 
 pub fn parse_safetensors(bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
@@ -74,7 +75,11 @@ pub fn read_many(paths: &[PathBuf]) -> Result<BTreeMap<String, (Tensor, PathBuf)
     for p in paths {
         for (name, t) in read_safetensors(p)? {
             if let Some((_, prev)) = map.insert(name.clone(), (t, p.clone())) {
-                bail!("tensor {name} appears in both {} and {}", prev.display(), p.display());
+                bail!(
+                    "tensor {name} appears in both {} and {}",
+                    prev.display(),
+                    p.display()
+                );
             }
         }
     }
@@ -107,7 +112,11 @@ fn ignored(name: &str, ignore: &[String]) -> bool {
 /// found with the same shape; every tensor in the files must be used unless ignored.
 /// Values are converted to each variable's kind.
 pub fn load_into(vs: &mut VarStore, paths: &[PathBuf], opts: &LoadOptions) -> Result<()> {
-    let file_list = paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+    let file_list = paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
     let mut tensors = read_many(paths)?;
     // Apply renames.
     if !opts.rename.is_empty() {
@@ -177,7 +186,11 @@ pub fn load_into(vs: &mut VarStore, paths: &[PathBuf], opts: &LoadOptions) -> Re
 /// Find the weight files of a diffusers / transformers component folder, preferring
 /// `variant` (e.g. "fp16") when given. Sharded checkpoints (`*.safetensors.index.json`)
 /// are supported.
-pub fn find_weight_files(dir: &Path, stems: &[&str], variant: Option<&str>) -> Result<Vec<PathBuf>> {
+pub fn find_weight_files(
+    dir: &Path,
+    stems: &[&str],
+    variant: Option<&str>,
+) -> Result<Vec<PathBuf>> {
     let mut candidates = Vec::new();
     for stem in stems {
         if let Some(v) = variant {
@@ -200,8 +213,10 @@ pub fn find_weight_files(dir: &Path, stems: &[&str], variant: Option<&str>) -> R
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .with_context(|| format!("{}: no weight_map object", idx.display()))?;
-            let mut files: Vec<String> =
-                map.values().filter_map(|f| f.as_str().map(String::from)).collect();
+            let mut files: Vec<String> = map
+                .values()
+                .filter_map(|f| f.as_str().map(String::from))
+                .collect();
             files.sort();
             files.dedup();
             return Ok(files.into_iter().map(|f| dir.join(f)).collect());
@@ -242,7 +257,12 @@ pub fn save_safetensors(
     }
     let views: Vec<(String, safetensors::tensor::TensorView)> = owned
         .iter()
-        .map(|(n, b, s, d)| Ok((n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b)?)))
+        .map(|(n, b, s, d)| {
+            Ok((
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b)?,
+            ))
+        })
         .collect::<Result<_>>()?;
     let bytes = safetensors::tensor::serialize(views, metadata)?;
     atomic_write(path, &bytes)
@@ -259,11 +279,14 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
         std::process::id()
     ));
     {
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
+        let mut f =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("writing {}", tmp.display()))?;
         f.sync_all()?;
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     Ok(())
 }
 
@@ -271,7 +294,12 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn save_varstore(vs: &VarStore, path: &Path, kind: Option<Kind>) -> Result<()> {
     let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
-    save_safetensors(&vars, path, kind, Some(HashMap::from([("format".to_string(), "pt".to_string())])))
+    save_safetensors(
+        &vars,
+        path,
+        kind,
+        Some(HashMap::from([("format".to_string(), "pt".to_string())])),
+    )
 }
 
 /// The floating-point kind of the tensors in a safetensors file (the most common one).

@@ -133,6 +133,16 @@ fn good_shard(dir: &Path, index: usize, n: usize) -> PathBuf {
     path
 }
 
+/// A preprocessed `[3, H, W]` tensor as a flat channel-major vector.
+fn flat(t: &Tensor) -> Vec<f32> {
+    assert_eq!(t.dim(), 3);
+    Vec::<f32>::try_from(t.flatten(0, -1)).unwrap()
+}
+
+fn u8_to_unit(v: u8) -> f32 {
+    v as f32 / 127.5 - 1.0
+}
+
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
 }
@@ -459,9 +469,16 @@ fn center_crop_flip_and_values_are_exact() {
     assert_eq!(p.original_size, (32, 64));
     assert_eq!(p.crop_top_left, (0, 16));
     assert!(!p.flipped);
-    for (c, y, x) in [(0usize, 0u32, 0u32), (1, 5, 31), (2, 31, 7)] {
-        let want = img.get_pixel(x + 16, y).0[c] as f32 / 127.5 - 1.0;
-        assert_eq!(p.pixels[c * 1024 + y as usize * 32 + x as usize], want);
+    assert_eq!(p.pixels.size(), vec![3, 32, 32]);
+    let pp = flat(&p.pixels);
+    for c in 0..3 {
+        for y in 0..32u32 {
+            for x in 0..32u32 {
+                let want = u8_to_unit(img.get_pixel(x + 16, y).0[c]);
+                let got = pp[c * 1024 + y as usize * 32 + x as usize];
+                assert!((got - want).abs() <= 1e-6, "c {c} y {y} x {x}: {got} vs {want}");
+            }
+        }
     }
     // Always flipping: the output is the mirror image, and the crop offset is given in
     // the mirrored image (same centered offset here).
@@ -470,16 +487,19 @@ fn center_crop_flip_and_values_are_exact() {
     for seed in 0..16 {
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
         let q = tf.apply(&DecodedImage::U8(img.clone()), &mut rng);
+        let qq = flat(&q.pixels);
         if q.flipped {
             flips += 1;
-            for y in [0usize, 13] {
-                for x in [0usize, 5, 31] {
-                    assert_eq!(q.pixels[y * 32 + x], p.pixels[y * 32 + 31 - x]);
+            for c in 0..3 {
+                for y in [0usize, 13] {
+                    for x in [0usize, 5, 31] {
+                        assert_eq!(qq[c * 1024 + y * 32 + x], pp[c * 1024 + y * 32 + 31 - x]);
+                    }
                 }
             }
             assert_eq!(q.crop_top_left, (0, 16));
         } else {
-            assert_eq!(q.pixels, p.pixels);
+            assert_eq!(qq, pp);
         }
     }
     assert!(flips > 2 && flips < 14, "{flips} flips of 16");
@@ -487,6 +507,8 @@ fn center_crop_flip_and_values_are_exact() {
     let t = Transform { height: 32, width: 32, crop: CropMode::Center, flip: false };
     let p = t.apply(&DecodedImage::U8(pattern(35, 32, 0)), &mut rng);
     assert_eq!(p.crop_top_left, (0, 2));
+    let pp = flat(&p.pixels);
+    assert!((pp[0] - u8_to_unit(pattern(35, 32, 0).get_pixel(2, 0).0[0])).abs() <= 1e-6);
 }
 
 #[test]
@@ -501,11 +523,12 @@ fn random_crop_is_in_bounds_and_matches_the_source_region() {
         assert_eq!(top, 0);
         assert!(left <= 48);
         lefts.insert(left);
+        let pp = flat(&p.pixels);
         // Offset in the mirrored image when flipped: source column = 80 - 1 - (left + x).
         for x in [0u32, 17, 31] {
             let src_x = if p.flipped { 79 - (left + x) } else { left + x };
-            let want = img.get_pixel(src_x, 3).0[0] as f32 / 127.5 - 1.0;
-            assert_eq!(p.pixels[3 * 32 + x as usize], want, "seed {seed} x {x}");
+            let want = u8_to_unit(img.get_pixel(src_x, 3).0[0]);
+            assert!((pp[3 * 32 + x as usize] - want).abs() <= 1e-6, "seed {seed} x {x}");
         }
     }
     assert!(lefts.len() > 10, "random crops not spread: {lefts:?}");
@@ -521,7 +544,8 @@ fn resize_shortest_side_preserves_content() {
     let p = t.apply(&DecodedImage::U8(img), &mut rng);
     assert_eq!(p.original_size, (100, 200));
     assert_eq!(p.crop_top_left, (0, 32));
-    let at = |c: usize, y: usize, x: usize| p.pixels[c * 4096 + y * 64 + x];
+    let pp = flat(&p.pixels);
+    let at = |c: usize, y: usize, x: usize| pp[c * 4096 + y * 64 + x];
     assert!((at(0, 10, 5) - (20.0 / 127.5 - 1.0)).abs() < 1e-6);
     assert!((at(2, 60, 60) - (180.0 / 127.5 - 1.0)).abs() < 1e-6);
     // The boundary falls at column 64 - 32 = 32 of the crop.
@@ -530,8 +554,21 @@ fn resize_shortest_side_preserves_content() {
     let deep = image::Rgb32FImage::from_pixel(10, 20, Rgb([0.25, 0.5, 1.0]));
     let t = Transform { height: 32, width: 32, crop: CropMode::Center, flip: false };
     let p = t.apply(&DecodedImage::F32(deep), &mut rng);
-    assert!(p.pixels[..1024].iter().all(|v| (v + 0.5).abs() < 1e-5));
-    assert!(p.pixels[2048..].iter().all(|v| (v - 1.0).abs() < 1e-5));
+    let pp = flat(&p.pixels);
+    assert!(pp[..1024].iter().all(|v| (v + 0.5).abs() < 1e-5));
+    assert!(pp[2048..].iter().all(|v| (v - 1.0).abs() < 1e-5));
+}
+
+#[test]
+fn downscaling_is_antialiased() {
+    // A one-pixel checkerboard shrunk 8x must come out as flat mid-grey: point
+    // sampling (no antialiasing) would keep black and white pixels.
+    let board = RgbImage::from_fn(256, 256, |x, y| if (x + y) % 2 == 0 { Rgb([0, 0, 0]) } else { Rgb([255, 255, 255]) });
+    let t = Transform { height: 32, width: 32, crop: CropMode::Center, flip: false };
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+    let p = t.apply(&DecodedImage::U8(board), &mut rng);
+    let worst = flat(&p.pixels).iter().map(|v| v.abs()).fold(0f32, f32::max);
+    assert!(worst < 0.02, "max deviation from grey {worst}");
 }
 
 #[test]
@@ -1110,27 +1147,3 @@ fn bench_loader_512() {
     println!("{r}");
 }
 
-#[test]
-#[ignore]
-fn tmp_stage_timing() {
-    let img = pattern(512, 512, 3);
-    let bytes = jpeg_bytes(&img);
-    let t0 = std::time::Instant::now();
-    let mut d = None;
-    for _ in 0..20 {
-        d = Some(decode_image(&bytes, 1 << 30).unwrap());
-    }
-    let t1 = std::time::Instant::now();
-    let t = Transform { height: 512, width: 512, crop: CropMode::Random, flip: true };
-    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
-    for _ in 0..20 {
-        let _ = t.apply(d.as_ref().unwrap(), &mut rng);
-    }
-    let t2 = std::time::Instant::now();
-    let t = Transform { height: 448, width: 448, crop: CropMode::Random, flip: true };
-    for _ in 0..20 {
-        let _ = t.apply(d.as_ref().unwrap(), &mut rng);
-    }
-    let t3 = std::time::Instant::now();
-    println!("decode {:?} apply {:?} resize+apply {:?}", (t1 - t0) / 20, (t2 - t1) / 20, (t3 - t2) / 20);
-}

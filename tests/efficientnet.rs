@@ -5,7 +5,8 @@
 
 use adt::disc::features::EfficientNetFeatures;
 use adt::disc::FeatureNetwork;
-use adt::models::efficientnet::{self, EfficientNet, EfficientNetConfig, NUM_STAGES};
+use adt::models::efficientnet::{self, run_forward, EfficientNet, EfficientNetConfig, NUM_STAGES};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Mutex;
@@ -176,6 +177,27 @@ fn feature_network_shapes_and_pooled_features() {
     })
     .unwrap();
     assert!(CAT_CLASSES.contains(&logits.argmax(-1, false).int64_value(&[0])));
+}
+
+#[test]
+fn run_forward_reports_every_stage_and_names_missing_inputs() {
+    if !weights_available() {
+        return;
+    }
+    let dir = cache().join("efficientnet-lite0");
+    let err = run_forward("efficientnet", &dir, &HashMap::new()).unwrap_err();
+    assert!(format!("{err:#}").contains("pixel_values"), "{err:#}");
+    let x = efficientnet::preprocess_eval(&chelsea01(), 224).unwrap();
+    let out = run_forward(
+        "efficientnet",
+        &dir,
+        &HashMap::from([("pixel_values".to_string(), x)]),
+    )
+    .unwrap();
+    assert_eq!(out["pooled"].size(), vec![1, 1280]);
+    assert_eq!(out["stage_6"].size(), vec![1, 320, 7, 7]);
+    assert_eq!(out.len(), NUM_STAGES + 2);
+    assert!(CAT_CLASSES.contains(&out["logits"].argmax(-1, false).int64_value(&[0])));
 }
 
 #[test]

@@ -4,12 +4,13 @@ use super::config::{CropMode, DataConfig, Resolution};
 use super::loader::DataLoader;
 use anyhow::{Context, Result};
 use image::codecs::jpeg::JpegEncoder;
-use image::{Rgb, RgbImage};
+use image::RgbImage;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Instant;
+use tch::{Device, Kind, Tensor};
 
 /// Settings of [`bench_loader`].
 #[derive(Debug, Clone)]
@@ -73,34 +74,33 @@ impl fmt::Display for BenchReport {
     }
 }
 
-/// A photo-like test image: smooth gradients, a few discs and some grain.
-fn synthetic_photo(size: u32, rng: &mut ChaCha8Rng) -> RgbImage {
-    let base: [f32; 3] = [rng.gen_range(0.0..255.0), rng.gen_range(0.0..255.0), rng.gen_range(0.0..255.0)];
-    let discs: Vec<(f32, f32, f32, [f32; 3])> = (0..6)
-        .map(|_| {
-            let s = size as f32;
-            (
-                rng.gen_range(0.0..s),
-                rng.gen_range(0.0..s),
-                rng.gen_range(s * 0.05..s * 0.3),
-                [rng.gen_range(0.0..255.0), rng.gen_range(0.0..255.0), rng.gen_range(0.0..255.0)],
-            )
-        })
-        .collect();
-    let mut img = RgbImage::new(size, size);
-    for (x, y, p) in img.enumerate_pixels_mut() {
-        let (fx, fy) = (x as f32 / size as f32, y as f32 / size as f32);
-        let mut c = [base[0] * (1.0 - fx) + 255.0 * fx * fy, base[1] * (1.0 - fy) + 128.0 * fx, base[2] * 0.5 + 100.0 * fy];
-        for (cx, cy, r, col) in &discs {
-            let d2 = (x as f32 - cx).powi(2) + (y as f32 - cy).powi(2);
-            if d2 < r * r {
-                c = *col;
-            }
+/// A photo-like test image: smooth gradients, a few discs and some grain
+/// (built with tensor ops, so that writing a few hundred stays quick).
+fn synthetic_photo(size: u32, rng: &mut ChaCha8Rng) -> Result<RgbImage> {
+    let s = size as i64;
+    let opts = (Kind::Float, Device::Cpu);
+    let yy = Tensor::arange(s, opts).view([s, 1]) / size as f64;
+    let xx = Tensor::arange(s, opts).view([1, s]) / size as f64;
+    let base: [f64; 3] = [rng.gen_range(0.0..255.0), rng.gen_range(0.0..255.0), rng.gen_range(0.0..255.0)];
+    let mut planes = [
+        (1.0 - &xx) * base[0] + &xx * &yy * 255.0,
+        (1.0 - &yy) * base[1] + &xx * 128.0,
+        &yy * 100.0 + base[2] * 0.5,
+    ];
+    for _ in 0..6 {
+        let (cx, cy, r) = (rng.gen_range(0.0..1.0), rng.gen_range(0.0..1.0), rng.gen_range(0.05..0.3));
+        let inside = ((&xx - cx).square() + (&yy - cy).square()).lt(r * r);
+        for p in planes.iter_mut() {
+            let v: f64 = rng.gen_range(0.0..255.0);
+            *p = p.where_self(&inside.logical_not(), &Tensor::from(v as f32));
         }
-        let grain: f32 = rng.gen_range(-12.0..12.0);
-        *p = Rgb(c.map(|v| (v + grain).clamp(0.0, 255.0) as u8));
     }
-    img
+    let tile: Vec<f32> = (0..64 * 64).map(|_| rng.gen_range(-12.0..12.0)).collect();
+    let reps = s / 64 + 1;
+    let grain = Tensor::from_slice(&tile).view([64, 64]).repeat([reps, reps]).narrow(0, 0, s).narrow(1, 0, s);
+    let img = Tensor::stack(&planes, 2) + grain.unsqueeze(2);
+    let bytes = Vec::<u8>::try_from(img.clamp(0.0, 255.0).to_kind(Kind::Uint8).contiguous().flatten(0, -1))?;
+    RgbImage::from_raw(size, size, bytes).context("building a benchmark image")
 }
 
 /// Measure the loader's images/s on synthetic JPEGs (decode, resize, crop, flip,
@@ -119,7 +119,7 @@ pub fn bench_loader(opts: &BenchOptions) -> Result<BenchReport> {
         let mut meta = String::new();
         let mut total_bytes = 0u64;
         for i in 0..opts.images {
-            let img = synthetic_photo(opts.image_size, &mut rng);
+            let img = synthetic_photo(opts.image_size, &mut rng)?;
             let mut bytes = Vec::new();
             JpegEncoder::new_with_quality(&mut bytes, 90).encode_image(&img).context("encoding a benchmark JPEG")?;
             total_bytes += bytes.len() as u64;

@@ -2,13 +2,13 @@
 
 use super::bad::BadKind;
 use super::config::CropMode;
-use image::imageops::FilterType;
 use image::{
     ColorType, DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, Rgb32FImage,
     RgbImage,
 };
 use rand::Rng;
 use std::io::Cursor;
+use tch::{Kind, Tensor};
 
 /// A decoded RGB image, upright (EXIF orientation applied), alpha composited on white.
 /// 8-bit sources stay 8-bit; 16-bit and float sources keep their precision as f32 in [0, 1].
@@ -160,10 +160,10 @@ pub struct Transform {
 }
 
 /// A preprocessed sample: CHW pixels in [-1, 1] and its SDXL micro-conditioning.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Preprocessed {
-    /// `3 * height * width` values, channel-major.
-    pub pixels: Vec<f32>,
+    /// `[3, height, width]` f32 in [-1, 1] on the CPU.
+    pub pixels: Tensor,
     /// (height, width) of the upright source image.
     pub original_size: (u32, u32),
     /// (top, left) of the crop in the resized (and, when flipped, mirrored) image.
@@ -208,61 +208,28 @@ impl Transform {
         // The crop offset is given in the (possibly mirrored) resized image; in the
         // unmirrored image the same region starts at rw - width - left.
         let src_left = if flipped { rw - self.width - left } else { left };
-        let (h, w) = (self.height as usize, self.width as usize);
-        let mut pixels = vec![0f32; 3 * h * w];
-        match img {
+        let (sh, sw) = (original_size.0 as i64, original_size.1 as i64);
+        // [3, H, W] f32 on the 0..255 scale; the pixel work runs in libtorch.
+        let x = match img {
             DecodedImage::U8(src) => {
-                let resized;
-                let r = if (rh, rw) == original_size {
-                    src
-                } else {
-                    resized = image::imageops::resize(src, rw, rh, FilterType::CatmullRom);
-                    &resized
-                };
-                let lut: Vec<f32> = (0..256).map(|v| v as f32 / 127.5 - 1.0).collect();
-                copy_crop(r.as_raw(), rw as usize, (top as usize, src_left as usize), (h, w), flipped, &mut pixels, |v| {
-                    lut[v as usize]
-                });
+                Tensor::from_slice(src.as_raw()).view([sh, sw, 3]).permute([2, 0, 1]).to_kind(Kind::Float)
             }
-            DecodedImage::F32(src) => {
-                let resized;
-                let r = if (rh, rw) == original_size {
-                    src
-                } else {
-                    resized = image::imageops::resize(src, rw, rh, FilterType::CatmullRom);
-                    &resized
-                };
-                copy_crop(r.as_raw(), rw as usize, (top as usize, src_left as usize), (h, w), flipped, &mut pixels, |v| {
-                    (v * 2.0 - 1.0).clamp(-1.0, 1.0)
-                });
-            }
-        }
+            DecodedImage::F32(src) => Tensor::from_slice(src.as_raw()).view([sh, sw, 3]).permute([2, 0, 1]) * 255.0,
+        };
+        let x = if (rh, rw) == original_size {
+            x
+        } else {
+            // Antialiased bicubic (Keys a = -0.5 with the kernel widened when shrinking,
+            // like Pillow's BICUBIC and torchvision's Resize(antialias=True)).
+            x.unsqueeze(0)
+                .internal_upsample_bicubic2d_aa([rh as i64, rw as i64], false, None, None)
+                .squeeze_dim(0)
+                .clamp(0.0, 255.0)
+        };
+        let x = x.narrow(1, top as i64, self.height as i64).narrow(2, src_left as i64, self.width as i64);
+        let x = if flipped { x.flip([2]) } else { x };
+        let pixels = (x / 127.5 - 1.0).clamp(-1.0, 1.0).contiguous();
         Preprocessed { pixels, original_size, crop_top_left: (top, left), flipped }
-    }
-}
-
-/// Copy the `(h, w)` window at `(top, left)` of an interleaved RGB buffer of row width
-/// `src_w` into channel-major planes, mirrored horizontally when `flipped`.
-fn copy_crop<T: Copy>(
-    src: &[T],
-    src_w: usize,
-    (top, left): (usize, usize),
-    (h, w): (usize, usize),
-    flipped: bool,
-    out: &mut [f32],
-    convert: impl Fn(T) -> f32,
-) {
-    let (planes_rg, plane_b) = out.split_at_mut(2 * h * w);
-    let (plane_r, plane_g) = planes_rg.split_at_mut(h * w);
-    for y in 0..h {
-        let row = &src[((top + y) * src_w + left) * 3..((top + y) * src_w + left + w) * 3];
-        let o = y * w;
-        for (x, px) in row.chunks_exact(3).enumerate() {
-            let ox = o + if flipped { w - 1 - x } else { x };
-            plane_r[ox] = convert(px[0]);
-            plane_g[ox] = convert(px[1]);
-            plane_b[ox] = convert(px[2]);
-        }
     }
 }
 

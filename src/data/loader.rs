@@ -361,9 +361,7 @@ impl DataLoader {
     }
 
     fn assemble(&self, items: Vec<Good>, epoch: u64) -> Batch {
-        let (h, w) = self.target;
-        let per = 3 * h as usize * w as usize;
-        let mut pixels = Vec::with_capacity(items.len() * per);
+        let mut images = Vec::with_capacity(items.len());
         let mut batch = Batch {
             images: Tensor::new(),
             captions: Vec::with_capacity(items.len()),
@@ -376,8 +374,7 @@ impl DataLoader {
             flipped: Vec::with_capacity(items.len()),
         };
         for g in items {
-            debug_assert_eq!(g.pixels.len(), per);
-            pixels.extend_from_slice(&g.pixels);
+            images.push(g.pixels);
             batch.captions.push(g.caption);
             batch.original_sizes.push(g.original_size);
             batch.crop_top_lefts.push(g.crop_top_left);
@@ -385,7 +382,7 @@ impl DataLoader {
             batch.content_hashes.push(g.content_hash);
             batch.flipped.push(g.flipped);
         }
-        batch.images = Tensor::from_slice(&pixels).view([batch.captions.len() as i64, 3, h as i64, w as i64]);
+        batch.images = Tensor::stack(&images, 0);
         batch
     }
 }

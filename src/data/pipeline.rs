@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use tch::Tensor;
 
 /// Counts the tokens of a caption (for example with the text encoder's tokenizer).
 pub type TokenCounter = Arc<dyn Fn(&str) -> usize + Send + Sync>;
@@ -54,8 +55,8 @@ pub(crate) struct Good {
     pub key: String,
     pub location: String,
     pub caption: String,
-    /// Empty in inspect mode.
-    pub pixels: Vec<f32>,
+    /// `[3, H, W]` f32; empty in inspect mode.
+    pub pixels: Tensor,
     pub original_size: (u32, u32),
     pub crop_top_left: (u32, u32),
     pub flipped: bool,
@@ -99,15 +100,33 @@ impl Pipeline {
         for _ in 0..window {
             credit_tx.send(()).expect("credit channel has room");
         }
+        // Every worker runs its tensor ops on one thread: libtorch's intra-op threads,
+        // multiplied by the workers, would oversubscribe the CPU. The OpenMP thread
+        // count is per thread once initialised, but `set_num_threads` also changes the
+        // default for threads initialised later, so the caller's value is put back
+        // once every worker has set its own.
+        let torch_threads = tch::get_num_threads();
+        let (ready_tx, ready_rx) = bounded::<()>(workers);
         let mut threads = Vec::new();
         for i in 0..workers {
-            let (shared, job_rx, res_tx) = (shared.clone(), job_rx.clone(), res_tx.clone());
+            let (shared, job_rx, res_tx, ready) = (shared.clone(), job_rx.clone(), res_tx.clone(), ready_tx.clone());
             let t = std::thread::Builder::new()
                 .name(format!("adt-data-{i}"))
-                .spawn(move || worker(&shared, job_rx, res_tx))
+                .spawn(move || {
+                    let _ = tch::get_num_threads();
+                    tch::set_num_threads(1);
+                    let _ = ready.send(());
+                    drop(ready);
+                    worker(&shared, job_rx, res_tx)
+                })
                 .expect("spawning a data worker thread");
             threads.push(t);
         }
+        drop(ready_tx);
+        for _ in 0..workers {
+            let _ = ready_rx.recv();
+        }
+        tch::set_num_threads(torch_threads);
         drop(job_rx);
         let producer_shared = shared.clone();
         let t = std::thread::Builder::new()
@@ -300,7 +319,7 @@ fn process(shared: &Shared, job: Job) -> Body {
             key: job.key,
             location: job.location,
             caption: job.caption,
-            pixels: Vec::new(),
+            pixels: Tensor::new(),
             original_size: img.size(),
             crop_top_left: (0, 0),
             flipped: false,

@@ -118,7 +118,11 @@ impl DiscConfig {
                 self.bn_momentum
             );
         }
-        if !(self.bn_eps > 0.0) || !(self.cos_eps > 0.0) {
+        if self.bn_eps.is_nan()
+            || self.bn_eps <= 0.0
+            || self.cos_eps.is_nan()
+            || self.cos_eps <= 0.0
+        {
             bail!(
                 "discriminator config: bn_eps and cos_eps must be positive, got {} and {}",
                 self.bn_eps,

@@ -7,7 +7,8 @@ use std::path::Path;
 /// Parse a JSON config, accepting the non-standard tokens Python's json module
 /// writes (`Infinity`, `-Infinity`, `NaN`); they become null.
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     parse_json(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
@@ -67,7 +68,8 @@ mod tests {
     use super::*;
     #[test]
     fn accepts_python_json_tokens() {
-        let v = parse_json(r#"{"a": -Infinity, "b": "NaN text", "c": NaN, "d": Infinity, "e": 1}"#).unwrap();
+        let v = parse_json(r#"{"a": -Infinity, "b": "NaN text", "c": NaN, "d": Infinity, "e": 1}"#)
+            .unwrap();
         assert!(v["a"].is_null());
         assert_eq!(v["b"], "NaN text");
         assert!(v["c"].is_null() && v["d"].is_null());

@@ -8,3 +8,6 @@ pub mod unet;
 pub mod vae;
 pub mod clip;
 pub mod tokenizer;
+pub mod mmdit;
+pub mod t5;
+pub mod sd3_text;

@@ -68,47 +68,90 @@ fn tiny_vae_config() -> Result<VaeConfig> {
 impl Pipeline {
     /// Load a diffusers pipeline folder. The UNet is loaded in `unet_kind` (float32 for
     /// training on CPU); the frozen parts in `frozen_kind`.
-    pub fn load(dir: &Path, device: Device, unet_kind: Kind, frozen_kind: Kind) -> Result<Pipeline> {
+    pub fn load(
+        dir: &Path,
+        device: Device,
+        unet_kind: Kind,
+        frozen_kind: Kind,
+    ) -> Result<Pipeline> {
         let index = dir.join("model_index.json");
         if !index.is_file() {
-            bail!("{}: not a diffusers pipeline folder (model_index.json is missing)", dir.display());
+            bail!(
+                "{}: not a diffusers pipeline folder (model_index.json is missing)",
+                dir.display()
+            );
         }
         let mi = crate::models::config::read_json(&index)?;
         let class = mi["_class_name"].as_str().unwrap_or("");
         if class.contains("StableDiffusion3") {
-            bail!("{}: {class} pipelines (SD3) are not supported yet", dir.display());
+            bail!(
+                "{}: {class} pipelines (SD3) are not supported yet",
+                dir.display()
+            );
         }
-        let family = if mi.get("text_encoder_2").map(|v| !v.is_null() && v[0].is_string()).unwrap_or(false) {
+        let family = if mi
+            .get("text_encoder_2")
+            .map(|v| !v.is_null() && v[0].is_string())
+            .unwrap_or(false)
+        {
             Family::Sdxl
         } else {
             Family::Sd
         };
         let unet_dir = dir.join("unet");
-        let weights = crate::weights::find_weight_files(&unet_dir, &["diffusion_pytorch_model"], None)
-            .or_else(|_| crate::weights::find_weight_files(&unet_dir, &["diffusion_pytorch_model"], Some("fp16")))?;
+        let weights =
+            crate::weights::find_weight_files(&unet_dir, &["diffusion_pytorch_model"], None)
+                .or_else(|_| {
+                    crate::weights::find_weight_files(
+                        &unet_dir,
+                        &["diffusion_pytorch_model"],
+                        Some("fp16"),
+                    )
+                })?;
         let unet_file_kind = crate::weights::file_float_kind(&weights[0])?;
         let unet = LoadedUNet::load(&unet_dir, device, unet_kind).context("loading unet/")?;
         let vae = LoadedVae::load(&dir.join("vae"), device, frozen_kind).context("loading vae/")?;
         let mut text = Vec::new();
         let pairs: &[(&str, &str)] = match family {
             Family::Sd => &[("text_encoder", "tokenizer")],
-            Family::Sdxl => &[("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")],
+            Family::Sdxl => &[
+                ("text_encoder", "tokenizer"),
+                ("text_encoder_2", "tokenizer_2"),
+            ],
         };
         for (enc, tok) in pairs {
-            let tokenizer = ClipTokenizer::from_dir(&dir.join(tok)).with_context(|| format!("loading {tok}/"))?;
-            let mut encoder =
-                ClipTextModel::load(&dir.join(enc), device, frozen_kind).with_context(|| format!("loading {enc}/"))?;
+            let tokenizer = ClipTokenizer::from_dir(&dir.join(tok))
+                .with_context(|| format!("loading {tok}/"))?;
+            let mut encoder = ClipTextModel::load(&dir.join(enc), device, frozen_kind)
+                .with_context(|| format!("loading {enc}/"))?;
             encoder.vs.freeze();
-            text.push(TextEncoder { tokenizer, pad: Pad::Config, encoder, names: (enc.to_string(), tok.to_string()) });
+            text.push(TextEncoder {
+                tokenizer,
+                pad: Pad::Config,
+                encoder,
+                names: (enc.to_string(), tok.to_string()),
+            });
         }
         let sched_file = dir.join("scheduler").join("scheduler_config.json");
         let schedule = if sched_file.is_file() {
             ScheduleConfig::from_file(&sched_file)?
         } else {
-            tracing::warn!("{}: no scheduler config, using the SD1.5 schedule", dir.display());
+            tracing::warn!(
+                "{}: no scheduler config, using the SD1.5 schedule",
+                dir.display()
+            );
             ScheduleConfig::sd15()
         };
-        Ok(Pipeline { dir: Some(dir.to_path_buf()), family, unet, vae, text, schedule, device, unet_file_kind })
+        Ok(Pipeline {
+            dir: Some(dir.to_path_buf()),
+            family,
+            unet,
+            vae,
+            text,
+            schedule,
+            device,
+            unet_file_kind,
+        })
     }
 
     /// Randomly initialised tiny models of the real SD1.x architectures (UNet, VAE,
@@ -123,13 +166,26 @@ impl Pipeline {
         let mut vs = nn::VarStore::new(device);
         let model = AutoencoderKL::new(&vs.root(), &vcfg)?;
         vs.freeze();
-        let vae = LoadedVae { vs, model, config: vcfg };
+        let vae = LoadedVae {
+            vs,
+            model,
+            config: vcfg,
+        };
         let mut tvs = nn::VarStore::new(device);
         let model = ClipTextModel::new(&tvs.root(), &clip_cfg, false)?;
         tvs.freeze();
-        let encoder = LoadedClipText { vs: tvs, model, config: clip_cfg };
+        let encoder = LoadedClipText {
+            vs: tvs,
+            model,
+            config: clip_cfg,
+        };
         let tokenizer = ClipTokenizer::from_dir(&builtin_tokenizer_dir())?;
-        let text = vec![TextEncoder { tokenizer, pad: Pad::Eos, encoder, names: ("text_encoder".into(), "tokenizer".into()) }];
+        let text = vec![TextEncoder {
+            tokenizer,
+            pad: Pad::Eos,
+            encoder,
+            names: ("text_encoder".into(), "tokenizer".into()),
+        }];
         Ok(Pipeline {
             dir: None,
             family: Family::Sd,
@@ -150,7 +206,11 @@ impl Pipeline {
     /// Encode captions into the UNet conditioning (no gradient: the encoders are
     /// frozen). `time_ids` [B, 6] is used by SDXL only. Returns the conditioning and
     /// the number of captions truncated to the tokenizer window.
-    pub fn encode_text(&self, captions: &[String], time_ids: Option<&Tensor>) -> Result<(Cond, usize)> {
+    pub fn encode_text(
+        &self,
+        captions: &[String],
+        time_ids: Option<&Tensor>,
+    ) -> Result<(Cond, usize)> {
         tch::no_grad(|| {
             let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
             let mut states = Vec::new();
@@ -159,7 +219,10 @@ impl Pipeline {
             for te in &self.text {
                 let (ids, n) = te.tokenizer.encode_padded(&refs, te.pad)?;
                 truncated = truncated.max(n);
-                let out = te.encoder.model.forward(&ids.to_device(self.device), None)?;
+                let out = te
+                    .encoder
+                    .model
+                    .forward(&ids.to_device(self.device), None)?;
                 match self.family {
                     Family::Sd => states.push(out.last_hidden_state.shallow_clone()),
                     Family::Sdxl => {
@@ -174,7 +237,11 @@ impl Pipeline {
             let mut cond = Cond::new(context);
             if self.family == Family::Sdxl {
                 let b = captions.len() as i64;
-                cond.pooled = Some(pooled.context("SDXL: text_encoder_2 has no projection")?.to_kind(Kind::Float));
+                cond.pooled = Some(
+                    pooled
+                        .context("SDXL: text_encoder_2 has no projection")?
+                        .to_kind(Kind::Float),
+                );
                 cond.time_ids = Some(match time_ids {
                     Some(t) => t.to_device(self.device).to_kind(Kind::Float),
                     None => bail!("SDXL conditioning needs time ids"),
@@ -192,7 +259,9 @@ impl Pipeline {
         std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
         match &self.dir {
             Some(src) => {
-                for entry in std::fs::read_dir(src).with_context(|| format!("reading {}", src.display()))? {
+                for entry in
+                    std::fs::read_dir(src).with_context(|| format!("reading {}", src.display()))?
+                {
                     let entry = entry?;
                     let name = entry.file_name();
                     if name == "unet" {
@@ -214,32 +283,59 @@ impl Pipeline {
                     "feature_extractor": [null, null],
                     "requires_safety_checker": false
                 });
-                crate::weights::atomic_write(&out.join("model_index.json"), serde_json::to_string_pretty(&v)?.as_bytes())?;
+                crate::weights::atomic_write(
+                    &out.join("model_index.json"),
+                    serde_json::to_string_pretty(&v)?.as_bytes(),
+                )?;
                 let vae_dir = out.join("vae");
                 std::fs::create_dir_all(&vae_dir)?;
                 let mut vcfg = serde_json::to_value(&self.vae.config)?;
                 vcfg["_class_name"] = "AutoencoderKL".into();
-                crate::weights::atomic_write(&vae_dir.join("config.json"), serde_json::to_string_pretty(&vcfg)?.as_bytes())?;
-                crate::weights::save_varstore(&self.vae.vs, &vae_dir.join("diffusion_pytorch_model.safetensors"), None)?;
+                crate::weights::atomic_write(
+                    &vae_dir.join("config.json"),
+                    serde_json::to_string_pretty(&vcfg)?.as_bytes(),
+                )?;
+                crate::weights::save_varstore(
+                    &self.vae.vs,
+                    &vae_dir.join("diffusion_pytorch_model.safetensors"),
+                    None,
+                )?;
                 let te = &self.text[0];
                 let te_dir = out.join("text_encoder");
                 std::fs::create_dir_all(&te_dir)?;
                 let mut tcfg = serde_json::to_value(&te.encoder.config)?;
                 tcfg["architectures"] = serde_json::json!(["CLIPTextModel"]);
                 tcfg["model_type"] = "clip_text_model".into();
-                crate::weights::atomic_write(&te_dir.join("config.json"), serde_json::to_string_pretty(&tcfg)?.as_bytes())?;
-                let named: Vec<(String, Tensor)> =
-                    te.encoder.vs.variables().into_iter().map(|(k, v)| (format!("text_model.{k}"), v)).collect();
-                crate::weights::save_safetensors(&named, &te_dir.join("model.safetensors"), None, None)?;
+                crate::weights::atomic_write(
+                    &te_dir.join("config.json"),
+                    serde_json::to_string_pretty(&tcfg)?.as_bytes(),
+                )?;
+                let named: Vec<(String, Tensor)> = te
+                    .encoder
+                    .vs
+                    .variables()
+                    .into_iter()
+                    .map(|(k, v)| (format!("text_model.{k}"), v))
+                    .collect();
+                crate::weights::save_safetensors(
+                    &named,
+                    &te_dir.join("model.safetensors"),
+                    None,
+                    None,
+                )?;
                 copy_recursive(&builtin_tokenizer_dir(), &out.join("tokenizer"))?;
                 let sched_dir = out.join("scheduler");
                 std::fs::create_dir_all(&sched_dir)?;
                 let mut s = serde_json::to_value(&self.schedule)?;
                 s["_class_name"] = "DDIMScheduler".into();
-                crate::weights::atomic_write(&sched_dir.join("scheduler_config.json"), serde_json::to_string_pretty(&s)?.as_bytes())?;
+                crate::weights::atomic_write(
+                    &sched_dir.join("scheduler_config.json"),
+                    serde_json::to_string_pretty(&s)?.as_bytes(),
+                )?;
             }
         }
-        self.unet.save_pretrained(&out.join("unet"), self.unet_file_kind)
+        self.unet
+            .save_pretrained(&out.join("unet"), self.unet_file_kind)
     }
 }
 
@@ -251,7 +347,8 @@ fn copy_recursive(src: &Path, dst: &Path) -> Result<()> {
             copy_recursive(&e.path(), &dst.join(e.file_name()))?;
         }
     } else {
-        std::fs::copy(src, dst).with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
+        std::fs::copy(src, dst)
+            .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
     }
     Ok(())
 }

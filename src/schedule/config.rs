@@ -124,15 +124,22 @@ impl ScheduleConfig {
     /// FlowMatchEulerDiscrete, PNDM, Euler... any DDPM-family file gives the schedule).
     pub fn from_file(path: &Path) -> Result<Self> {
         let v = crate::models::config::read_json(path)?;
-        Self::from_json(&v).with_context(|| format!("{}: unsupported scheduler config", path.display()))
+        Self::from_json(&v)
+            .with_context(|| format!("{}: unsupported scheduler config", path.display()))
     }
 
     pub fn from_json(v: &serde_json::Value) -> Result<Self> {
         let class = v.get("_class_name").and_then(|c| c.as_str()).unwrap_or("");
-        let mut cfg = if class.starts_with("FlowMatch") { Self::sd3() } else { Self::sd15() };
+        let mut cfg = if class.starts_with("FlowMatch") {
+            Self::sd3()
+        } else {
+            Self::sd15()
+        };
         let f = |k: &str| v.get(k).filter(|x| !x.is_null());
         if let Some(x) = f("num_train_timesteps") {
-            cfg.num_train_timesteps = x.as_u64().context("num_train_timesteps: expected an integer")? as usize;
+            cfg.num_train_timesteps =
+                x.as_u64()
+                    .context("num_train_timesteps: expected an integer")? as usize;
         }
         if let Some(x) = f("beta_start") {
             cfg.beta_start = x.as_f64().context("beta_start: expected a number")?;
@@ -159,26 +166,36 @@ impl ScheduleConfig {
             }
         }
         if let Some(x) = f("timestep_spacing") {
-            cfg.timestep_spacing = serde_json::from_value(x.clone())
-                .map_err(|_| anyhow::anyhow!("timestep_spacing: {x} is not supported (leading, trailing, linspace)"))?;
+            cfg.timestep_spacing = serde_json::from_value(x.clone()).map_err(|_| {
+                anyhow::anyhow!(
+                    "timestep_spacing: {x} is not supported (leading, trailing, linspace)"
+                )
+            })?;
         }
         if let Some(x) = f("steps_offset") {
             cfg.steps_offset = x.as_u64().context("steps_offset: expected an integer")? as usize;
         }
         if let Some(x) = f("set_alpha_to_one") {
-            cfg.set_alpha_to_one = x.as_bool().context("set_alpha_to_one: expected a boolean")?;
+            cfg.set_alpha_to_one = x
+                .as_bool()
+                .context("set_alpha_to_one: expected a boolean")?;
         }
         if let Some(x) = f("solver_order") {
             cfg.solver_order = x.as_u64().context("solver_order: expected an integer")? as usize;
         }
         if let Some(x) = f("lower_order_final") {
-            cfg.lower_order_final = x.as_bool().context("lower_order_final: expected a boolean")?;
+            cfg.lower_order_final = x
+                .as_bool()
+                .context("lower_order_final: expected a boolean")?;
         }
         if let Some(x) = f("euler_at_final") {
             cfg.euler_at_final = x.as_bool().context("euler_at_final: expected a boolean")?;
         }
         if let Some(x) = f("final_sigmas_type") {
-            cfg.final_sigmas_type = x.as_str().context("final_sigmas_type: expected a string")?.to_string();
+            cfg.final_sigmas_type = x
+                .as_str()
+                .context("final_sigmas_type: expected a string")?
+                .to_string();
         }
         if let Some(x) = f("shift") {
             cfg.shift = x.as_f64().context("shift: expected a number")?;
@@ -194,14 +211,27 @@ impl ScheduleConfig {
                     bail!("solver_type: {a:?} is not supported (midpoint)");
                 }
             }
-            for k in ["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "thresholding"] {
+            for k in [
+                "use_karras_sigmas",
+                "use_exponential_sigmas",
+                "use_beta_sigmas",
+                "use_lu_lambdas",
+                "thresholding",
+            ] {
                 if f(k).and_then(|x| x.as_bool()) == Some(true) {
                     bail!("{k}: true is not supported");
                 }
             }
         }
         if class.starts_with("FlowMatch") {
-            for k in ["use_dynamic_shifting", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas", "stochastic_sampling"] {
+            for k in [
+                "use_dynamic_shifting",
+                "use_karras_sigmas",
+                "use_exponential_sigmas",
+                "use_beta_sigmas",
+                "invert_sigmas",
+                "stochastic_sampling",
+            ] {
                 if f(k).and_then(|x| x.as_bool()) == Some(true) {
                     bail!("{k}: true is not supported");
                 }
@@ -218,7 +248,10 @@ impl ScheduleConfig {
         let flow_sched = self.beta_schedule == BetaSchedule::FlowMatching;
         match kind {
             SamplerKind::FlowEuler if !flow_sched => {
-                bail!("sampler flow needs a flow-matching model (this schedule is {:?})", self.beta_schedule)
+                bail!(
+                    "sampler flow needs a flow-matching model (this schedule is {:?})",
+                    self.beta_schedule
+                )
             }
             SamplerKind::Ddim | SamplerKind::DpmSolverPp2m if flow_sched => {
                 bail!("sampler {kind:?} needs a DDPM schedule; flow-matching models use sampler = \"flow\"")
@@ -232,7 +265,10 @@ impl ScheduleConfig {
             bail!("num_train_timesteps must be positive");
         }
         if kind == SamplerKind::DpmSolverPp2m && !(1..=2).contains(&self.solver_order) {
-            bail!("solver_order: {} is not supported (1 or 2)", self.solver_order);
+            bail!(
+                "solver_order: {} is not supported (1 or 2)",
+                self.solver_order
+            );
         }
         Ok(())
     }

@@ -63,11 +63,16 @@ pub fn alphas_cumprod(cfg: &ScheduleConfig) -> Result<Vec<f64>> {
     let betas = match cfg.beta_schedule {
         BetaSchedule::Linear => Tensor::linspace(cfg.beta_start, cfg.beta_end, n, opts),
         BetaSchedule::ScaledLinear => {
-            Tensor::linspace(cfg.beta_start.sqrt(), cfg.beta_end.sqrt(), n, opts).pow_tensor_scalar(2)
+            Tensor::linspace(cfg.beta_start.sqrt(), cfg.beta_end.sqrt(), n, opts)
+                .pow_tensor_scalar(2)
         }
         BetaSchedule::SquaredcosCapV2 => {
             // Glide cosine schedule, computed in float64 by diffusers, then float32.
-            let f = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
+            let f = |t: f64| {
+                ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
+                    .cos()
+                    .powi(2)
+            };
             let v: Vec<f64> = (0..n)
                 .map(|i| {
                     let t1 = i as f64 / n as f64;
@@ -77,11 +82,16 @@ pub fn alphas_cumprod(cfg: &ScheduleConfig) -> Result<Vec<f64>> {
                 .collect();
             Tensor::from_slice(&v).to_kind(Kind::Float)
         }
-        BetaSchedule::FlowMatching => bail!("alphas_cumprod: flow-matching schedules have no betas"),
+        BetaSchedule::FlowMatching => {
+            bail!("alphas_cumprod: flow-matching schedules have no betas")
+        }
     };
     let alphas: Tensor = 1.0 - betas;
     let ac = alphas.cumprod(0, Kind::Float);
-    Ok(Vec::<f32>::try_from(&ac)?.into_iter().map(f64::from).collect())
+    Ok(Vec::<f32>::try_from(&ac)?
+        .into_iter()
+        .map(f64::from)
+        .collect())
 }
 
 fn ddpm_timesteps(cfg: &ScheduleConfig, n: usize, kind: SamplerKind) -> Result<Vec<f64>> {
@@ -95,19 +105,31 @@ fn ddpm_timesteps(cfg: &ScheduleConfig, n: usize, kind: SamplerKind) -> Result<V
             if kind == SamplerKind::DpmSolverPp2m {
                 // diffusers' multistep solver spaces N + 1 points and drops the last.
                 let ratio = (t_train / (n + 1)) as f64;
-                (0..=n).rev().take(n).map(|i| (i as f64 * ratio).round() + off).collect()
+                (0..=n)
+                    .rev()
+                    .take(n)
+                    .map(|i| (i as f64 * ratio).round() + off)
+                    .collect()
             } else {
                 let ratio = (t_train / n) as f64;
-                (0..n).rev().map(|i| (i as f64 * ratio).round() + off).collect()
+                (0..n)
+                    .rev()
+                    .map(|i| (i as f64 * ratio).round() + off)
+                    .collect()
             }
         }
         Spacing::Trailing => {
             let ratio = t_train as f64 / n as f64;
-            (0..n).map(|i| (t_train as f64 - i as f64 * ratio).round() - 1.0).collect()
+            (0..n)
+                .map(|i| (t_train as f64 - i as f64 * ratio).round() - 1.0)
+                .collect()
         }
         Spacing::Linspace => {
             let last = (t_train - 1) as f64;
-            (0..n).rev().map(|i| (i as f64 * last / (n - 1).max(1) as f64).round()).collect()
+            (0..n)
+                .rev()
+                .map(|i| (i as f64 * last / (n - 1).max(1) as f64).round())
+                .collect()
         }
     })
 }
@@ -127,7 +149,9 @@ impl Plan {
                 let timesteps = ddpm_timesteps(&cfg, n, kind)?;
                 for &t in &timesteps {
                     if t < 0.0 || t as usize >= ac.len() {
-                        bail!("timestep {t} outside the training schedule (steps_offset too large?)");
+                        bail!(
+                            "timestep {t} outside the training schedule (steps_offset too large?)"
+                        );
                     }
                 }
                 let final_alpha_cumprod = if cfg.set_alpha_to_one { 1.0 } else { ac[0] };
@@ -141,7 +165,14 @@ impl Plan {
                     }
                     sigmas.push(0.0);
                 }
-                Ok(Plan { config: cfg, kind, timesteps, alphas_cumprod: ac, sigmas, final_alpha_cumprod })
+                Ok(Plan {
+                    config: cfg,
+                    kind,
+                    timesteps,
+                    alphas_cumprod: ac,
+                    sigmas,
+                    final_alpha_cumprod,
+                })
             }
             SamplerKind::FlowEuler => {
                 let t_train = cfg.num_train_timesteps as f64;
@@ -165,10 +196,20 @@ impl Plan {
                         shift_sigma(t / t_train, shift) as f32 as f64
                     })
                     .collect();
-                let timesteps: Vec<f64> = sig.iter().map(|s| (*s as f32 * t_train as f32) as f64).collect();
+                let timesteps: Vec<f64> = sig
+                    .iter()
+                    .map(|s| (*s as f32 * t_train as f32) as f64)
+                    .collect();
                 let mut sigmas = sig;
                 sigmas.push(0.0);
-                Ok(Plan { config: cfg, kind, timesteps, alphas_cumprod: vec![], sigmas, final_alpha_cumprod: 1.0 })
+                Ok(Plan {
+                    config: cfg,
+                    kind,
+                    timesteps,
+                    alphas_cumprod: vec![],
+                    sigmas,
+                    final_alpha_cumprod: 1.0,
+                })
             }
         }
     }
@@ -245,17 +286,36 @@ impl Plan {
                 let t = self.timesteps[i] as usize;
                 let at = self.alphas_cumprod[t];
                 let prev = t as i64 - (self.config.num_train_timesteps / self.len()) as i64;
-                let ap = if prev >= 0 { self.alphas_cumprod[prev as usize] } else { self.final_alpha_cumprod };
+                let ap = if prev >= 0 {
+                    self.alphas_cumprod[prev as usize]
+                } else {
+                    self.final_alpha_cumprod
+                };
                 // x0 = p x + q out; eps = r x + s out; x_prev = sqrt(ap) x0 + sqrt(1 - ap) eps.
                 let (p, q, r, s) = match pred {
-                    Prediction::Epsilon => (1.0 / at.sqrt(), -(1.0 - at).sqrt() / at.sqrt(), 0.0, 1.0),
-                    Prediction::VPrediction => (at.sqrt(), -(1.0 - at).sqrt(), (1.0 - at).sqrt(), at.sqrt()),
+                    Prediction::Epsilon => {
+                        (1.0 / at.sqrt(), -(1.0 - at).sqrt() / at.sqrt(), 0.0, 1.0)
+                    }
+                    Prediction::VPrediction => {
+                        (at.sqrt(), -(1.0 - at).sqrt(), (1.0 - at).sqrt(), at.sqrt())
+                    }
                     Prediction::Flow => unreachable!("validated"),
                 };
                 let (sap, sbp) = (ap.sqrt(), (1.0 - ap).sqrt());
                 let (at32, ap32) = (at as f32, ap as f32);
-                let ddim = [at32.sqrt(), (1.0 - at32).sqrt(), ap32.sqrt(), (1.0 - ap32).sqrt()];
-                StepCoeffs { a: sap * p + sbp * r, b: sap * q + sbp * s, c: vec![], hist: None, ddim: Some(ddim) }
+                let ddim = [
+                    at32.sqrt(),
+                    (1.0 - at32).sqrt(),
+                    ap32.sqrt(),
+                    (1.0 - ap32).sqrt(),
+                ];
+                StepCoeffs {
+                    a: sap * p + sbp * r,
+                    b: sap * q + sbp * s,
+                    c: vec![],
+                    hist: None,
+                    ddim: Some(ddim),
+                }
             }
             SamplerKind::DpmSolverPp2m => {
                 let n = self.len();
@@ -271,7 +331,11 @@ impl Plan {
                 };
                 // exp(-h) = (sigma_t / alpha_t) / (sigma_s / alpha_s); zero at the final sigma 0.
                 let ratio_sigma = if st == 0.0 { 0.0 } else { sgt / sg0 };
-                let em1 = if st == 0.0 { -1.0 } else { (sgt / at) / (sg0 / a0) - 1.0 };
+                let em1 = if st == 0.0 {
+                    -1.0
+                } else {
+                    (sgt / at) / (sg0 / a0) - 1.0
+                };
                 let k = -at * em1; // x_t = ratio * x + k * D0 (+ 0.5 k D1)
                 let lower_final = i == n - 1
                     && (self.config.euler_at_final
@@ -287,15 +351,33 @@ impl Plan {
                     // D0 = m0, D1 = (m0 - m1) / r0: x_t = ratio x + k m0 + 0.5 k (m0 - m1) / r0.
                     let km0 = k * (1.0 + 0.5 / r0);
                     let km1 = -0.5 * k / r0;
-                    StepCoeffs { a: ratio_sigma + km0 * p, b: km0 * q, c: vec![km1], hist: Some((p, q)), ddim: None }
+                    StepCoeffs {
+                        a: ratio_sigma + km0 * p,
+                        b: km0 * q,
+                        c: vec![km1],
+                        hist: Some((p, q)),
+                        ddim: None,
+                    }
                 } else {
-                    StepCoeffs { a: ratio_sigma + k * p, b: k * q, c: vec![], hist: Some((p, q)), ddim: None }
+                    StepCoeffs {
+                        a: ratio_sigma + k * p,
+                        b: k * q,
+                        c: vec![],
+                        hist: Some((p, q)),
+                        ddim: None,
+                    }
                 }
             }
             SamplerKind::FlowEuler => {
                 // dt = sigma_next - sigma, a float32 difference as in diffusers.
                 let dt = (self.sigmas[i + 1] as f32 - self.sigmas[i] as f32) as f64;
-                StepCoeffs { a: 1.0, b: dt, c: vec![], hist: None, ddim: None }
+                StepCoeffs {
+                    a: 1.0,
+                    b: dt,
+                    c: vec![],
+                    hist: None,
+                    ddim: None,
+                }
             }
         }
     }
@@ -332,7 +414,13 @@ impl Plan {
         }
         // Evaluated in float64 (at least) to keep rounding below the reference's.
         let kind = x.kind();
-        let wide = |t: &Tensor| if kind == Kind::Float { t.to_kind(Kind::Double) } else { t.shallow_clone() };
+        let wide = |t: &Tensor| {
+            if kind == Kind::Float {
+                t.to_kind(Kind::Double)
+            } else {
+                t.shallow_clone()
+            }
+        };
         let mut next = wide(x) * c.a + wide(out) * c.b;
         for (cj, h) in c.c.iter().zip(history.iter()) {
             next += wide(h) * *cj;
@@ -341,7 +429,13 @@ impl Plan {
     }
 
     /// Record this step's history term (detached: history terms carry no gradient).
-    pub fn push_history(&self, c: &StepCoeffs, x: &Tensor, out: &Tensor, history: &mut Vec<Tensor>) {
+    pub fn push_history(
+        &self,
+        c: &StepCoeffs,
+        x: &Tensor,
+        out: &Tensor,
+        history: &mut Vec<Tensor>,
+    ) {
         if let Some((p, q)) = c.hist {
             let h = (x.detach() * p + out.detach() * q).detach();
             history.insert(0, h);

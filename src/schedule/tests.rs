@@ -15,7 +15,13 @@ fn standin_u(x: &Tensor, t: f64) -> Tensor {
     (x * 0.5).tanh() * 0.2 - 0.005 * (t / 1000.0)
 }
 
-fn plan_for(name: &str) -> (Plan, std::collections::HashMap<String, Tensor>, serde_json::Value) {
+fn plan_for(
+    name: &str,
+) -> (
+    Plan,
+    std::collections::HashMap<String, Tensor>,
+    serde_json::Value,
+) {
     let dir = fixtures::dir(&format!("schedulers/{name}"));
     let cfg = ScheduleConfig::from_file(&dir.join("scheduler_config.json")).unwrap();
     let case = fixtures::case(&format!("schedulers/{name}")).unwrap();
@@ -143,11 +149,24 @@ fn other_beta_schedules_are_sane() {
         };
         let ac = alphas_cumprod(&cfg).unwrap();
         assert_eq!(ac.len(), 1000);
-        assert!(ac.windows(2).all(|w| w[1] < w[0]), "{sched:?}: not decreasing");
-        assert!(ac[0] < 1.0 && ac[0] > 0.99 && ac[999] < 0.01, "{sched:?}: {} {}", ac[0], ac[999]);
+        assert!(
+            ac.windows(2).all(|w| w[1] < w[0]),
+            "{sched:?}: not decreasing"
+        );
+        assert!(
+            ac[0] < 1.0 && ac[0] > 0.99 && ac[999] < 0.01,
+            "{sched:?}: {} {}",
+            ac[0],
+            ac[999]
+        );
     }
     // Linear: first beta = beta_start exactly (float32).
-    let cfg = ScheduleConfig { beta_schedule: BetaSchedule::Linear, beta_start: 1e-4, beta_end: 0.02, ..ScheduleConfig::sd15() };
+    let cfg = ScheduleConfig {
+        beta_schedule: BetaSchedule::Linear,
+        beta_start: 1e-4,
+        beta_end: 0.02,
+        ..ScheduleConfig::sd15()
+    };
     let ac = alphas_cumprod(&cfg).unwrap();
     assert!((ac[0] - (1.0 - 1e-4f32 as f64)).abs() < 1e-7);
 }
@@ -158,7 +177,10 @@ fn other_beta_schedules_are_sane() {
 #[test]
 fn ddim_is_exact_for_a_perfect_model() {
     for pred in [Prediction::Epsilon, Prediction::VPrediction] {
-        let cfg = ScheduleConfig { prediction_type: pred, ..ScheduleConfig::sd15() };
+        let cfg = ScheduleConfig {
+            prediction_type: pred,
+            ..ScheduleConfig::sd15()
+        };
         let plan = Plan::new(&cfg, SamplerKind::Ddim, 20).unwrap();
         let x0 = Tensor::randn([2, 3], (tch::Kind::Double, tch::Device::Cpu));
         let eps = Tensor::randn([2, 3], (tch::Kind::Double, tch::Device::Cpu));

@@ -33,7 +33,9 @@ use crate::schedule::Plan;
 use crate::train::config::{Config, DiscKind, FeatureNet, Mode};
 use crate::train::logging::{EventWriter, JsonlWriter};
 use crate::train::optim::{warmup_lr, AdamW};
-use crate::train::path::{backprop_kept, choose_kept, rollout, rollout_graph, Cond, Denoiser, Guidance};
+use crate::train::path::{
+    backprop_kept, choose_kept, rollout, rollout_graph, Cond, Denoiser, Guidance,
+};
 
 /// The UNet as a [`Denoiser`].
 pub struct UNetDenoiser<'a>(pub &'a UNet2DConditionModel);
@@ -93,7 +95,12 @@ pub fn build_features(cfg: &Config, device: Device, tiny: bool) -> Result<Box<dy
                     .with_context(|| format!("loading DINOv2 from {}", path.display()))?;
                 let mut vs = loaded.vs;
                 vs.freeze();
-                Ok(Box::new(DinoFeatures::new(loaded.model, Some(vs), d.resolution, &d.blocks)?))
+                Ok(Box::new(DinoFeatures::new(
+                    loaded.model,
+                    Some(vs),
+                    d.resolution,
+                    &d.blocks,
+                )?))
             } else if tiny {
                 let mut vs = VarStore::new(device);
                 let dcfg = Dinov2Config::tiny();
@@ -102,7 +109,12 @@ pub fn build_features(cfg: &Config, device: Device, tiny: bool) -> Result<Box<dy
                 let n = dcfg.num_hidden_layers;
                 let blocks: Vec<usize> = d.blocks.iter().map(|&b| b.min(n as usize - 1)).collect();
                 let res = (d.resolution / dcfg.patch_size).max(1) * dcfg.patch_size;
-                Ok(Box::new(DinoFeatures::new(model, Some(vs), res.min(56), &blocks)?))
+                Ok(Box::new(DinoFeatures::new(
+                    model,
+                    Some(vs),
+                    res.min(56),
+                    &blocks,
+                )?))
             } else {
                 bail!(
                     "disc.features = \"dinov2\" needs disc.features_path (a transformers Dinov2Model folder); \
@@ -111,7 +123,11 @@ pub fn build_features(cfg: &Config, device: Device, tiny: bool) -> Result<Box<dy
             }
         }
         FeatureNet::EfficientnetLite0 | FeatureNet::EfficientnetLite1 => {
-            let name = if d.features == FeatureNet::EfficientnetLite0 { "lite0" } else { "lite1" };
+            let name = if d.features == FeatureNet::EfficientnetLite0 {
+                "lite0"
+            } else {
+                "lite1"
+            };
             let dir = match &d.features_path {
                 Some(p) => p.clone(),
                 None => {
@@ -119,7 +135,7 @@ pub fn build_features(cfg: &Config, device: Device, tiny: bool) -> Result<Box<dy
                     if !p.join("config.json").is_file() {
                         bail!(
                             "disc.features = \"efficientnet-{name}\": no converted weights at {} \
-                             (run scripts/setup-weights.sh, or set disc.features_path)",
+                             (run scripts/setup_efficientnet.sh from the repository root, or set disc.features_path)",
                             p.display()
                         );
                     }
@@ -131,7 +147,12 @@ pub fn build_features(cfg: &Config, device: Device, tiny: bool) -> Result<Box<dy
             let mut vs = loaded.vs;
             vs.freeze();
             let taps: Vec<usize> = d.blocks.clone();
-            Ok(Box::new(EfficientNetFeatures::new(loaded.model, Some(vs), d.resolution, &taps)?))
+            Ok(Box::new(EfficientNetFeatures::new(
+                loaded.model,
+                Some(vs),
+                d.resolution,
+                &taps,
+            )?))
         }
     }
 }
@@ -177,7 +198,8 @@ impl Trainer {
             data_cfg.seed = cfg.train.seed;
         }
         data_cfg.resolution = crate::data::Resolution::Square(cfg.train.resolution as u32);
-        let loader = DataLoader::new(&data_cfg, cfg.train.batch_size).context("opening the dataset ([data] section)")?;
+        let loader = DataLoader::new(&data_cfg, cfg.train.batch_size)
+            .context("opening the dataset ([data] section)")?;
         let (features, disc, opt_d) = if cfg.train.mode == Mode::Adt {
             let features = build_features(&cfg, device, tiny)?;
             let dcfg = DiscConfig {
@@ -190,22 +212,41 @@ impl Trainer {
             };
             let disc = Discriminator::new(device, &features.channels(), &dcfg)?;
             let t = &cfg.train;
-            let opt_d = AdamW::new(&disc.vs, t.lr_d, t.adam_beta1, t.adam_beta2, t.weight_decay_d);
+            let opt_d = AdamW::new(
+                &disc.vs,
+                t.lr_d,
+                t.adam_beta1,
+                t.adam_beta2,
+                t.weight_decay_d,
+            );
             (Some(features), Some(disc), Some(opt_d))
         } else {
             (None, None, None)
         };
         let t = &cfg.train;
-        let opt_g = AdamW::new(&pipe.unet.vs, t.lr_g, t.adam_beta1, t.adam_beta2, t.weight_decay_g);
+        let opt_g = AdamW::new(
+            &pipe.unet.vs,
+            t.lr_g,
+            t.adam_beta1,
+            t.adam_beta2,
+            t.weight_decay_g,
+        );
         let ema = t.ema_decay.map(|_| {
-            let mut v: Vec<(String, Tensor)> =
-                pipe.unet.vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).map(|(k, t)| (k, t.detach().copy())).collect();
+            let mut v: Vec<(String, Tensor)> = pipe
+                .unet
+                .vs
+                .variables()
+                .into_iter()
+                .filter(|(_, t)| t.requires_grad())
+                .map(|(k, t)| (k, t.detach().copy()))
+                .collect();
             v.sort_by(|a, b| a.0.cmp(&b.0));
             v
         });
         let policy = Policy::parse(&cfg.disc.diffaug)?;
         let out_dir = cfg.output.dir.clone();
-        std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+        std::fs::create_dir_all(&out_dir)
+            .with_context(|| format!("creating {}", out_dir.display()))?;
         std::fs::write(out_dir.join("config.toml"), cfg.to_toml()?)?;
         let metrics = JsonlWriter::open(&out_dir.join("metrics.jsonl"))?;
         let events = Some(EventWriter::create(&out_dir.join("tensorboard"))?);
@@ -240,16 +281,30 @@ impl Trainer {
         }
         if let Some((n, c)) = &self.uncond_cache {
             if *n == b {
-                return Ok(Cond { context: c.context.shallow_clone(), pooled: None, time_ids: None });
+                return Ok(Cond {
+                    context: c.context.shallow_clone(),
+                    pooled: None,
+                    time_ids: None,
+                });
             }
         }
         let (c, _) = self.pipe.encode_text(&vec![String::new(); b], None)?;
-        self.uncond_cache = Some((b, Cond { context: c.context.shallow_clone(), pooled: None, time_ids: None }));
+        self.uncond_cache = Some((
+            b,
+            Cond {
+                context: c.context.shallow_clone(),
+                pooled: None,
+                time_ids: None,
+            },
+        ));
         Ok(c)
     }
 
     fn features(&self, images: &Tensor) -> Vec<Tensor> {
-        self.features.as_ref().expect("ADT mode has a feature network").features(images)
+        self.features
+            .as_ref()
+            .expect("ADT mode has a feature network")
+            .features(images)
     }
 
     /// Run one training iteration (Algorithm 1, lines 3-21, or one FT step).
@@ -258,7 +313,9 @@ impl Trainer {
         let step = self.step;
         // Randomness is a function of (seed, step): a resumed run is bit-identical.
         let seed = self.cfg.train.seed;
-        tch::manual_seed((seed.wrapping_mul(1_000_003).wrapping_add(step as u64) & 0x7fff_ffff_ffff) as i64);
+        tch::manual_seed(
+            (seed.wrapping_mul(1_000_003).wrapping_add(step as u64) & 0x7fff_ffff_ffff) as i64,
+        );
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ ((step as u64) << 20) ^ 0xad7);
         let mut log = match self.cfg.train.mode {
             Mode::Adt => self.adt_iteration(step, &mut rng)?,
@@ -276,8 +333,17 @@ impl Trainer {
         let x0 = batch.images.to_device(dev);
         let z0 = tch::no_grad(|| self.pipe.vae.model.latents_from_image(&x0, false))?;
         let p = self.cfg.train.caption_dropout;
-        let captions: Vec<String> =
-            batch.captions.iter().map(|c| if p > 0.0 && rng.gen::<f64>() < p { String::new() } else { c.clone() }).collect();
+        let captions: Vec<String> = batch
+            .captions
+            .iter()
+            .map(|c| {
+                if p > 0.0 && rng.gen::<f64>() < p {
+                    String::new()
+                } else {
+                    c.clone()
+                }
+            })
+            .collect();
         let time_ids = batch.add_time_ids();
         let (cond, _) = self.pipe.encode_text(&captions, Some(&time_ids))?;
         let uncond = self.uncond(captions.len(), Some(&time_ids))?;
@@ -296,8 +362,17 @@ impl Trainer {
         let guidance = Guidance::new(&uncond, &cond, self.cfg.sampler.cfg);
         let denoiser = UNetDenoiser(&self.pipe.unet.model);
         // Lines 6-14, without a graph (Eq. 11 decides only the gradient, not values).
-        let r = rollout(&denoiser, &self.plan, s, &x_s, &kept, &guidance, t.grad_path)?;
-        let fake = tch::no_grad(|| self.pipe.vae.model.image_from_latents(&r.final_x))?.clamp(-1.0, 1.0);
+        let r = rollout(
+            &denoiser,
+            &self.plan,
+            s,
+            &x_s,
+            &kept,
+            &guidance,
+            t.grad_path,
+        )?;
+        let fake =
+            tch::no_grad(|| self.pipe.vae.model.image_from_latents(&r.final_x))?.clamp(-1.0, 1.0);
 
         // Lines 16-18: discriminator step on DiffAugment-ed real / fake images.
         let lr_d = warmup_lr(t.lr_d, step, t.warmup_d);
@@ -305,7 +380,13 @@ impl Trainer {
             let real_ref = tch::no_grad(|| diff_augment(&x0, &self.policy))?;
             let real = tch::no_grad(|| diff_augment(&x0, &self.policy))?;
             let fake_aug = tch::no_grad(|| diff_augment(&fake, &self.policy))?;
-            let (f_ref, f_real, f_fake) = tch::no_grad(|| (self.features(&real_ref), self.features(&real), self.features(&fake_aug)));
+            let (f_ref, f_real, f_fake) = tch::no_grad(|| {
+                (
+                    self.features(&real_ref),
+                    self.features(&real),
+                    self.features(&fake_aug),
+                )
+            });
             let disc = self.disc.as_ref().unwrap();
             let (loss, stats) = disc.d_loss(&f_ref, &f_real, &f_fake)?;
             check_finite(step, "loss_d", stats.loss)?;
@@ -334,7 +415,9 @@ impl Trainer {
         // Lines 19-21: generator step every H iterations.
         if (step + 1) % t.h == 0 && step >= t.d_only_iterations {
             let target = self.plan.target(&z0, &eps, s);
-            let feats_ref = tch::no_grad(|| -> Result<Vec<Tensor>> { Ok(self.features(&diff_augment(&x0, &self.policy)?)) })?;
+            let feats_ref = tch::no_grad(|| -> Result<Vec<Tensor>> {
+                Ok(self.features(&diff_augment(&x0, &self.policy)?))
+            })?;
             self.opt_g.zero_grad();
             let (adv, diff) = if t.decompose {
                 // g = dL_adv / dx_hat0 through decoder, DiffAugment, F and the heads.
@@ -357,7 +440,15 @@ impl Trainer {
                 )?;
                 (adv, diff.unwrap_or(0.0))
             } else {
-                let (xf, start_cond) = rollout_graph(&denoiser, &self.plan, s, &x_s, &kept, &guidance, t.grad_path)?;
+                let (xf, start_cond) = rollout_graph(
+                    &denoiser,
+                    &self.plan,
+                    s,
+                    &x_s,
+                    &kept,
+                    &guidance,
+                    t.grad_path,
+                )?;
                 let img = self.pipe.vae.model.image_from_latents(&xf)?;
                 let feats = self.features(&diff_augment(&img, &self.policy)?);
                 let (loss_adv, _) = self.disc.as_ref().unwrap().g_loss(&feats_ref, &feats)?;
@@ -391,8 +482,10 @@ impl Trainer {
         let n_train = self.pipe.schedule.num_train_timesteps;
         let ac = &self.plan.alphas_cumprod;
         let ts: Vec<usize> = (0..b).map(|_| rng.gen_range(0..n_train)).collect();
-        let (sa, sb): (Vec<f32>, Vec<f32>) =
-            ts.iter().map(|&i| ((ac[i] as f32).sqrt(), (1.0 - ac[i] as f32).sqrt())).unzip();
+        let (sa, sb): (Vec<f32>, Vec<f32>) = ts
+            .iter()
+            .map(|&i| ((ac[i] as f32).sqrt(), (1.0 - ac[i] as f32).sqrt()))
+            .unzip();
         let dev = self.device();
         let sa = Tensor::from_slice(&sa).to_device(dev).view([-1, 1, 1, 1]);
         let sb = Tensor::from_slice(&sb).to_device(dev).view([-1, 1, 1, 1]);
@@ -403,7 +496,8 @@ impl Trainer {
             crate::schedule::Prediction::VPrediction => &eps * &sa - &z0 * &sb,
             crate::schedule::Prediction::Flow => &eps - &z0,
         };
-        let tt = Tensor::from_slice(&ts.iter().map(|&i| i as f32).collect::<Vec<_>>()).to_device(dev);
+        let tt =
+            Tensor::from_slice(&ts.iter().map(|&i| i as f32).collect::<Vec<_>>()).to_device(dev);
         self.opt_g.zero_grad();
         let out = UNetDenoiser(&self.pipe.unet.model).predict(&x_t, &tt, &cond)?;
         let loss = (out - target).square().mean(Kind::Float);
@@ -443,7 +537,8 @@ impl Trainer {
     pub fn log(&mut self, l: &StepLog) -> Result<()> {
         self.metrics.write(&serde_json::to_value(l)?)?;
         if let Some(ev) = &mut self.events {
-            let mut vals: Vec<(&str, f64)> = vec![("lr_g", l.lr_g), ("lr_d", l.lr_d), ("seconds", l.seconds)];
+            let mut vals: Vec<(&str, f64)> =
+                vec![("lr_g", l.lr_g), ("lr_d", l.lr_d), ("seconds", l.seconds)];
             for (k, v) in [
                 ("loss_d", l.loss_d),
                 ("d_acc", l.d_acc),
@@ -472,7 +567,10 @@ impl Trainer {
         if let Some(ema) = &self.ema {
             // Swap the EMA weights in for saving, then restore.
             let vars = self.pipe.unet.vs.variables();
-            let backup: Vec<(String, Tensor)> = ema.iter().map(|(k, _)| (k.clone(), vars[k].detach().copy())).collect();
+            let backup: Vec<(String, Tensor)> = ema
+                .iter()
+                .map(|(k, _)| (k.clone(), vars[k].detach().copy()))
+                .collect();
             tch::no_grad(|| {
                 for (k, e) in ema {
                     vars[k].shallow_clone().copy_(e);

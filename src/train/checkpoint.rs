@@ -40,29 +40,48 @@ pub fn save(tr: &Trainer) -> Result<PathBuf> {
         std::fs::remove_dir_all(&tmp)?;
     }
     std::fs::create_dir_all(&tmp)?;
-    tr.pipe.unet.save_pretrained(&tmp.join("unet"), tch::Kind::Float)?;
+    tr.pipe
+        .unet
+        .save_pretrained(&tmp.join("unet"), tch::Kind::Float)?;
     let mut tensors: Vec<(String, Tensor)> = tr.opt_g.state("opt_g");
     if let Some(o) = &tr.opt_d {
         tensors.extend(o.state("opt_d"));
     }
     if let Some(ema) = &tr.ema {
-        tensors.extend(ema.iter().map(|(k, t)| (format!("ema.{k}"), t.shallow_clone())));
+        tensors.extend(
+            ema.iter()
+                .map(|(k, t)| (format!("ema.{k}"), t.shallow_clone())),
+        );
     }
     save_safetensors(&tensors, &tmp.join("optimizer.safetensors"), None, None)?;
     if let Some(d) = &tr.disc {
         d.save(&tmp.join("discriminator"))?;
     }
-    let state = TrainerState { step: tr.step, g_steps: tr.g_steps, data: tr.loader.state(), config: tr.cfg.to_toml()? };
-    atomic_write(&tmp.join("state.json"), serde_json::to_string_pretty(&state)?.as_bytes())?;
+    let state = TrainerState {
+        step: tr.step,
+        g_steps: tr.g_steps,
+        data: tr.loader.state(),
+        config: tr.cfg.to_toml()?,
+    };
+    atomic_write(
+        &tmp.join("state.json"),
+        serde_json::to_string_pretty(&state)?.as_bytes(),
+    )?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir)?;
     }
-    std::fs::rename(&tmp, &final_dir).with_context(|| format!("renaming {} into place", tmp.display()))?;
+    std::fs::rename(&tmp, &final_dir)
+        .with_context(|| format!("renaming {} into place", tmp.display()))?;
     atomic_write(&root.join("latest"), name.as_bytes())?;
     // Prune old checkpoints.
     let mut all: Vec<PathBuf> = std::fs::read_dir(&root)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).map(|n| n.starts_with("step-")).unwrap_or(false))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .map(|n| n.starts_with("step-"))
+                .unwrap_or(false)
+        })
         .collect();
     all.sort();
     let keep = tr.cfg.output.keep_checkpoints.max(1);
@@ -84,7 +103,11 @@ pub fn latest(out: &Path) -> Result<Option<PathBuf>> {
     let name = std::fs::read_to_string(&ptr)?;
     let dir = root.join(name.trim());
     if !dir.join("state.json").is_file() {
-        bail!("{}: points at {}, which is not a complete checkpoint", ptr.display(), dir.display());
+        bail!(
+            "{}: points at {}, which is not a complete checkpoint",
+            ptr.display(),
+            dir.display()
+        );
     }
     Ok(Some(dir))
 }
@@ -93,11 +116,14 @@ pub fn latest(out: &Path) -> Result<Option<PathBuf>> {
 pub fn restore(tr: &mut Trainer, dir: &Path) -> Result<()> {
     let text = std::fs::read_to_string(dir.join("state.json"))
         .with_context(|| format!("reading {}", dir.join("state.json").display()))?;
-    let state: TrainerState = serde_json::from_str(&text).with_context(|| format!("parsing {}/state.json", dir.display()))?;
+    let state: TrainerState = serde_json::from_str(&text)
+        .with_context(|| format!("parsing {}/state.json", dir.display()))?;
     // The UNet weights.
     let files = vec![dir.join("unet").join("diffusion_pytorch_model.safetensors")];
     crate::weights::load_into(&mut tr.pipe.unet.vs, &files, &Default::default())?;
-    let opt: HashMap<String, Tensor> = read_safetensors(&dir.join("optimizer.safetensors"))?.into_iter().collect();
+    let opt: HashMap<String, Tensor> = read_safetensors(&dir.join("optimizer.safetensors"))?
+        .into_iter()
+        .collect();
     tr.opt_g.load_state("opt_g", &opt)?;
     if let Some(o) = &mut tr.opt_d {
         o.load_state("opt_d", &opt)?;
@@ -105,7 +131,9 @@ pub fn restore(tr: &mut Trainer, dir: &Path) -> Result<()> {
     if let Some(ema) = &mut tr.ema {
         tch::no_grad(|| -> Result<()> {
             for (k, t) in ema.iter_mut() {
-                let src = opt.get(&format!("ema.{k}")).with_context(|| format!("checkpoint has no EMA weight {k}"))?;
+                let src = opt
+                    .get(&format!("ema.{k}"))
+                    .with_context(|| format!("checkpoint has no EMA weight {k}"))?;
                 t.copy_(src);
             }
             Ok(())

@@ -58,7 +58,11 @@ pub struct ModelSection {
 
 impl Default for ModelSection {
     fn default() -> Self {
-        ModelSection { path: "tiny-random".into(), variant: None, save_to: None }
+        ModelSection {
+            path: "tiny-random".into(),
+            variant: None,
+            save_to: None,
+        }
     }
 }
 
@@ -149,7 +153,11 @@ pub struct SamplerSection {
 
 impl Default for SamplerSection {
     fn default() -> Self {
-        SamplerSection { kind: SamplerKind::Ddim, steps: 50, cfg: 7.0 }
+        SamplerSection {
+            kind: SamplerKind::Ddim,
+            steps: 50,
+            cfg: 7.0,
+        }
     }
 }
 
@@ -244,7 +252,9 @@ fn set_path(table: &mut toml::Table, key: &[String], value: toml::Value) -> Resu
         table.insert(first.clone(), value);
         return Ok(());
     }
-    let entry = table.entry(first.clone()).or_insert_with(|| toml::Value::Table(Default::default()));
+    let entry = table
+        .entry(first.clone())
+        .or_insert_with(|| toml::Value::Table(Default::default()));
     match entry {
         toml::Value::Table(t) => set_path(t, rest, value),
         _ => bail!("--set {}: {first} is not a section", key.join(".")),
@@ -256,8 +266,10 @@ impl Config {
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Config> {
         let mut table: toml::Table = match path {
             Some(p) => {
-                let text = std::fs::read_to_string(p).with_context(|| format!("reading config {}", p.display()))?;
-                text.parse().with_context(|| format!("{}: invalid TOML", p.display()))?
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading config {}", p.display()))?;
+                text.parse()
+                    .with_context(|| format!("{}: invalid TOML", p.display()))?
             }
             None => toml::Table::new(),
         };
@@ -265,13 +277,17 @@ impl Config {
             let (key, value) = parse_override(o)?;
             set_path(&mut table, &key, value)?;
         }
-        let where_ = path.map(|p| p.display().to_string()).unwrap_or_else(|| "configuration".into());
-        let cfg: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-            let key = e.path().to_string();
-            let inner = e.into_inner();
-            anyhow!("{where_}: key {key}: {}", inner.message().trim())
-        })?;
-        cfg.validate().with_context(|| format!("{where_}: invalid value"))?;
+        let where_ = path
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "configuration".into());
+        let cfg: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let key = e.path().to_string();
+                let inner = e.into_inner();
+                anyhow!("{where_}: key {key}: {}", inner.message().trim())
+            })?;
+        cfg.validate()
+            .with_context(|| format!("{where_}: invalid value"))?;
         Ok(cfg)
     }
 
@@ -306,13 +322,22 @@ impl Config {
             }
         }
         if !(0.0..=1.0).contains(&t.caption_dropout) {
-            bail!("train.caption_dropout = {}: must be in [0, 1]", t.caption_dropout);
+            bail!(
+                "train.caption_dropout = {}: must be in [0, 1]",
+                t.caption_dropout
+            );
         }
         if t.resolution < 8 || t.resolution % 8 != 0 {
-            bail!("train.resolution = {}: must be a positive multiple of 8", t.resolution);
+            bail!(
+                "train.resolution = {}: must be a positive multiple of 8",
+                t.resolution
+            );
         }
         if self.sampler.cfg < 0.0 {
-            bail!("sampler.cfg = {}: must be >= 0 (1 = no guidance)", self.sampler.cfg);
+            bail!(
+                "sampler.cfg = {}: must be >= 0 (1 = no guidance)",
+                self.sampler.cfg
+            );
         }
         if self.disc.blocks.is_empty() {
             bail!("disc.blocks: at least one block is needed");
@@ -320,7 +345,13 @@ impl Config {
         if self.disc.channels <= 0 {
             bail!("disc.channels = {}: must be positive", self.disc.channels);
         }
-        for p in self.disc.diffaug.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        for p in self
+            .disc
+            .diffaug
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+        {
             if !["color", "translation", "cutout"].contains(&p) {
                 bail!("disc.diffaug: unknown policy {p:?} (allowed: color, translation, cutout)");
             }
@@ -370,8 +401,15 @@ mod tests {
 
     #[test]
     fn overrides_apply_and_round_trip() {
-        let c = Config::load(None, &["train.k=8".into(), "sampler.kind=dpm_solver_pp2m".into(), "train.mode=ft".into()])
-            .unwrap();
+        let c = Config::load(
+            None,
+            &[
+                "train.k=8".into(),
+                "sampler.kind=dpm_solver_pp2m".into(),
+                "train.mode=ft".into(),
+            ],
+        )
+        .unwrap();
         assert_eq!(c.train.k, 8);
         assert_eq!(c.sampler.kind, SamplerKind::DpmSolverPp2m);
         assert_eq!(c.train.mode, Mode::Ft);
@@ -384,17 +422,38 @@ mod tests {
 
     #[test]
     fn errors_name_the_key_and_allowed_values() {
-        let e = format!("{:#}", Config::load(None, &["train.mode=gan".into()]).unwrap_err());
-        assert!(e.contains("train.mode") && e.contains("adt") && e.contains("ft"), "{e}");
-        let e = format!("{:#}", Config::load(None, &["train.lamda=0.5".into()]).unwrap_err());
+        let e = format!(
+            "{:#}",
+            Config::load(None, &["train.mode=gan".into()]).unwrap_err()
+        );
+        assert!(
+            e.contains("train.mode") && e.contains("adt") && e.contains("ft"),
+            "{e}"
+        );
+        let e = format!(
+            "{:#}",
+            Config::load(None, &["train.lamda=0.5".into()]).unwrap_err()
+        );
         assert!(e.contains("lamda") && e.contains("lambda"), "{e}");
-        let e = format!("{:#}", Config::load(None, &["train.tau=1.5".into()]).unwrap_err());
+        let e = format!(
+            "{:#}",
+            Config::load(None, &["train.tau=1.5".into()]).unwrap_err()
+        );
         assert!(e.contains("train.tau"), "{e}");
-        let e = format!("{:#}", Config::load(None, &["disc.diffaug=color,blur".into()]).unwrap_err());
+        let e = format!(
+            "{:#}",
+            Config::load(None, &["disc.diffaug=color,blur".into()]).unwrap_err()
+        );
         assert!(e.contains("blur") && e.contains("cutout"), "{e}");
-        let e = format!("{:#}", Config::load(None, &["nonsense".into()]).unwrap_err());
+        let e = format!(
+            "{:#}",
+            Config::load(None, &["nonsense".into()]).unwrap_err()
+        );
         assert!(e.contains("key=value"), "{e}");
-        let e = format!("{:#}", Config::load(None, &["train.device=tpu".into()]).unwrap_err());
+        let e = format!(
+            "{:#}",
+            Config::load(None, &["train.device=tpu".into()]).unwrap_err()
+        );
         assert!(e.contains("cuda:N"), "{e}");
     }
 }

@@ -52,7 +52,9 @@ pub struct EventWriter {
 impl EventWriter {
     pub fn create(dir: &Path) -> Result<EventWriter> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs_f64();
         let path = dir.join(format!("events.out.tfevents.{}.adt", now as u64));
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -78,7 +80,9 @@ impl EventWriter {
 
     /// Write scalars for one step.
     pub fn scalars(&mut self, step: i64, values: &[(&str, f64)]) -> Result<()> {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs_f64();
         let mut summary = Vec::new();
         for (tag, v) in values {
             let mut val = Vec::new();
@@ -138,11 +142,19 @@ pub fn read_scalars(path: &Path) -> Result<Vec<(i64, String, f32)>> {
         }
     };
     while i < data.len() {
-        anyhow::ensure!(i + 12 <= data.len(), "{}: truncated record header", path.display());
+        anyhow::ensure!(
+            i + 12 <= data.len(),
+            "{}: truncated record header",
+            path.display()
+        );
         let len_bytes = &data[i..i + 8];
         let len = u64::from_le_bytes(len_bytes.try_into()?) as usize;
         let crc = u32::from_le_bytes(data[i + 8..i + 12].try_into()?);
-        anyhow::ensure!(crc == masked_crc(len_bytes), "{}: bad length crc", path.display());
+        anyhow::ensure!(
+            crc == masked_crc(len_bytes),
+            "{}: bad length crc",
+            path.display()
+        );
         let body = &data[i + 12..i + 12 + len];
         let crc = u32::from_le_bytes(data[i + 12 + len..i + 16 + len].try_into()?);
         anyhow::ensure!(crc == masked_crc(body), "{}: bad data crc", path.display());
@@ -203,16 +215,27 @@ mod tests {
     fn crc_matches_tensorflow_reference() {
         // TensorFlow's masked CRC of the empty string and of "a".
         assert_eq!(crc32c::crc32c(b"123456789"), 0xe306_9283);
-        assert_eq!(masked_crc(b""), 0u32.rotate_right(15).wrapping_add(0xa282_ead8));
+        assert_eq!(
+            masked_crc(b""),
+            0u32.rotate_right(15).wrapping_add(0xa282_ead8)
+        );
     }
 
     #[test]
     fn event_file_round_trips() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = EventWriter::create(dir.path()).unwrap();
-        w.scalars(3, &[("loss_d", 1.5), ("loss_g_adv", -0.25)]).unwrap();
+        w.scalars(3, &[("loss_d", 1.5), ("loss_g_adv", -0.25)])
+            .unwrap();
         w.scalars(4, &[("loss_d", 1.25)]).unwrap();
         let s = read_scalars(&w.path).unwrap();
-        assert_eq!(s, vec![(3, "loss_d".into(), 1.5), (3, "loss_g_adv".into(), -0.25), (4, "loss_d".into(), 1.25)]);
+        assert_eq!(
+            s,
+            vec![
+                (3, "loss_d".into(), 1.5),
+                (3, "loss_g_adv".into(), -0.25),
+                (4, "loss_d".into(), 1.25)
+            ]
+        );
     }
 }

@@ -2,7 +2,7 @@
 pub mod adt;
 pub mod checkpoint;
 pub mod config;
+pub mod logging;
 pub mod optim;
 pub mod path;
 pub mod run;
-pub mod logging;

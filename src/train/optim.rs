@@ -23,13 +23,33 @@ pub struct AdamW {
 impl AdamW {
     /// Optimise every trainable variable of `vs` (those that require grad).
     pub fn new(vs: &VarStore, lr: f64, beta1: f64, beta2: f64, weight_decay: f64) -> AdamW {
-        let mut vars: Vec<(String, Tensor)> =
-            vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        let mut vars: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let m = vars.iter().map(|(_, t)| t.zeros_like().to_kind(Kind::Float)).collect();
-        let v = vars.iter().map(|(_, t)| t.zeros_like().to_kind(Kind::Float)).collect();
+        let m = vars
+            .iter()
+            .map(|(_, t)| t.zeros_like().to_kind(Kind::Float))
+            .collect();
+        let v = vars
+            .iter()
+            .map(|(_, t)| t.zeros_like().to_kind(Kind::Float))
+            .collect();
         let (names, params) = vars.into_iter().unzip();
-        AdamW { lr, beta1, beta2, eps: 1e-8, weight_decay, step: 0, names, params, m, v }
+        AdamW {
+            lr,
+            beta1,
+            beta2,
+            eps: 1e-8,
+            weight_decay,
+            step: 0,
+            names,
+            params,
+            m,
+            v,
+        }
     }
 
     pub fn params(&self) -> &[Tensor] {
@@ -51,7 +71,11 @@ impl AdamW {
         for p in &self.params {
             let g = p.grad();
             if g.defined() {
-                sq += g.to_kind(Kind::Double).square().sum(Kind::Double).double_value(&[]);
+                sq += g
+                    .to_kind(Kind::Double)
+                    .square()
+                    .sum(Kind::Double)
+                    .double_value(&[]);
             }
         }
         sq.sqrt()
@@ -82,7 +106,12 @@ impl AdamW {
         let bc2 = 1.0 - b2.powi(self.step as i32);
         let lr = self.lr;
         tch::no_grad(|| {
-            for ((p, m), v) in self.params.iter_mut().zip(self.m.iter_mut()).zip(self.v.iter_mut()) {
+            for ((p, m), v) in self
+                .params
+                .iter_mut()
+                .zip(self.m.iter_mut())
+                .zip(self.v.iter_mut())
+            {
                 let g = p.grad();
                 if !g.defined() {
                     continue;
@@ -114,7 +143,9 @@ impl AdamW {
     /// Restore a state written by [`AdamW::state`].
     pub fn load_state(&mut self, prefix: &str, tensors: &HashMap<String, Tensor>) -> Result<()> {
         let get = |k: &str| -> Result<&Tensor> {
-            tensors.get(k).ok_or_else(|| anyhow::anyhow!("optimizer state: tensor {k} is missing"))
+            tensors
+                .get(k)
+                .ok_or_else(|| anyhow::anyhow!("optimizer state: tensor {k} is missing"))
         };
         tch::no_grad(|| -> Result<()> {
             for i in 0..self.names.len() {
@@ -122,7 +153,11 @@ impl AdamW {
                 for (slot, which) in [(&mut self.m[i], "m"), (&mut self.v[i], "v")] {
                     let t = get(&format!("{prefix}.{which}.{n}"))?;
                     if t.size() != slot.size() {
-                        bail!("optimizer state {prefix}.{which}.{n}: shape {:?}, expected {:?}", t.size(), slot.size());
+                        bail!(
+                            "optimizer state {prefix}.{which}.{n}: shape {:?}, expected {:?}",
+                            t.size(),
+                            slot.size()
+                        );
                     }
                     slot.copy_(t);
                 }
@@ -151,7 +186,9 @@ mod tests {
     #[test]
     fn adamw_matches_the_update_rule() {
         let vs = VarStore::new(Device::Cpu);
-        let w = vs.root().var_copy("w", &Tensor::from_slice(&[1.0f32, -2.0, 3.0]));
+        let w = vs
+            .root()
+            .var_copy("w", &Tensor::from_slice(&[1.0f32, -2.0, 3.0]));
         let mut opt = AdamW::new(&vs, 0.1, 0.9, 0.999, 0.01);
         // Two steps with the loss sum(w^2): grad = 2w.
         let mut expect: Vec<f64> = vec![1.0, -2.0, 3.0];
@@ -183,13 +220,22 @@ mod tests {
         let mut opt = AdamW::new(&vs, 0.1, 0.9, 0.999, 0.0);
         (&w * &w).sum(Kind::Float).backward();
         opt.step();
-        let st: HashMap<String, Tensor> = opt.state("g").into_iter().map(|(k, t)| (k, t.copy())).collect();
+        let st: HashMap<String, Tensor> = opt
+            .state("g")
+            .into_iter()
+            .map(|(k, t)| (k, t.copy()))
+            .collect();
         let vs2 = VarStore::new(Device::Cpu);
-        let _w2 = vs2.root().var_copy("w", &Tensor::from_slice(&[1.0f32, 2.0]));
+        let _w2 = vs2
+            .root()
+            .var_copy("w", &Tensor::from_slice(&[1.0f32, 2.0]));
         let mut opt2 = AdamW::new(&vs2, 0.1, 0.9, 0.999, 0.0);
         opt2.load_state("g", &st).unwrap();
         assert_eq!(opt2.step, 1);
-        assert_eq!(Vec::<f32>::try_from(&opt2.m[0]).unwrap(), Vec::<f32>::try_from(&opt.m[0]).unwrap());
+        assert_eq!(
+            Vec::<f32>::try_from(&opt2.m[0]).unwrap(),
+            Vec::<f32>::try_from(&opt.m[0]).unwrap()
+        );
         let e = opt2.load_state("x", &st).unwrap_err().to_string();
         assert!(e.contains("x.m.w"), "{e}");
     }

@@ -39,7 +39,11 @@ pub struct Cond {
 
 impl Cond {
     pub fn new(context: Tensor) -> Cond {
-        Cond { context, pooled: None, time_ids: None }
+        Cond {
+            context,
+            pooled: None,
+            time_ids: None,
+        }
     }
 
     /// Concatenate along the batch (for batched unconditional + conditional CFG).
@@ -95,13 +99,27 @@ pub struct Guidance<'a> {
 
 impl<'a> Guidance<'a> {
     pub fn new(uncond: &'a Cond, cond: &'a Cond, scale: f64) -> Guidance<'a> {
-        let both = if scale != 1.0 { Some(Cond::cat(uncond, cond)) } else { None };
-        Guidance { uncond, cond, both, scale }
+        let both = if scale != 1.0 {
+            Some(Cond::cat(uncond, cond))
+        } else {
+            None
+        };
+        Guidance {
+            uncond,
+            cond,
+            both,
+            scale,
+        }
     }
 }
 
 /// Guided output at timestep value `t` and the conditional branch alone.
-pub fn guided_output(model: &dyn Denoiser, x: &Tensor, t: f64, g: &Guidance) -> Result<(Tensor, Tensor)> {
+pub fn guided_output(
+    model: &dyn Denoiser,
+    x: &Tensor,
+    t: f64,
+    g: &Guidance,
+) -> Result<(Tensor, Tensor)> {
     let b = x.size()[0];
     match &g.both {
         None => {
@@ -157,7 +175,12 @@ pub fn rollout(
         for i in start..plan.len() {
             let c = plan.coeffs(i, history.len());
             if kept.contains(&i) {
-                kept_steps.push(KeptStep { index: i, x: x.shallow_clone(), b: c.b, scale: 1.0 });
+                kept_steps.push(KeptStep {
+                    index: i,
+                    x: x.shallow_clone(),
+                    b: c.b,
+                    scale: 1.0,
+                });
             }
             a_list.push((i, c.a));
             let (out, _) = guided_output(model, &x, plan.timesteps[i], g)?;
@@ -167,10 +190,17 @@ pub fn rollout(
         }
         if path == GradPath::Drtune {
             for k in &mut kept_steps {
-                k.scale = a_list.iter().filter(|(i, _)| *i > k.index).map(|(_, a)| a).product();
+                k.scale = a_list
+                    .iter()
+                    .filter(|(i, _)| *i > k.index)
+                    .map(|(_, a)| a)
+                    .product();
             }
         }
-        Ok(Rollout { final_x: x, kept: kept_steps })
+        Ok(Rollout {
+            final_x: x,
+            kept: kept_steps,
+        })
     })
 }
 
@@ -193,7 +223,9 @@ pub fn backprop_kept(
         let mut loss = (&out * g_final.detach()).sum(Kind::Double) * (k.b * k.scale);
         if let Some((start, target, lambda)) = diffusion {
             if start == k.index {
-                let d = (cond_out.to_kind(Kind::Float) - target.to_kind(Kind::Float)).square().mean(Kind::Float);
+                let d = (cond_out.to_kind(Kind::Float) - target.to_kind(Kind::Float))
+                    .square()
+                    .mean(Kind::Float);
                 diff_value = Some(d.double_value(&[]));
                 loss = loss + d.to_kind(Kind::Double) * lambda;
             }
@@ -252,7 +284,10 @@ pub fn rollout_graph(
 pub fn choose_kept(rng: &mut impl rand::Rng, start: usize, n_steps: usize, k: usize) -> Vec<usize> {
     let later: Vec<usize> = (start + 1..n_steps).collect();
     let take = k.min(later.len());
-    let mut chosen = rand::seq::index::sample(rng, later.len(), take).into_iter().map(|j| later[j]).collect::<Vec<_>>();
+    let mut chosen = rand::seq::index::sample(rng, later.len(), take)
+        .into_iter()
+        .map(|j| later[j])
+        .collect::<Vec<_>>();
     chosen.push(start);
     chosen.sort_unstable();
     chosen
@@ -274,7 +309,16 @@ mod tests {
     impl Toy {
         fn new(vs: &nn::VarStore) -> Toy {
             let p = vs.root();
-            let conv = nn::conv2d(&p / "conv", 2, 2, 3, nn::ConvConfig { padding: 1, ..Default::default() });
+            let conv = nn::conv2d(
+                &p / "conv",
+                2,
+                2,
+                3,
+                nn::ConvConfig {
+                    padding: 1,
+                    ..Default::default()
+                },
+            );
             let lin = nn::linear(&p / "lin", 3, 2, Default::default());
             Toy { conv, lin }
         }
@@ -282,7 +326,9 @@ mod tests {
 
     impl Denoiser for Toy {
         fn predict(&self, x: &Tensor, t: &Tensor, cond: &Cond) -> Result<Tensor> {
-            let ctx = self.lin.forward(&cond.context.mean_dim(1, false, Kind::Double)); // [B, 2]
+            let ctx = self
+                .lin
+                .forward(&cond.context.mean_dim(1, false, Kind::Double)); // [B, 2]
             let h = self.conv.forward(x).tanh();
             let tt = (t.to_kind(Kind::Double) / 1000.0).view([-1, 1, 1, 1]);
             Ok(h + ctx.view([-1, 2, 1, 1]) * 0.3 + tt * 0.1)
@@ -294,7 +340,11 @@ mod tests {
         let mut vs = nn::VarStore::new(Device::Cpu);
         let toy = Toy::new(&vs);
         vs.double();
-        let cfg = if kind == SamplerKind::FlowEuler { ScheduleConfig::sd3() } else { ScheduleConfig::sd15() };
+        let cfg = if kind == SamplerKind::FlowEuler {
+            ScheduleConfig::sd3()
+        } else {
+            ScheduleConfig::sd15()
+        };
         let plan = Plan::new(&cfg, kind, 8).unwrap();
         let opts = (Kind::Double, Device::Cpu);
         let cond = Cond::new(Tensor::randn([2, 4, 3], opts));
@@ -321,7 +371,11 @@ mod tests {
     /// product of the later a's (appendix A.1, Eq. A1).
     #[test]
     fn unit_scale_gradient_property() {
-        for kind in [SamplerKind::Ddim, SamplerKind::DpmSolverPp2m, SamplerKind::FlowEuler] {
+        for kind in [
+            SamplerKind::Ddim,
+            SamplerKind::DpmSolverPp2m,
+            SamplerKind::FlowEuler,
+        ] {
             let (_vs, toy, plan, cond, uncond) = setup(kind);
             let g = Guidance::new(&uncond, &cond, 3.0);
             for start in [0, 3, plan.len() - 1] {
@@ -329,13 +383,18 @@ mod tests {
                 let x = Tensor::randn([2, 2, 4, 4], opts).set_requires_grad(true);
                 let v = Tensor::randn([2, 2, 4, 4], opts);
                 let kept: Vec<usize> = (start..plan.len()).collect();
-                let (xf, _) = rollout_graph(&toy, &plan, start, &x, &kept, &g, GradPath::Adt).unwrap();
+                let (xf, _) =
+                    rollout_graph(&toy, &plan, start, &x, &kept, &g, GradPath::Adt).unwrap();
                 (&xf * &v).sum(Kind::Double).backward();
                 let e = crate::fixtures::max_rel_err(&x.grad(), &v);
-                assert!(e < 1e-12, "{kind:?} start {start}: ADT input gradient is not the identity ({e})");
+                assert!(
+                    e < 1e-12,
+                    "{kind:?} start {start}: ADT input gradient is not the identity ({e})"
+                );
 
                 let x = Tensor::randn([2, 2, 4, 4], opts).set_requires_grad(true);
-                let (xf, _) = rollout_graph(&toy, &plan, start, &x, &kept, &g, GradPath::Drtune).unwrap();
+                let (xf, _) =
+                    rollout_graph(&toy, &plan, start, &x, &kept, &g, GradPath::Drtune).unwrap();
                 (&xf * &v).sum(Kind::Double).backward();
                 let mut hist = 0;
                 let mut prod = 1.0;
@@ -347,7 +406,10 @@ mod tests {
                     prod *= c.a;
                 }
                 let e = crate::fixtures::max_rel_err(&x.grad(), &(&v * prod));
-                assert!(e < 1e-12, "{kind:?} start {start}: DRTune gradient is not prod(a) ({e})");
+                assert!(
+                    e < 1e-12,
+                    "{kind:?} start {start}: DRTune gradient is not prod(a) ({e})"
+                );
             }
         }
     }
@@ -368,7 +430,11 @@ mod tests {
     /// whole trajectory in one graph, for every sampler and both paths.
     #[test]
     fn decomposed_gradient_equals_full_graph() {
-        for kind in [SamplerKind::Ddim, SamplerKind::DpmSolverPp2m, SamplerKind::FlowEuler] {
+        for kind in [
+            SamplerKind::Ddim,
+            SamplerKind::DpmSolverPp2m,
+            SamplerKind::FlowEuler,
+        ] {
             for path in [GradPath::Adt, GradPath::Drtune] {
                 let (vs, toy, plan, cond, uncond) = setup(kind);
                 let g = Guidance::new(&uncond, &cond, 2.5);
@@ -384,7 +450,8 @@ mod tests {
                 // A non-linear loss on the final state.
                 let loss_of = |xf: &Tensor| (xf.sin() * &w).sum(Kind::Double);
 
-                let (xf, start_cond) = rollout_graph(&toy, &plan, start, &xs, &kept, &g, path).unwrap();
+                let (xf, start_cond) =
+                    rollout_graph(&toy, &plan, start, &xs, &kept, &g, path).unwrap();
                 let diff = (start_cond.unwrap() - &target).square().mean(Kind::Double);
                 (loss_of(&xf) + diff * lambda).backward();
                 let full = grads(&vs);
@@ -395,11 +462,22 @@ mod tests {
                 let leaf = r.final_x.detach().set_requires_grad(true);
                 loss_of(&leaf).backward();
                 let gf = leaf.grad();
-                backprop_kept(&toy, &plan, &r.kept, &gf, &g, Some((start, &target, lambda))).unwrap();
+                backprop_kept(
+                    &toy,
+                    &plan,
+                    &r.kept,
+                    &gf,
+                    &g,
+                    Some((start, &target, lambda)),
+                )
+                .unwrap();
                 let dec = grads(&vs);
                 for (a, b) in full.iter().zip(&dec) {
                     let e = crate::fixtures::max_rel_err(b, a);
-                    assert!(e < 1e-6, "{kind:?} {path:?}: decomposed vs full gradient rel err {e}");
+                    assert!(
+                        e < 1e-6,
+                        "{kind:?} {path:?}: decomposed vs full gradient rel err {e}"
+                    );
                 }
             }
         }

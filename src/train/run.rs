@@ -14,11 +14,23 @@ use crate::train::config::Config;
 fn resolve_synthetic(cfg: &mut Config) -> Result<()> {
     if cfg.data.get("path").and_then(|v| v.as_str()) == Some("synthetic") {
         let dir = cfg.output.dir.join("synthetic-data");
-        let n = cfg.data.remove("synthetic_count").and_then(|v| v.as_integer()).unwrap_or(64) as usize;
+        let n = cfg
+            .data
+            .remove("synthetic_count")
+            .and_then(|v| v.as_integer())
+            .unwrap_or(64) as usize;
         if !dir.join("metadata.jsonl").is_file() {
-            crate::data::write_synthetic_dataset(&dir, n, cfg.train.resolution as u32, cfg.train.seed)?;
+            crate::data::write_synthetic_dataset(
+                &dir,
+                n,
+                cfg.train.resolution as u32,
+                cfg.train.seed,
+            )?;
         }
-        cfg.data.insert("path".into(), toml::Value::String(dir.display().to_string()));
+        cfg.data.insert(
+            "path".into(),
+            toml::Value::String(dir.display().to_string()),
+        );
     } else {
         cfg.data.remove("synthetic_count");
     }
@@ -46,17 +58,27 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
         };
         match dir {
             Some(d) => {
-                checkpoint::restore(&mut tr, &d).with_context(|| format!("resuming from {}", d.display()))?;
+                checkpoint::restore(&mut tr, &d)
+                    .with_context(|| format!("resuming from {}", d.display()))?;
                 tracing::info!("resumed from {} at step {}", d.display(), tr.step);
             }
-            None => tracing::warn!("--resume: no checkpoint in {}, starting fresh", tr.out_dir.display()),
+            None => tracing::warn!(
+                "--resume: no checkpoint in {}, starting fresh",
+                tr.out_dir.display()
+            ),
         }
     }
     let total = cfg.train.iterations;
-    let pb = if opts.quiet { ProgressBar::hidden() } else { ProgressBar::new(total as u64) };
+    let pb = if opts.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(total as u64)
+    };
     pb.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}, {per_sec}] {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}, {per_sec}] {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     pb.set_position(tr.step as u64);
     let mut done = 0;
@@ -84,7 +106,10 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
         pb.inc(1);
         done += 1;
         let s = tr.step;
-        if cfg.output.sample_every > 0 && s % cfg.output.sample_every == 0 && !cfg.output.validation_prompts.is_empty() {
+        if cfg.output.sample_every > 0
+            && s % cfg.output.sample_every == 0
+            && !cfg.output.validation_prompts.is_empty()
+        {
             let imgs = crate::sample::generate(
                 &tr.pipe,
                 &tr.plan,
@@ -93,7 +118,11 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
                 cfg.train.seed as i64,
                 cfg.train.resolution,
             )?;
-            crate::sample::save_grid(&imgs, &tr.out_dir.join("samples").join(format!("step-{s:07}.png")), 4)?;
+            crate::sample::save_grid(
+                &imgs,
+                &tr.out_dir.join("samples").join(format!("step-{s:07}.png")),
+                4,
+            )?;
         }
         if cfg.output.checkpoint_every > 0 && s % cfg.output.checkpoint_every == 0 && s < total {
             checkpoint::save(&tr)?;
@@ -101,7 +130,11 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
     }
     pb.finish();
     if tr.step >= total {
-        let out = cfg.model.save_to.clone().unwrap_or_else(|| tr.out_dir.join("final"));
+        let out = cfg
+            .model
+            .save_to
+            .clone()
+            .unwrap_or_else(|| tr.out_dir.join("final"));
         tr.save_final(&out)?;
         checkpoint::save(&tr)?;
         tracing::info!("tuned pipeline written to {}", out.display());

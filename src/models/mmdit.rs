@@ -1,0 +1,1 @@
+//! SD3 MMDiT transformer (in progress).

@@ -1,0 +1,1 @@
+//! SD3 text stack (in progress).
