@@ -179,6 +179,9 @@ pub fn inspect(path: &Path) -> Result<String> {
             if name.starts_with('_') {
                 continue;
             }
+            if !spec.is_array() {
+                continue;
+            }
             let class = spec.as_array().map(|a| {
                 a.iter()
                     .map(|x| x.as_str().unwrap_or("null").to_string())

@@ -68,6 +68,16 @@ enum Command {
     },
     /// Describe a diffusers pipeline folder, a component folder or a .safetensors file.
     Inspect { path: PathBuf },
+    /// Write a pipeline folder with randomly initialised weights (the start of pretraining).
+    InitPipeline {
+        /// tiny or demo.
+        #[arg(long)]
+        preset: String,
+        #[arg(long, default_value_t = 0)]
+        seed: i64,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Report on a dataset: counts, resolutions, caption lengths, bad samples.
     InspectData {
         path: PathBuf,
@@ -204,6 +214,12 @@ fn main() -> Result<()> {
             }
         }
         Command::Inspect { path } => print!("{}", adt::inspect::inspect(&path)?),
+        Command::InitPipeline { preset, seed, out } => {
+            let spec = adt::models::pipeline::RandomSpec::by_name(&preset)?;
+            let pipe = adt::models::pipeline::Pipeline::random(&spec, tch::Device::Cpu, seed)?;
+            pipe.save(&out)?;
+            eprintln!("wrote a randomly initialised {preset} pipeline to {}", out.display());
+        }
         Command::InspectData { path, strict } => {
             print!("{}", adt::data::inspect_data(&path, strict)?)
         }

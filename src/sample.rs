@@ -56,7 +56,7 @@ pub fn generate(
         if let Some(e) = err {
             return Err(e);
         }
-        Ok(pipe.vae.model.image_from_latents(&z)?.clamp(-1.0, 1.0))
+        Ok(pipe.to_images(&z)?.clamp(-1.0, 1.0))
     })
 }
 

@@ -13,20 +13,30 @@ use tch::Tensor;
 
 fn png_bytes(img: &(impl Clone + Into<image::DynamicImage>)) -> Vec<u8> {
     let mut out = std::io::Cursor::new(Vec::new());
-    img.clone().into().write_to(&mut out, image::ImageFormat::Png).unwrap();
+    img.clone()
+        .into()
+        .write_to(&mut out, image::ImageFormat::Png)
+        .unwrap();
     out.into_inner()
 }
 
 fn jpeg_bytes(img: &RgbImage) -> Vec<u8> {
     let mut out = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 95).encode_image(img).unwrap();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 95)
+        .encode_image(img)
+        .unwrap();
     out
 }
 
 fn webp_bytes(img: &RgbImage) -> Vec<u8> {
     let mut out = Vec::new();
     image::codecs::webp::WebPEncoder::new_lossless(&mut out)
-        .encode(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgb8)
+        .encode(
+            img.as_raw(),
+            img.width(),
+            img.height(),
+            image::ExtendedColorType::Rgb8,
+        )
         .unwrap();
     out
 }
@@ -38,7 +48,11 @@ fn solid(w: u32, h: u32, c: [u8; 3]) -> RgbImage {
 /// A textured image whose pixels identify their position.
 fn pattern(w: u32, h: u32, seed: u8) -> RgbImage {
     RgbImage::from_fn(w, h, |x, y| {
-        Rgb([(x * 7 + seed as u32) as u8, (y * 5) as u8, ((x + y) * 3 + seed as u32 * 11) as u8])
+        Rgb([
+            (x * 7 + seed as u32) as u8,
+            (y * 5) as u8,
+            ((x + y) * 3 + seed as u32 * 11) as u8,
+        ])
     })
 }
 
@@ -118,13 +132,21 @@ fn good_shard(dir: &Path, index: usize, n: usize) -> PathBuf {
     let mut members = Vec::new();
     for i in 0..n {
         let key = format!("s{index}_{i:03}");
-        members.push((format!("{key}.jpg"), jpeg_bytes(&pattern(24, 20, (index * 16 + i) as u8))));
+        members.push((
+            format!("{key}.jpg"),
+            jpeg_bytes(&pattern(24, 20, (index * 16 + i) as u8)),
+        ));
         if i % 2 == 0 {
-            members.push((format!("{key}.txt"), format!("shard {index} sample {i}").into_bytes()));
+            members.push((
+                format!("{key}.txt"),
+                format!("shard {index} sample {i}").into_bytes(),
+            ));
         } else {
             members.push((
                 format!("{key}.json"),
-                serde_json::json!({"caption": format!("shard {index} sample {i}")}).to_string().into_bytes(),
+                serde_json::json!({"caption": format!("shard {index} sample {i}")})
+                    .to_string()
+                    .into_bytes(),
             ));
         }
     }
@@ -158,10 +180,15 @@ fn imagefolder_with_metadata_jsonl() {
         .lines()
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["file_name"].as_str().unwrap().to_string(), v["text"].as_str().unwrap().to_string())
+            (
+                v["file_name"].as_str().unwrap().to_string(),
+                v["text"].as_str().unwrap().to_string(),
+            )
         })
         .collect();
-    assert!(expected.values().all(|c| c.starts_with("a ") && c.ends_with(" background")));
+    assert!(expected
+        .values()
+        .all(|c| c.starts_with("a ") && c.ends_with(" background")));
     let mut c = cfg(dir.path());
     c.resolution = Resolution::Square(32);
     let mut loader = DataLoader::new(&c, 4).unwrap();
@@ -184,7 +211,10 @@ fn imagefolder_with_metadata_jsonl() {
         assert_eq!(b.target_size, (32, 32));
         let ids = b.add_time_ids();
         assert_eq!(ids.size(), vec![4, 6]);
-        assert_eq!(Vec::<f32>::try_from(ids.get(0)).unwrap(), vec![48.0, 48.0, 0.0, 0.0, 32.0, 32.0]);
+        assert_eq!(
+            Vec::<f32>::try_from(ids.get(0)).unwrap(),
+            vec![48.0, 48.0, 0.0, 0.0, 32.0, 32.0]
+        );
     }
 }
 
@@ -194,7 +224,10 @@ fn synthetic_dataset_is_deterministic_and_drawn_as_captioned() {
     write_synthetic_dataset(a.path(), 5, 40, 11).unwrap();
     write_synthetic_dataset(b.path(), 5, 40, 11).unwrap();
     for name in ["000000.png", "000004.png", "metadata.jsonl"] {
-        assert_eq!(std::fs::read(a.path().join(name)).unwrap(), std::fs::read(b.path().join(name)).unwrap());
+        assert_eq!(
+            std::fs::read(a.path().join(name)).unwrap(),
+            std::fs::read(b.path().join(name)).unwrap()
+        );
     }
     // The background colour named in the caption is the corner colour.
     let colours: BTreeMap<&str, [u8; 3]> = [
@@ -213,7 +246,9 @@ fn synthetic_dataset_is_deterministic_and_drawn_as_captioned() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         let text = v["text"].as_str().unwrap();
         let words: Vec<&str> = text.split(' ').collect();
-        let img = image::open(a.path().join(v["file_name"].as_str().unwrap())).unwrap().to_rgb8();
+        let img = image::open(a.path().join(v["file_name"].as_str().unwrap()))
+            .unwrap()
+            .to_rgb8();
         assert_eq!(img.get_pixel(0, 0).0, colours[words[5]], "{text}");
         assert!(img.pixels().any(|p| p.0 == colours[words[1]]), "{text}");
     }
@@ -224,14 +259,23 @@ fn imagefolder_with_txt_captions() {
     let dir = tempfile::tempdir().unwrap();
     for i in 0..4 {
         let sub = if i % 2 == 0 { "a" } else { "b/c" };
-        write(&dir.path().join(format!("{sub}/im{i}.png")), &png_bytes(&pattern(20, 20, i)));
-        write(&dir.path().join(format!("{sub}/im{i}.txt")), format!("  text {i}\n").as_bytes());
+        write(
+            &dir.path().join(format!("{sub}/im{i}.png")),
+            &png_bytes(&pattern(20, 20, i)),
+        );
+        write(
+            &dir.path().join(format!("{sub}/im{i}.txt")),
+            format!("  text {i}\n").as_bytes(),
+        );
     }
     let mut c = cfg(dir.path());
     c.shuffle = false;
     let mut loader = DataLoader::new(&c, 2).unwrap();
     let b = drain_epoch(&mut loader);
-    assert_eq!(keys_of(&b), vec!["a/im0.png", "a/im2.png", "b/c/im1.png", "b/c/im3.png"]);
+    assert_eq!(
+        keys_of(&b),
+        vec!["a/im0.png", "a/im2.png", "b/c/im1.png", "b/c/im3.png"]
+    );
     let caps: Vec<String> = b.iter().flat_map(|b| b.captions.clone()).collect();
     assert_eq!(caps, vec!["text 0", "text 2", "text 1", "text 3"]);
 }
@@ -243,8 +287,14 @@ fn manifests_csv_tsv_jsonl_with_default_and_custom_columns() {
     write(&d.join("imgs/x.png"), &png_bytes(&pattern(20, 20, 1)));
     write(&d.join("imgs/y.jpg"), &jpeg_bytes(&pattern(20, 20, 2)));
     write(&d.join("imgs/z.webp"), &webp_bytes(&pattern(20, 20, 3)));
-    write(&d.join("m.csv"), b"image,caption\nimgs/x.png,\"an x, quoted\"\nimgs/y.jpg,a y\nimgs/z.webp,a z\n");
-    write(&d.join("m.tsv"), b"path\ttext\nimgs/x.png\tan x\nimgs/y.jpg\ta y\nimgs/z.webp\ta z\n");
+    write(
+        &d.join("m.csv"),
+        b"image,caption\nimgs/x.png,\"an x, quoted\"\nimgs/y.jpg,a y\nimgs/z.webp,a z\n",
+    );
+    write(
+        &d.join("m.tsv"),
+        b"path\ttext\nimgs/x.png\tan x\nimgs/y.jpg\ta y\nimgs/z.webp\ta z\n",
+    );
     write(
         &d.join("sub/m.jsonl"),
         b"{\"img\": \"../imgs/x.png\", \"desc\": \"an x\"}\n{\"img\": \"../imgs/y.jpg\", \"desc\": \"a y\"}\n\n{\"img\": \"../imgs/z.webp\", \"desc\": \"a z\"}\n",
@@ -264,17 +314,30 @@ fn manifests_csv_tsv_jsonl_with_default_and_custom_columns() {
         assert_eq!(b.len(), 3, "{file}");
         assert_eq!(b.captions[0], first, "{file}");
         assert_eq!(b.captions[2], "a z", "{file}");
-        assert!(loader.epoch_stats().bad.total() == 0, "{file}: {:?}", loader.epoch_stats().bad);
+        assert!(
+            loader.epoch_stats().bad.total() == 0,
+            "{file}: {:?}",
+            loader.epoch_stats().bad
+        );
     }
     // A configured column that does not exist is an error naming it and the columns found.
     let mut c = cfg(&d.join("m.csv"));
     c.caption_column = Some("prompt_text".into());
     let err = DataLoader::new(&c, 1).err().unwrap().to_string();
-    assert!(err.contains("prompt_text") && err.contains("caption, image"), "{err}");
+    assert!(
+        err.contains("prompt_text") && err.contains("caption, image"),
+        "{err}"
+    );
     // No recognisable image column.
     write(&d.join("bad.csv"), b"picture,text\nimgs/x.png,a\n");
-    let err = DataLoader::new(&cfg(&d.join("bad.csv")), 1).err().unwrap().to_string();
-    assert!(err.contains("no image path column") && err.contains("picture"), "{err}");
+    let err = DataLoader::new(&cfg(&d.join("bad.csv")), 1)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("no image path column") && err.contains("picture"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -329,9 +392,17 @@ fn webdataset_shards_brace_pattern_and_list() {
 fn decodes_jpeg_png_webp_gray_palette_16bit_and_alpha() {
     let img = pattern(12, 10, 5);
     let check_rgb8 = |bytes: &[u8], tol: i32, what: &str| {
-        let DecodedImage::U8(d) = decode_image(bytes, 1 << 20).unwrap() else { panic!("{what}: expected 8-bit") };
+        let DecodedImage::U8(d) = decode_image(bytes, 1 << 20).unwrap() else {
+            panic!("{what}: expected 8-bit")
+        };
         assert_eq!(d.dimensions(), (12, 10), "{what}");
-        let worst = d.as_raw().iter().zip(img.as_raw()).map(|(a, b)| (*a as i32 - *b as i32).abs()).max().unwrap();
+        let worst = d
+            .as_raw()
+            .iter()
+            .zip(img.as_raw())
+            .map(|(a, b)| (*a as i32 - *b as i32).abs())
+            .max()
+            .unwrap();
         assert!(worst <= tol, "{what}: max pixel error {worst}");
     };
     check_rgb8(&png_bytes(&img), 0, "png");
@@ -340,12 +411,17 @@ fn decodes_jpeg_png_webp_gray_palette_16bit_and_alpha() {
 
     // Grayscale 8-bit: replicated to three channels.
     let gray = ImageBuffer::from_fn(8, 6, |x, y| Luma([(x * 30 + y) as u8]));
-    let DecodedImage::U8(d) = decode_image(&png_bytes(&gray), 1 << 20).unwrap() else { panic!() };
+    let DecodedImage::U8(d) = decode_image(&png_bytes(&gray), 1 << 20).unwrap() else {
+        panic!()
+    };
     assert_eq!(d.get_pixel(3, 2).0, [92, 92, 92]);
 
     // 16-bit RGB keeps its precision.
-    let deep: ImageBuffer<Rgb<u16>, Vec<u16>> = ImageBuffer::from_fn(4, 4, |x, _| Rgb([x as u16 * 1000 + 7, 65535, 0]));
-    let DecodedImage::F32(d) = decode_image(&png_bytes(&deep), 1 << 20).unwrap() else { panic!("16-bit") };
+    let deep: ImageBuffer<Rgb<u16>, Vec<u16>> =
+        ImageBuffer::from_fn(4, 4, |x, _| Rgb([x as u16 * 1000 + 7, 65535, 0]));
+    let DecodedImage::F32(d) = decode_image(&png_bytes(&deep), 1 << 20).unwrap() else {
+        panic!("16-bit")
+    };
     assert!((d.get_pixel(2, 1).0[0] - 2007.0 / 65535.0).abs() < 1e-6);
     assert_eq!(d.get_pixel(2, 1).0[1], 1.0);
 
@@ -356,19 +432,26 @@ fn decodes_jpeg_png_webp_gray_palette_16bit_and_alpha() {
         2 => Rgba([0, 0, 0, 128]),
         _ => Rgba([0, 0, 255, 51]),
     });
-    let DecodedImage::U8(d) = decode_image(&png_bytes(&rgba), 1 << 20).unwrap() else { panic!() };
+    let DecodedImage::U8(d) = decode_image(&png_bytes(&rgba), 1 << 20).unwrap() else {
+        panic!()
+    };
     assert_eq!(d.get_pixel(0, 0).0, [255, 0, 0]);
     assert_eq!(d.get_pixel(1, 0).0, [255, 255, 255]);
     assert_eq!(d.get_pixel(2, 0).0, [127, 127, 127]);
     assert_eq!(d.get_pixel(3, 0).0, [204, 204, 255]);
 
     // 16-bit gray + alpha.
-    let la16: ImageBuffer<image::LumaA<u16>, Vec<u16>> = ImageBuffer::from_pixel(2, 2, image::LumaA([0, 32768]));
-    let DecodedImage::F32(d) = decode_image(&png_bytes(&la16), 1 << 20).unwrap() else { panic!() };
+    let la16: ImageBuffer<image::LumaA<u16>, Vec<u16>> =
+        ImageBuffer::from_pixel(2, 2, image::LumaA([0, 32768]));
+    let DecodedImage::F32(d) = decode_image(&png_bytes(&la16), 1 << 20).unwrap() else {
+        panic!()
+    };
     assert!((d.get_pixel(0, 0).0[0] - (1.0 - 32768.0 / 65535.0)).abs() < 1e-5);
 
     // Palette PNG with transparency.
-    let DecodedImage::U8(d) = decode_image(&palette_png(), 1 << 20).unwrap() else { panic!() };
+    let DecodedImage::U8(d) = decode_image(&palette_png(), 1 << 20).unwrap() else {
+        panic!()
+    };
     assert_eq!(d.dimensions(), (2, 2));
     assert_eq!(d.get_pixel(0, 0).0, [10, 20, 30]);
     assert_eq!(d.get_pixel(1, 0).0, [200, 100, 50]);
@@ -380,7 +463,11 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= b as u32;
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -436,18 +523,33 @@ fn jpeg_with_orientation(img: &RgbImage, orientation: u16) -> Vec<u8> {
 #[test]
 fn exif_orientation_is_applied() {
     // 40 wide, 20 high: left half red, right half blue.
-    let img = RgbImage::from_fn(40, 20, |x, _| if x < 20 { Rgb([255, 0, 0]) } else { Rgb([0, 0, 255]) });
-    let DecodedImage::U8(d) = decode_image(&jpeg_with_orientation(&img, 1), 1 << 20).unwrap() else { panic!() };
+    let img = RgbImage::from_fn(40, 20, |x, _| {
+        if x < 20 {
+            Rgb([255, 0, 0])
+        } else {
+            Rgb([0, 0, 255])
+        }
+    });
+    let DecodedImage::U8(d) = decode_image(&jpeg_with_orientation(&img, 1), 1 << 20).unwrap()
+    else {
+        panic!()
+    };
     assert_eq!(d.dimensions(), (40, 20));
     // 6: rotate 90 degrees clockwise to display: the left half goes to the top.
-    let DecodedImage::U8(d) = decode_image(&jpeg_with_orientation(&img, 6), 1 << 20).unwrap() else { panic!() };
+    let DecodedImage::U8(d) = decode_image(&jpeg_with_orientation(&img, 6), 1 << 20).unwrap()
+    else {
+        panic!()
+    };
     assert_eq!(d.dimensions(), (20, 40));
     let top = d.get_pixel(10, 5).0;
     let bottom = d.get_pixel(10, 35).0;
     assert!(top[0] > 200 && top[2] < 60, "top {top:?}");
     assert!(bottom[2] > 200 && bottom[0] < 60, "bottom {bottom:?}");
     // 3: rotate 180: red on the right.
-    let DecodedImage::U8(d) = decode_image(&jpeg_with_orientation(&img, 3), 1 << 20).unwrap() else { panic!() };
+    let DecodedImage::U8(d) = decode_image(&jpeg_with_orientation(&img, 3), 1 << 20).unwrap()
+    else {
+        panic!()
+    };
     assert!(d.get_pixel(35, 10).0[0] > 200);
     // The loader reports the upright size as the original size.
     let dir = tempfile::tempdir().unwrap();
@@ -463,7 +565,12 @@ fn exif_orientation_is_applied() {
 fn center_crop_flip_and_values_are_exact() {
     // 64 wide, 32 high: no resize to 32x32, center crop at x = 16.
     let img = pattern(64, 32, 9);
-    let t = Transform { height: 32, width: 32, crop: CropMode::Center, flip: false };
+    let t = Transform {
+        height: 32,
+        width: 32,
+        crop: CropMode::Center,
+        flip: false,
+    };
     let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
     let p = t.apply(&DecodedImage::U8(img.clone()), &mut rng);
     assert_eq!(p.original_size, (32, 64));
@@ -476,7 +583,10 @@ fn center_crop_flip_and_values_are_exact() {
             for x in 0..32u32 {
                 let want = u8_to_unit(img.get_pixel(x + 16, y).0[c]);
                 let got = pp[c * 1024 + y as usize * 32 + x as usize];
-                assert!((got - want).abs() <= 1e-6, "c {c} y {y} x {x}: {got} vs {want}");
+                assert!(
+                    (got - want).abs() <= 1e-6,
+                    "c {c} y {y} x {x}: {got} vs {want}"
+                );
             }
         }
     }
@@ -504,7 +614,12 @@ fn center_crop_flip_and_values_are_exact() {
     }
     assert!(flips > 2 && flips < 14, "{flips} flips of 16");
     // Odd margin: Python rounding of 1.5 gives 2.
-    let t = Transform { height: 32, width: 32, crop: CropMode::Center, flip: false };
+    let t = Transform {
+        height: 32,
+        width: 32,
+        crop: CropMode::Center,
+        flip: false,
+    };
     let p = t.apply(&DecodedImage::U8(pattern(35, 32, 0)), &mut rng);
     assert_eq!(p.crop_top_left, (0, 2));
     let pp = flat(&p.pixels);
@@ -514,7 +629,12 @@ fn center_crop_flip_and_values_are_exact() {
 #[test]
 fn random_crop_is_in_bounds_and_matches_the_source_region() {
     let img = pattern(80, 32, 1);
-    let t = Transform { height: 32, width: 32, crop: CropMode::Random, flip: true };
+    let t = Transform {
+        height: 32,
+        width: 32,
+        crop: CropMode::Random,
+        flip: true,
+    };
     let mut lefts = HashSet::new();
     for seed in 0..40 {
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
@@ -528,7 +648,10 @@ fn random_crop_is_in_bounds_and_matches_the_source_region() {
         for x in [0u32, 17, 31] {
             let src_x = if p.flipped { 79 - (left + x) } else { left + x };
             let want = u8_to_unit(img.get_pixel(src_x, 3).0[0]);
-            assert!((pp[3 * 32 + x as usize] - want).abs() <= 1e-6, "seed {seed} x {x}");
+            assert!(
+                (pp[3 * 32 + x as usize] - want).abs() <= 1e-6,
+                "seed {seed} x {x}"
+            );
         }
     }
     assert!(lefts.len() > 10, "random crops not spread: {lefts:?}");
@@ -538,8 +661,19 @@ fn random_crop_is_in_bounds_and_matches_the_source_region() {
 fn resize_shortest_side_preserves_content() {
     // A 200x100 image: left half dark, right half light, resized to 64 high then
     // center-cropped 64x64: columns 0..~32 of the 128-wide image are cut.
-    let img = RgbImage::from_fn(200, 100, |x, _| if x < 100 { Rgb([20, 40, 60]) } else { Rgb([220, 200, 180]) });
-    let t = Transform { height: 64, width: 64, crop: CropMode::Center, flip: false };
+    let img = RgbImage::from_fn(200, 100, |x, _| {
+        if x < 100 {
+            Rgb([20, 40, 60])
+        } else {
+            Rgb([220, 200, 180])
+        }
+    });
+    let t = Transform {
+        height: 64,
+        width: 64,
+        crop: CropMode::Center,
+        flip: false,
+    };
     let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
     let p = t.apply(&DecodedImage::U8(img), &mut rng);
     assert_eq!(p.original_size, (100, 200));
@@ -552,7 +686,12 @@ fn resize_shortest_side_preserves_content() {
     assert!(at(0, 30, 29) < -0.5 && at(0, 30, 34) > 0.5);
     // Uniform 16-bit image scaled up: constant output, full precision.
     let deep = image::Rgb32FImage::from_pixel(10, 20, Rgb([0.25, 0.5, 1.0]));
-    let t = Transform { height: 32, width: 32, crop: CropMode::Center, flip: false };
+    let t = Transform {
+        height: 32,
+        width: 32,
+        crop: CropMode::Center,
+        flip: false,
+    };
     let p = t.apply(&DecodedImage::F32(deep), &mut rng);
     let pp = flat(&p.pixels);
     assert!(pp[..1024].iter().all(|v| (v + 0.5).abs() < 1e-5));
@@ -563,8 +702,19 @@ fn resize_shortest_side_preserves_content() {
 fn downscaling_is_antialiased() {
     // A one-pixel checkerboard shrunk 8x must come out as flat mid-grey: point
     // sampling (no antialiasing) would keep black and white pixels.
-    let board = RgbImage::from_fn(256, 256, |x, y| if (x + y) % 2 == 0 { Rgb([0, 0, 0]) } else { Rgb([255, 255, 255]) });
-    let t = Transform { height: 32, width: 32, crop: CropMode::Center, flip: false };
+    let board = RgbImage::from_fn(256, 256, |x, y| {
+        if (x + y) % 2 == 0 {
+            Rgb([0, 0, 0])
+        } else {
+            Rgb([255, 255, 255])
+        }
+    });
+    let t = Transform {
+        height: 32,
+        width: 32,
+        crop: CropMode::Center,
+        flip: false,
+    };
     let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
     let p = t.apply(&DecodedImage::U8(board), &mut rng);
     let worst = flat(&p.pixels).iter().map(|v| v.abs()).fold(0f32, f32::max);
@@ -574,14 +724,26 @@ fn downscaling_is_antialiased() {
 #[test]
 fn non_square_resolution() {
     let dir = tempfile::tempdir().unwrap();
-    write(&dir.path().join("a.png"), &png_bytes(&solid(50, 50, [0, 255, 0])));
+    write(
+        &dir.path().join("a.png"),
+        &png_bytes(&solid(50, 50, [0, 255, 0])),
+    );
     write_metadata(dir.path(), &[("a.png", "green")]);
-    let c: DataConfig = toml::from_str(&format!("path = {:?}\nresolution = [16, 32]", dir.path().display().to_string())).unwrap();
+    let c: DataConfig = toml::from_str(&format!(
+        "path = {:?}\nresolution = [16, 32]",
+        dir.path().display().to_string()
+    ))
+    .unwrap();
     let mut loader = DataLoader::new(&c, 1).unwrap();
     let b = loader.next_batch().unwrap();
     assert_eq!(b.images.size(), vec![1, 3, 16, 32]);
     assert_eq!(b.crop_top_lefts, vec![(8, 0)]);
-    assert!(max_abs_diff(&b.images.select(1, 1), &Tensor::ones([1, 16, 32], (tch::Kind::Float, tch::Device::Cpu))) < 1e-6);
+    assert!(
+        max_abs_diff(
+            &b.images.select(1, 1),
+            &Tensor::ones([1, 16, 32], (tch::Kind::Float, tch::Device::Cpu))
+        ) < 1e-6
+    );
 }
 
 // ---------------------------------------------------------------- order and resume
@@ -675,7 +837,11 @@ fn restored_loader_yields_the_identical_remaining_sequence() {
     let mut s2 = s.clone();
     s2.fingerprint = "0000".into();
     let mut l3 = DataLoader::new(&c, 3).unwrap();
-    assert!(l3.restore(&s2).unwrap_err().to_string().contains("different dataset"));
+    assert!(l3
+        .restore(&s2)
+        .unwrap_err()
+        .to_string()
+        .contains("different dataset"));
 }
 
 #[test]
@@ -684,7 +850,10 @@ fn restored_webdataset_loader_yields_the_identical_remaining_sequence() {
     for s in 0..3 {
         good_shard(dir.path(), s, 7);
     }
-    let mut c = shuffled_cfg(Path::new(&format!("{}/{{000000..000002}}.tar", dir.path().display())));
+    let mut c = shuffled_cfg(Path::new(&format!(
+        "{}/{{000000..000002}}.tar",
+        dir.path().display()
+    )));
     c.shuffle_buffer = 3;
     check_resume(&c, 4, 2, 8);
     check_resume(&c, 4, 5, 3);
@@ -726,8 +895,14 @@ fn check_bad(dir: &Path, kind: BadKind, name: &str) {
             Err(e) => break e.to_string(),
         }
     };
-    assert!(err.contains(name), "{kind}: strict error should name {name}: {err}");
-    assert!(err.contains(kind.name()), "{kind}: strict error should give the kind: {err}");
+    assert!(
+        err.contains(name),
+        "{kind}: strict error should name {name}: {err}"
+    );
+    assert!(
+        err.contains(kind.name()),
+        "{kind}: strict error should give the kind: {err}"
+    );
 }
 
 fn truncated_jpeg() -> Vec<u8> {
@@ -738,7 +913,22 @@ fn truncated_jpeg() -> Vec<u8> {
 #[test]
 fn bad_truncated_jpeg() {
     let bytes = truncated_jpeg();
-    assert_eq!(decode_image(&bytes, 1 << 20).unwrap_err().0, BadKind::Corrupt);
+    let (kind, detail) = decode_image(&bytes, 1 << 20).unwrap_err();
+    assert_eq!(kind, BadKind::Corrupt);
+    assert!(detail.contains("truncated JPEG"), "{detail}");
+    // Data appended after a complete JPEG (as motion photos do) is fine, and so is
+    // an EXIF segment before the image.
+    let mut appended = jpeg_bytes(&pattern(64, 64, 3));
+    appended.extend(vec![0x17; 10_000]);
+    assert!(decode_image(&appended, 1 << 20).is_ok());
+    assert!(decode_image(&jpeg_with_orientation(&pattern(64, 64, 3), 1), 1 << 20).is_ok());
+    // Truncation right after the header segments.
+    let full = jpeg_bytes(&pattern(64, 64, 3));
+    let sos = full.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
+    assert_eq!(
+        decode_image(&full[..sos + 20], 1 << 20).unwrap_err().0,
+        BadKind::Corrupt
+    );
     let dir = folder_with(&[("trunc.jpg", Some(bytes), "t")], 3);
     check_bad(dir.path(), BadKind::Corrupt, "trunc.jpg");
 }
@@ -746,12 +936,18 @@ fn bad_truncated_jpeg() {
 #[test]
 fn bad_truncated_and_corrupt_png() {
     let p = png_bytes(&pattern(64, 64, 3));
-    assert_eq!(decode_image(&p[..p.len() / 2], 1 << 20).unwrap_err().0, BadKind::Corrupt);
+    assert_eq!(
+        decode_image(&p[..p.len() / 2], 1 << 20).unwrap_err().0,
+        BadKind::Corrupt
+    );
     let mut corrupt = p.clone();
     for b in corrupt.iter_mut().skip(60).take(200) {
         *b ^= 0x5A;
     }
-    assert_eq!(decode_image(&corrupt, 1 << 20).unwrap_err().0, BadKind::Corrupt);
+    assert_eq!(
+        decode_image(&corrupt, 1 << 20).unwrap_err().0,
+        BadKind::Corrupt
+    );
     let dir = folder_with(&[("broken.png", Some(corrupt), "c")], 3);
     check_bad(dir.path(), BadKind::Corrupt, "broken.png");
 }
@@ -764,7 +960,10 @@ fn bad_zero_byte_file() {
 
 #[test]
 fn bad_non_image_with_image_extension() {
-    let dir = folder_with(&[("notes.png", Some(b"these are not pixels\n".to_vec()), "n")], 3);
+    let dir = folder_with(
+        &[("notes.png", Some(b"these are not pixels\n".to_vec()), "n")],
+        3,
+    );
     check_bad(dir.path(), BadKind::NotAnImage, "notes.png");
 }
 
@@ -808,17 +1007,31 @@ fn bad_missing_and_empty_captions_are_found_while_listing() {
     // .txt layout: one image without caption file, one with an empty caption.
     let dir = tempfile::tempdir().unwrap();
     for i in 0..3 {
-        write(&dir.path().join(format!("g{i}.png")), &png_bytes(&pattern(20, 20, i)));
+        write(
+            &dir.path().join(format!("g{i}.png")),
+            &png_bytes(&pattern(20, 20, i)),
+        );
         write(&dir.path().join(format!("g{i}.txt")), b"fine");
     }
-    write(&dir.path().join("nocap.png"), &png_bytes(&pattern(20, 20, 7)));
-    write(&dir.path().join("blank.png"), &png_bytes(&pattern(20, 20, 8)));
+    write(
+        &dir.path().join("nocap.png"),
+        &png_bytes(&pattern(20, 20, 7)),
+    );
+    write(
+        &dir.path().join("blank.png"),
+        &png_bytes(&pattern(20, 20, 8)),
+    );
     write(&dir.path().join("blank.txt"), b"  \n ");
     let mut loader = DataLoader::new(&cfg(dir.path()), 1).unwrap();
     let kinds: Vec<(BadKind, bool)> = loader
         .index_bad()
         .iter()
-        .map(|b| (b.kind, b.location.contains("nocap.png") || b.location.contains("blank.png")))
+        .map(|b| {
+            (
+                b.kind,
+                b.location.contains("nocap.png") || b.location.contains("blank.png"),
+            )
+        })
         .collect();
     assert_eq!(kinds.len(), 2);
     assert!(kinds.contains(&(BadKind::MissingCaption, true)));
@@ -828,12 +1041,18 @@ fn bad_missing_and_empty_captions_are_found_while_listing() {
     let mut c = cfg(dir.path());
     c.strict = true;
     let err = DataLoader::new(&c, 1).err().unwrap().to_string();
-    assert!(err.contains("blank.png") && err.contains("empty caption"), "{err}");
+    assert!(
+        err.contains("blank.png") && err.contains("empty caption"),
+        "{err}"
+    );
 
     // Manifest layout: a null caption, an empty caption, an image missing from the
     // metadata, and a line that is not JSON.
     let dir = folder_with(&[("e.png", Some(png_bytes(&pattern(20, 20, 1))), "   ")], 3);
-    write(&dir.path().join("unlisted.png"), &png_bytes(&pattern(20, 20, 2)));
+    write(
+        &dir.path().join("unlisted.png"),
+        &png_bytes(&pattern(20, 20, 2)),
+    );
     let mut meta = std::fs::read_to_string(dir.path().join("metadata.jsonl")).unwrap();
     meta.push_str("{\"file_name\": \"img_00.png\", \"text\": null}\nnot json\n");
     write(&dir.path().join("metadata.jsonl"), meta.as_bytes());
@@ -855,16 +1074,31 @@ fn bad_missing_and_empty_captions_are_found_while_listing() {
 fn captions_longer_than_the_token_window_are_counted() {
     let dir = tempfile::tempdir().unwrap();
     for i in 0..4 {
-        write(&dir.path().join(format!("g{i}.png")), &png_bytes(&pattern(20, 20, i)));
+        write(
+            &dir.path().join(format!("g{i}.png")),
+            &png_bytes(&pattern(20, 20, i)),
+        );
     }
     let long = "word ".repeat(12);
-    write_metadata(dir.path(), &[("g0.png", "short one"), ("g1.png", &long), ("g2.png", "abcdefghij"), ("g3.png", "x")]);
+    write_metadata(
+        dir.path(),
+        &[
+            ("g0.png", "short one"),
+            ("g1.png", &long),
+            ("g2.png", "abcdefghij"),
+            ("g3.png", "x"),
+        ],
+    );
     // Words by default: one caption over 9 words.
     let mut c = cfg(dir.path());
     c.max_caption_tokens = Some(9);
     let mut l = DataLoader::new(&c, 4).unwrap();
     let b = l.next_batch().unwrap();
-    assert_eq!(b.len(), 4, "long captions are kept (the encoder truncates them)");
+    assert_eq!(
+        b.len(),
+        4,
+        "long captions are kept (the encoder truncates them)"
+    );
     assert_eq!(l.epoch_stats().captions_truncated, 1);
     // A token counter (one token per character here): "abcdefghij" and the long one.
     let counter: TokenCounter = Arc::new(|s: &str| s.chars().count());
@@ -936,7 +1170,10 @@ fn bad_shards_missing_duplicate_keys_and_damaged() {
     c.drop_last = false;
     let mut loader = DataLoader::new(&c, 10).unwrap();
     let b = loader.next_batch().unwrap();
-    assert_eq!(b.keys, vec!["a.tar/k1", "a.tar/k2", "a.tar/k5", "damaged.tar/d1"]);
+    assert_eq!(
+        b.keys,
+        vec!["a.tar/k1", "a.tar/k2", "a.tar/k5", "damaged.tar/d1"]
+    );
     assert_eq!(b.captions, vec!["one", "two", "five", "d one"]);
     let s = loader.last_epoch_stats().unwrap();
     assert_eq!(s.bad.get(BadKind::DuplicateKey), 1, "{}", s.bad);
@@ -952,7 +1189,10 @@ fn bad_shards_missing_duplicate_keys_and_damaged() {
     c.shards = vec![good];
     let mut l = DataLoader::new(&c, 10).unwrap();
     let err = l.next_batch().unwrap_err().to_string();
-    assert!(err.contains("a.tar") && err.contains("member k1.jpg") && err.contains("duplicate key"), "{err}");
+    assert!(
+        err.contains("a.tar") && err.contains("member k1.jpg") && err.contains("duplicate key"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -961,10 +1201,22 @@ fn zero_usable_samples_is_an_error_before_training() {
     let dir = tempfile::tempdir().unwrap();
     write(&dir.path().join("a.png"), &png_bytes(&pattern(8, 8, 0)));
     write_metadata(dir.path(), &[("a.png", "")]);
-    let err = DataLoader::new(&cfg(dir.path()), 1).err().unwrap().to_string();
-    assert!(err.contains("no usable samples") && err.contains("empty caption"), "{err}");
+    let err = DataLoader::new(&cfg(dir.path()), 1)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("no usable samples") && err.contains("empty caption"),
+        "{err}"
+    );
     // Every listed file is bad: the first batch is an error, not an endless loop.
-    let dir = folder_with(&[("x.jpg", Some(Vec::new()), "x"), ("y.png", Some(b"text".to_vec()), "y")], 0);
+    let dir = folder_with(
+        &[
+            ("x.jpg", Some(Vec::new()), "x"),
+            ("y.png", Some(b"text".to_vec()), "y"),
+        ],
+        0,
+    );
     let mut l = DataLoader::new(&cfg(dir.path()), 1).unwrap();
     let err = l.next_batch().unwrap_err().to_string();
     assert!(err.contains("no usable samples"), "{err}");
@@ -979,8 +1231,14 @@ fn zero_usable_samples_is_an_error_before_training() {
     let err = DataLoader::new(&c, 1).err().unwrap().to_string();
     assert!(err.contains("no usable samples"), "{err}");
     // A path that does not exist.
-    let err = DataLoader::new(&cfg(Path::new("/nonexistent-adt-data")), 1).err().unwrap().to_string();
-    assert!(err.contains("/nonexistent-adt-data") && err.contains("does not exist"), "{err}");
+    let err = DataLoader::new(&cfg(Path::new("/nonexistent-adt-data")), 1)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("/nonexistent-adt-data") && err.contains("does not exist"),
+        "{err}"
+    );
 }
 
 // ---------------------------------------------------------------- config
@@ -998,12 +1256,19 @@ fn config_from_toml() {
     assert_eq!((c.max_pixels, c.seed, c.num_workers), (1_000_000, 7, 2));
     let d: DataConfig = toml::from_str("path = \"x\"").unwrap();
     assert_eq!(d, DataConfig::for_path("x"));
-    let err = toml::from_str::<DataConfig>("path = \"x\"\nresolutoin = 5").unwrap_err().to_string();
+    let err = toml::from_str::<DataConfig>("path = \"x\"\nresolutoin = 5")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("resolutoin"), "{err}");
-    let err = toml::from_str::<DataConfig>("path = \"x\"\ncrop = \"diagonal\"").unwrap_err().to_string();
+    let err = toml::from_str::<DataConfig>("path = \"x\"\ncrop = \"diagonal\"")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("diagonal"), "{err}");
     assert!(DataConfig::default().validate().is_err());
-    assert_eq!(expand_braces("d/{08..10}.tar").unwrap(), vec!["d/08.tar", "d/09.tar", "d/10.tar"]);
+    assert_eq!(
+        expand_braces("d/{08..10}.tar").unwrap(),
+        vec!["d/08.tar", "d/09.tar", "d/10.tar"]
+    );
 }
 
 // ---------------------------------------------------------------- caches
@@ -1028,7 +1293,9 @@ fn cache_reuses_same_key_and_rebuilds_stale() {
     let id = latent_entry_id("abc123", (0, 16), true);
     assert_ne!(id, latent_entry_id("abc123", (0, 16), false));
     assert_eq!(cache.get(&id).unwrap().map(|v| v.len()), None);
-    cache.put(&id, &[("latent".to_string(), lat.shallow_clone())]).unwrap();
+    cache
+        .put(&id, &[("latent".to_string(), lat.shallow_clone())])
+        .unwrap();
     let got = cache.get(&id).unwrap().unwrap();
     assert_eq!(got[0].0, "latent");
     assert!(tensors_equal(&got[0].1, &lat));
@@ -1043,21 +1310,33 @@ fn cache_reuses_same_key_and_rebuilds_stale() {
     // Another model: stale, wiped, the old value is not served.
     let (cache, status) = FeatureCache::open(root.path(), key("m2", 512)).unwrap();
     match status {
-        CacheStatus::Rebuilt { reason } => assert!(reason.contains("model_id: m1 -> m2"), "{reason}"),
+        CacheStatus::Rebuilt { reason } => {
+            assert!(reason.contains("model_id: m1 -> m2"), "{reason}")
+        }
         s => panic!("expected a rebuild, got {s:?}"),
     }
     assert!(cache.get(&id).unwrap().is_none());
     assert_eq!(cache.len().unwrap(), 0);
-    cache.put(&id, &[("latent".to_string(), lat.shallow_clone() * 2)]).unwrap();
+    cache
+        .put(&id, &[("latent".to_string(), lat.shallow_clone() * 2)])
+        .unwrap();
     drop(cache);
     // Another resolution: stale too.
     let (cache, status) = FeatureCache::open(root.path(), key("m2", 1024)).unwrap();
-    assert!(matches!(status, CacheStatus::Rebuilt { ref reason } if reason.contains("resolution")), "{status:?}");
+    assert!(
+        matches!(status, CacheStatus::Rebuilt { ref reason } if reason.contains("resolution")),
+        "{status:?}"
+    );
     assert!(cache.get(&id).unwrap().is_none());
     // An entry file written under another key (copied in by hand) is not served.
     let (other, _) = FeatureCache::open(&root.path().join("elsewhere"), key("m9", 1024)).unwrap();
-    other.put(&id, &[("latent".to_string(), lat.shallow_clone())]).unwrap();
-    let rel = walk(other.dir()).into_iter().find(|p| p.extension().is_some_and(|e| e == "safetensors")).unwrap();
+    other
+        .put(&id, &[("latent".to_string(), lat.shallow_clone())])
+        .unwrap();
+    let rel = walk(other.dir())
+        .into_iter()
+        .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .unwrap();
     let dest = cache.dir().join(rel.strip_prefix(other.dir()).unwrap());
     std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
     std::fs::copy(&rel, &dest).unwrap();
@@ -1065,7 +1344,14 @@ fn cache_reuses_same_key_and_rebuilds_stale() {
     // Text entries key on the caption.
     assert_eq!(text_entry_id("a cat"), text_entry_id("a cat"));
     assert_ne!(text_entry_id("a cat"), text_entry_id("a dog"));
-    assert!(FeatureCache::open(root.path(), CacheKey { kind: "../x".into(), ..key("m", 1) }).is_err());
+    assert!(FeatureCache::open(
+        root.path(),
+        CacheKey {
+            kind: "../x".into(),
+            ..key("m", 1)
+        }
+    )
+    .is_err());
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
@@ -1104,7 +1390,11 @@ fn model_identity_changes_with_weights() {
 fn inspect_data_reports_counts_sizes_captions_and_bad() {
     let dir = folder_with(
         &[
-            ("wide.png", Some(png_bytes(&solid(300, 100, [1, 2, 3]))), "a wide image of some length"),
+            (
+                "wide.png",
+                Some(png_bytes(&solid(300, 100, [1, 2, 3]))),
+                "a wide image of some length",
+            ),
             ("bad.jpg", Some(Vec::new()), "zero"),
             ("trunc.jpg", Some(truncated_jpeg()), "t"),
         ],
@@ -1118,22 +1408,46 @@ fn inspect_data_reports_counts_sizes_captions_and_bad() {
     assert_eq!((w.min, w.median, w.max), (32, 32, 300));
     assert_eq!(r.height.unwrap().max, 100);
     assert_eq!(r.short_side_buckets[0].1, 4); // all under 256 px
-    assert_eq!(r.aspect_buckets.iter().find(|b| b.0.starts_with(">=2")).unwrap().1, 1);
+    assert_eq!(
+        r.aspect_buckets
+            .iter()
+            .find(|b| b.0.starts_with(">=2"))
+            .unwrap()
+            .1,
+        1
+    );
     let c = r.caption_words.unwrap();
     assert_eq!((c.min, c.max), (2, 6));
     let text = r.to_string();
-    for needle in ["usable samples: 4", "zero-byte file: 1", "bad.jpg", "trunc.jpg", "caption length", "shortest side"] {
+    for needle in [
+        "usable samples: 4",
+        "zero-byte file: 1",
+        "bad.jpg",
+        "trunc.jpg",
+        "caption length",
+        "shortest side",
+    ] {
         assert!(text.contains(needle), "report lacks {needle:?}:\n{text}");
     }
     println!("{text}");
     let err = inspect_data(dir.path(), true).unwrap_err().to_string();
-    assert!(err.contains("bad.jpg") || err.contains("trunc.jpg"), "{err}");
+    assert!(
+        err.contains("bad.jpg") || err.contains("trunc.jpg"),
+        "{err}"
+    );
 }
 
 #[test]
 fn bench_loader_runs() {
-    let r = bench_loader(&BenchOptions { images: 16, image_size: 96, resolution: 64, batch_size: 4, num_workers: 2, ..Default::default() })
-        .unwrap();
+    let r = bench_loader(&BenchOptions {
+        images: 16,
+        image_size: 96,
+        resolution: 64,
+        batch_size: 4,
+        num_workers: 2,
+        ..Default::default()
+    })
+    .unwrap();
     assert_eq!(r.images, 16);
     assert!(r.images_per_s > 0.0);
     println!("{r}");
@@ -1143,7 +1457,10 @@ fn bench_loader_runs() {
 #[test]
 #[ignore]
 fn bench_loader_512() {
-    let r = bench_loader(&BenchOptions { images: 320, ..Default::default() }).unwrap();
+    let r = bench_loader(&BenchOptions {
+        images: 320,
+        ..Default::default()
+    })
+    .unwrap();
     println!("{r}");
 }
-

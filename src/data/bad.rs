@@ -72,7 +72,11 @@ pub struct BadSample {
 
 impl BadSample {
     pub fn new(kind: BadKind, location: impl Into<String>, detail: impl Into<String>) -> Self {
-        BadSample { kind, location: location.into(), detail: detail.into() }
+        BadSample {
+            kind,
+            location: location.into(),
+            detail: detail.into(),
+        }
     }
 }
 

@@ -36,7 +36,9 @@ impl Default for BenchOptions {
             image_size: 512,
             resolution: 512,
             batch_size: 8,
-            num_workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            num_workers: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
             augment: true,
             dir: None,
         }
@@ -81,14 +83,22 @@ fn synthetic_photo(size: u32, rng: &mut ChaCha8Rng) -> Result<RgbImage> {
     let opts = (Kind::Float, Device::Cpu);
     let yy = Tensor::arange(s, opts).view([s, 1]) / size as f64;
     let xx = Tensor::arange(s, opts).view([1, s]) / size as f64;
-    let base: [f64; 3] = [rng.gen_range(0.0..255.0), rng.gen_range(0.0..255.0), rng.gen_range(0.0..255.0)];
+    let base: [f64; 3] = [
+        rng.gen_range(0.0..255.0),
+        rng.gen_range(0.0..255.0),
+        rng.gen_range(0.0..255.0),
+    ];
     let mut planes = [
         (1.0 - &xx) * base[0] + &xx * &yy * 255.0,
         (1.0 - &yy) * base[1] + &xx * 128.0,
         &yy * 100.0 + base[2] * 0.5,
     ];
     for _ in 0..6 {
-        let (cx, cy, r) = (rng.gen_range(0.0..1.0), rng.gen_range(0.0..1.0), rng.gen_range(0.05..0.3));
+        let (cx, cy, r) = (
+            rng.gen_range(0.0..1.0),
+            rng.gen_range(0.0..1.0),
+            rng.gen_range(0.05..0.3),
+        );
         let inside = ((&xx - cx).square() + (&yy - cy).square()).lt(r * r);
         for p in planes.iter_mut() {
             let v: f64 = rng.gen_range(0.0..255.0);
@@ -97,9 +107,18 @@ fn synthetic_photo(size: u32, rng: &mut ChaCha8Rng) -> Result<RgbImage> {
     }
     let tile: Vec<f32> = (0..64 * 64).map(|_| rng.gen_range(-12.0..12.0)).collect();
     let reps = s / 64 + 1;
-    let grain = Tensor::from_slice(&tile).view([64, 64]).repeat([reps, reps]).narrow(0, 0, s).narrow(1, 0, s);
+    let grain = Tensor::from_slice(&tile)
+        .view([64, 64])
+        .repeat([reps, reps])
+        .narrow(0, 0, s)
+        .narrow(1, 0, s);
     let img = Tensor::stack(&planes, 2) + grain.unsqueeze(2);
-    let bytes = Vec::<u8>::try_from(img.clamp(0.0, 255.0).to_kind(Kind::Uint8).contiguous().flatten(0, -1))?;
+    let bytes = Vec::<u8>::try_from(
+        img.clamp(0.0, 255.0)
+            .to_kind(Kind::Uint8)
+            .contiguous()
+            .flatten(0, -1),
+    )?;
     RgbImage::from_raw(size, size, bytes).context("building a benchmark image")
 }
 
@@ -109,8 +128,13 @@ pub fn bench_loader(opts: &BenchOptions) -> Result<BenchReport> {
     let (dir, remove) = match &opts.dir {
         Some(d) => (d.clone(), false),
         None => {
-            let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.subsec_nanos();
-            (std::env::temp_dir().join(format!("adt-bench-data-{}-{nanos}", std::process::id())), true)
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .subsec_nanos();
+            (
+                std::env::temp_dir().join(format!("adt-bench-data-{}-{nanos}", std::process::id())),
+                true,
+            )
         }
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -118,21 +142,39 @@ pub fn bench_loader(opts: &BenchOptions) -> Result<BenchReport> {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         let mut meta = String::new();
         let mut total_bytes = 0u64;
-        for i in 0..opts.images {
+        // Encoding is slow in unoptimised builds: encode a few distinct images and
+        // write them under several names (decoding cost is what is measured).
+        let distinct = opts.images.clamp(1, 32);
+        let mut encoded = Vec::with_capacity(distinct);
+        for _ in 0..distinct {
             let img = synthetic_photo(opts.image_size, &mut rng)?;
             let mut bytes = Vec::new();
-            JpegEncoder::new_with_quality(&mut bytes, 90).encode_image(&img).context("encoding a benchmark JPEG")?;
+            JpegEncoder::new_with_quality(&mut bytes, 90)
+                .encode_image(&img)
+                .context("encoding a benchmark JPEG")?;
+            encoded.push(bytes);
+        }
+        for i in 0..opts.images {
+            let bytes = &encoded[i % distinct];
             total_bytes += bytes.len() as u64;
             let name = format!("{i:06}.jpg");
-            std::fs::write(dir.join(&name), &bytes).with_context(|| format!("writing {}", dir.join(&name).display()))?;
-            meta.push_str(&serde_json::json!({"file_name": name, "text": format!("benchmark image {i}")}).to_string());
+            std::fs::write(dir.join(&name), bytes)
+                .with_context(|| format!("writing {}", dir.join(&name).display()))?;
+            meta.push_str(
+                &serde_json::json!({"file_name": name, "text": format!("benchmark image {i}")})
+                    .to_string(),
+            );
             meta.push('\n');
         }
         std::fs::write(dir.join("metadata.jsonl"), meta)?;
         let cfg = DataConfig {
             path: dir.to_string_lossy().into_owned(),
             resolution: Resolution::Square(opts.resolution),
-            crop: if opts.augment { CropMode::Random } else { CropMode::Center },
+            crop: if opts.augment {
+                CropMode::Random
+            } else {
+                CropMode::Center
+            },
             flip: opts.augment,
             num_workers: opts.num_workers.max(1),
             ..Default::default()

@@ -52,11 +52,23 @@ impl CacheKey {
             }
         };
         cmp("kind", other.kind.clone(), self.kind.clone());
-        cmp("dataset_hash", other.dataset_hash.clone(), self.dataset_hash.clone());
+        cmp(
+            "dataset_hash",
+            other.dataset_hash.clone(),
+            self.dataset_hash.clone(),
+        );
         cmp("model_id", other.model_id.clone(), self.model_id.clone());
-        cmp("resolution", format!("{:?}", other.resolution), format!("{:?}", self.resolution));
+        cmp(
+            "resolution",
+            format!("{:?}", other.resolution),
+            format!("{:?}", self.resolution),
+        );
         cmp("dtype", other.dtype.clone(), self.dtype.clone());
-        cmp("extra", format!("{:?}", other.extra), format!("{:?}", self.extra));
+        cmp(
+            "extra",
+            format!("{:?}", other.extra),
+            format!("{:?}", self.extra),
+        );
         d
     }
 }
@@ -81,7 +93,10 @@ pub struct FeatureCache {
 }
 
 fn valid_kind(kind: &str) -> bool {
-    !kind.is_empty() && kind.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    !kind.is_empty()
+        && kind
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 impl FeatureCache {
@@ -89,13 +104,17 @@ impl FeatureCache {
     /// key is wiped and started afresh.
     pub fn open(root: &Path, key: CacheKey) -> Result<(Self, CacheStatus)> {
         if !valid_kind(&key.kind) {
-            bail!("cache kind {:?} must be non-empty and use only letters, digits, '_' and '-'", key.kind);
+            bail!(
+                "cache kind {:?} must be non-empty and use only letters, digits, '_' and '-'",
+                key.kind
+            );
         }
         let dir = root.join(&key.kind);
         let key_path = dir.join(KEY_FILE);
         let digest = key.digest();
         let status = if key_path.is_file() {
-            let text = std::fs::read_to_string(&key_path).with_context(|| format!("reading {}", key_path.display()))?;
+            let text = std::fs::read_to_string(&key_path)
+                .with_context(|| format!("reading {}", key_path.display()))?;
             match serde_json::from_str::<CacheKey>(&text) {
                 Ok(old) if old == key => None,
                 Ok(old) => Some(key.differences(&old).join("; ")),
@@ -107,17 +126,23 @@ impl FeatureCache {
         };
         let cache = FeatureCache { dir, key, digest };
         let status = match status {
-            None => CacheStatus::Reused { entries: cache.len()? },
+            None => CacheStatus::Reused {
+                entries: cache.len()?,
+            },
             Some(s) => {
                 let entries = cache.dir.join(ENTRIES);
                 if entries.exists() {
-                    std::fs::remove_dir_all(&entries)
-                        .with_context(|| format!("removing stale cache entries {}", entries.display()))?;
+                    std::fs::remove_dir_all(&entries).with_context(|| {
+                        format!("removing stale cache entries {}", entries.display())
+                    })?;
                 }
                 let json = serde_json::to_string_pretty(&cache.key)?;
                 crate::weights::atomic_write(&key_path, json.as_bytes())?;
                 if let CacheStatus::Rebuilt { reason } = &s {
-                    tracing::warn!("cache {} is stale ({reason}); rebuilding it", cache.dir.display());
+                    tracing::warn!(
+                        "cache {} is stale ({reason}); rebuilding it",
+                        cache.dir.display()
+                    );
                 }
                 s
             }
@@ -137,7 +162,10 @@ impl FeatureCache {
 
     fn entry_path(&self, id: &str) -> PathBuf {
         let h = hex(&Sha256::digest(id.as_bytes()));
-        self.dir.join(ENTRIES).join(&h[..2]).join(format!("{h}.safetensors"))
+        self.dir
+            .join(ENTRIES)
+            .join(&h[..2])
+            .join(format!("{h}.safetensors"))
     }
 
     /// The stored tensors of entry `id`, or None when absent (or written for another key).
@@ -146,7 +174,9 @@ impl FeatureCache {
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).with_context(|| format!("reading cache entry {}", path.display())),
+            Err(e) => {
+                return Err(e).with_context(|| format!("reading cache entry {}", path.display()))
+            }
         };
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
             .with_context(|| format!("parsing cache entry {}", path.display()))?;
@@ -181,7 +211,9 @@ impl FeatureCache {
             return Ok(0);
         }
         let mut n = 0;
-        for sub in std::fs::read_dir(&root).with_context(|| format!("listing {}", root.display()))? {
+        for sub in
+            std::fs::read_dir(&root).with_context(|| format!("listing {}", root.display()))?
+        {
             let sub = sub?.path();
             if sub.is_dir() {
                 n += std::fs::read_dir(&sub)?
@@ -205,7 +237,12 @@ pub fn text_entry_id(caption: &str) -> String {
 
 /// Entry id of an image's latent: its content hash and the crop / flip it was taken with.
 pub fn latent_entry_id(content_hash: &str, crop_top_left: (u32, u32), flipped: bool) -> String {
-    format!("latent:{content_hash}:{}:{}:{}", crop_top_left.0, crop_top_left.1, u8::from(flipped))
+    format!(
+        "latent:{content_hash}:{}:{}:{}",
+        crop_top_left.0,
+        crop_top_left.1,
+        u8::from(flipped)
+    )
 }
 
 /// Identity of a model folder: its config files and, for each weight file, its name,
@@ -217,31 +254,43 @@ pub fn model_identity(dir: &Path) -> Result<String> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_file())
         .filter(|p| {
-            let n = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let n = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             n.ends_with(".json") || n.ends_with(".safetensors")
         })
         .collect();
     files.sort();
     if files.is_empty() {
-        bail!("model folder {}: no .json or .safetensors files to identify it by", dir.display());
+        bail!(
+            "model folder {}: no .json or .safetensors files to identify it by",
+            dir.display()
+        );
     }
     let mut h = Sha256::new();
     for f in files {
-        let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         h.update(name.as_bytes());
-        let mut file = std::fs::File::open(&f).with_context(|| format!("opening {}", f.display()))?;
+        let mut file =
+            std::fs::File::open(&f).with_context(|| format!("opening {}", f.display()))?;
         let len = file.metadata()?.len();
         h.update(len.to_le_bytes());
         const SAMPLE: u64 = 1 << 20;
         let mut buf = Vec::new();
         if name.ends_with(".json") || len <= 3 * SAMPLE {
-            file.read_to_end(&mut buf).with_context(|| format!("reading {}", f.display()))?;
+            file.read_to_end(&mut buf)
+                .with_context(|| format!("reading {}", f.display()))?;
             h.update(&buf);
         } else {
             for start in [0, len / 2 - SAMPLE / 2, len - SAMPLE] {
                 buf.resize(SAMPLE as usize, 0);
                 file.seek(SeekFrom::Start(start))?;
-                file.read_exact(&mut buf).with_context(|| format!("reading {}", f.display()))?;
+                file.read_exact(&mut buf)
+                    .with_context(|| format!("reading {}", f.display()))?;
                 h.update(&buf);
             }
         }

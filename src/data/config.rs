@@ -119,7 +119,10 @@ impl Default for DataConfig {
 impl DataConfig {
     /// A configuration for `path` with every other field at its default.
     pub fn for_path(path: impl Into<String>) -> Self {
-        DataConfig { path: path.into(), ..Default::default() }
+        DataConfig {
+            path: path.into(),
+            ..Default::default()
+        }
     }
 
     /// Check values that no dataset could work with.

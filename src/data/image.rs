@@ -3,8 +3,7 @@
 use super::bad::BadKind;
 use super::config::CropMode;
 use image::{
-    ColorType, DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, Rgb32FImage,
-    RgbImage,
+    ColorType, DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, Rgb32FImage, RgbImage,
 };
 use rand::Rng;
 use std::io::Cursor;
@@ -53,7 +52,10 @@ pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<DecodedImage, (BadK
         None => {
             return Err((
                 BadKind::NotAnImage,
-                format!("the content is not a JPEG, PNG or WebP image ({})", describe_start(bytes)),
+                format!(
+                    "the content is not a JPEG, PNG or WebP image ({})",
+                    describe_start(bytes)
+                ),
             ))
         }
     };
@@ -75,34 +77,66 @@ pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<DecodedImage, (BadK
         ));
     }
     if pixels == 0 {
-        return Err((BadKind::Corrupt, format!("the header announces an empty {w}x{h} image")));
+        return Err((
+            BadKind::Corrupt,
+            format!("the header announces an empty {w}x{h} image"),
+        ));
     }
-    let orientation = decoder
-        .orientation()
-        .map_err(|e| (BadKind::Corrupt, format!("reading the EXIF orientation: {e}")))?;
-    let mut img = DynamicImage::from_decoder(decoder)
-        .map_err(|e| (BadKind::Corrupt, format!("decoding {format:?} data: {e}")))?;
+    let orientation = decoder.orientation().map_err(|e| {
+        (
+            BadKind::Corrupt,
+            format!("reading the EXIF orientation: {e}"),
+        )
+    })?;
     if format == ImageFormat::Jpeg {
         check_jpeg_complete(bytes)?;
     }
+    let mut img = DynamicImage::from_decoder(decoder)
+        .map_err(|e| (BadKind::Corrupt, format!("decoding {format:?} data: {e}")))?;
     img.apply_orientation(orientation);
     Ok(to_rgb(img))
 }
 
-/// The JPEG decoder conceals truncated entropy data (filling the rest with grey);
-/// a file that does not end in an EOI marker (possibly followed by padding or
-/// trailing bytes that some writers add) is truncated.
+/// The JPEG decoder conceals truncated entropy data (filling the rest with grey), so
+/// completeness is checked from the markers: walking the header segments to the first
+/// scan of the main image, an end-of-image marker must follow it. (Thumbnails in
+/// APP segments are skipped by their lengths; data appended after the image, such as
+/// motion-photo video, does not matter.)
 fn check_jpeg_complete(bytes: &[u8]) -> Result<(), (BadKind, String)> {
-    // Trailing zeros / other padding after EOI are common; look at the last 4 KiB.
-    let tail_start = bytes.len().saturating_sub(4096);
-    let tail = &bytes[tail_start..];
-    if tail.windows(2).any(|w| w == [0xFF, 0xD9]) {
-        Ok(())
-    } else {
-        Err((
-            BadKind::Corrupt,
-            format!("truncated JPEG: no end-of-image marker in the last {} bytes", tail.len()),
-        ))
+    let truncated = |why: &str| Err((BadKind::Corrupt, format!("truncated JPEG: {why}")));
+    let n = bytes.len();
+    let mut i = 2; // after SOI
+    loop {
+        while i < n && bytes[i] != 0xFF {
+            i += 1;
+        }
+        while i + 1 < n && bytes[i + 1] == 0xFF {
+            i += 1; // fill bytes
+        }
+        if i + 1 >= n {
+            return truncated("the file ends inside the header segments");
+        }
+        let marker = bytes[i + 1];
+        match marker {
+            0xDA => {
+                return if bytes[i..].windows(2).any(|w| w == [0xFF, 0xD9]) {
+                    Ok(())
+                } else {
+                    truncated(&format!(
+                        "no end-of-image marker after the image data ({n} bytes)"
+                    ))
+                };
+            }
+            0xD9 => return truncated("end-of-image marker before any image data"),
+            0x01 | 0xD0..=0xD8 => i += 2,
+            _ => {
+                if i + 3 >= n {
+                    return truncated("the file ends inside the header segments");
+                }
+                let len = u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]) as usize;
+                i += 2 + len;
+            }
+        }
     }
 }
 
@@ -201,20 +235,31 @@ impl Transform {
                 round_half_even((rh - self.height) as f64 / 2.0) as u32,
                 round_half_even((rw - self.width) as f64 / 2.0) as u32,
             ),
-            CropMode::Random => {
-                (rng.gen_range(0..=rh - self.height), rng.gen_range(0..=rw - self.width))
-            }
+            CropMode::Random => (
+                rng.gen_range(0..=rh - self.height),
+                rng.gen_range(0..=rw - self.width),
+            ),
         };
         // The crop offset is given in the (possibly mirrored) resized image; in the
         // unmirrored image the same region starts at rw - width - left.
-        let src_left = if flipped { rw - self.width - left } else { left };
+        let src_left = if flipped {
+            rw - self.width - left
+        } else {
+            left
+        };
         let (sh, sw) = (original_size.0 as i64, original_size.1 as i64);
         // [3, H, W] f32 on the 0..255 scale; the pixel work runs in libtorch.
         let x = match img {
-            DecodedImage::U8(src) => {
-                Tensor::from_slice(src.as_raw()).view([sh, sw, 3]).permute([2, 0, 1]).to_kind(Kind::Float)
+            DecodedImage::U8(src) => Tensor::from_slice(src.as_raw())
+                .view([sh, sw, 3])
+                .permute([2, 0, 1])
+                .to_kind(Kind::Float),
+            DecodedImage::F32(src) => {
+                Tensor::from_slice(src.as_raw())
+                    .view([sh, sw, 3])
+                    .permute([2, 0, 1])
+                    * 255.0
             }
-            DecodedImage::F32(src) => Tensor::from_slice(src.as_raw()).view([sh, sw, 3]).permute([2, 0, 1]) * 255.0,
         };
         let x = if (rh, rw) == original_size {
             x
@@ -226,10 +271,19 @@ impl Transform {
                 .squeeze_dim(0)
                 .clamp(0.0, 255.0)
         };
-        let x = x.narrow(1, top as i64, self.height as i64).narrow(2, src_left as i64, self.width as i64);
+        let x = x.narrow(1, top as i64, self.height as i64).narrow(
+            2,
+            src_left as i64,
+            self.width as i64,
+        );
         let x = if flipped { x.flip([2]) } else { x };
         let pixels = (x / 127.5 - 1.0).clamp(-1.0, 1.0).contiguous();
-        Preprocessed { pixels, original_size, crop_top_left: (top, left), flipped }
+        Preprocessed {
+            pixels,
+            original_size,
+            crop_top_left: (top, left),
+            flipped,
+        }
     }
 }
 
@@ -248,10 +302,20 @@ mod tests {
 
     #[test]
     fn resized_size_covers_target() {
-        let t = Transform { height: 512, width: 512, crop: CropMode::Center, flip: false };
+        let t = Transform {
+            height: 512,
+            width: 512,
+            crop: CropMode::Center,
+            flip: false,
+        };
         assert_eq!(t.resized_size(1000, 2000), (512, 1024));
         assert_eq!(t.resized_size(300, 200), (768, 512));
-        let t = Transform { height: 256, width: 512, crop: CropMode::Center, flip: false };
+        let t = Transform {
+            height: 256,
+            width: 512,
+            crop: CropMode::Center,
+            flip: false,
+        };
         assert_eq!(t.resized_size(512, 512), (512, 512));
         assert_eq!(t.resized_size(100, 1000), (256, 2560));
     }

@@ -24,7 +24,11 @@ impl Spread {
             return None;
         }
         values.sort_unstable();
-        Some(Spread { min: values[0], median: values[values.len() / 2], max: values[values.len() - 1] })
+        Some(Spread {
+            min: values[0],
+            median: values[values.len() / 2],
+            max: values[values.len() - 1],
+        })
     }
 }
 
@@ -66,7 +70,10 @@ fn labels(edges: &[u64], unit: &str) -> Vec<String> {
 /// Decode every sample of the dataset at `path` (format detected) and report sizes,
 /// caption lengths and bad samples. With `strict`, the first bad sample is an error.
 pub fn inspect_data(path: &Path, strict: bool) -> Result<DataReport> {
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).min(8);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .min(8);
     let cfg = DataConfig {
         path: path.to_string_lossy().into_owned(),
         strict,
@@ -87,7 +94,12 @@ pub fn inspect_data(path: &Path, strict: bool) -> Result<DataReport> {
         note_bad(b, &mut bad);
     }
     let description = opened.description.clone();
-    let shared = Arc::new(Shared { source: opened.source, cfg, mode: Mode::Inspect, token_counter: None });
+    let shared = Arc::new(Shared {
+        source: opened.source,
+        cfg,
+        mode: Mode::Inspect,
+        token_counter: None,
+    });
     let mut pipeline = Pipeline::start(shared, 0, 0, true, 8 * threads);
     let (mut widths, mut heights, mut words) = (Vec::new(), Vec::new(), Vec::new());
     let side_edges = [256, 512, 768, 1024, 2048];
@@ -118,7 +130,15 @@ pub fn inspect_data(path: &Path, strict: bool) -> Result<DataReport> {
             Body::EpochEnd => break,
         }
     }
-    let aspect_labels = ["<0.50", "0.50-0.79", "0.80-0.94", "0.95-1.05 (square)", "1.06-1.25", "1.26-1.99", ">=2.00"];
+    let aspect_labels = [
+        "<0.50",
+        "0.50-0.79",
+        "0.80-0.94",
+        "0.95-1.05 (square)",
+        "1.06-1.25",
+        "1.26-1.99",
+        ">=2.00",
+    ];
     Ok(DataReport {
         path: path.display().to_string(),
         description,
@@ -127,19 +147,37 @@ pub fn inspect_data(path: &Path, strict: bool) -> Result<DataReport> {
         bad_examples,
         width: Spread::of(&mut widths),
         height: Spread::of(&mut heights),
-        short_side_buckets: labels(&side_edges, " px").into_iter().zip(side_counts).collect(),
-        aspect_buckets: aspect_labels.iter().map(|s| s.to_string()).zip(aspect_counts).collect(),
+        short_side_buckets: labels(&side_edges, " px")
+            .into_iter()
+            .zip(side_counts)
+            .collect(),
+        aspect_buckets: aspect_labels
+            .iter()
+            .map(|s| s.to_string())
+            .zip(aspect_counts)
+            .collect(),
         caption_words: Spread::of(&mut words),
-        caption_histogram: labels(&word_edges, " words").into_iter().zip(word_counts).collect(),
+        caption_histogram: labels(&word_edges, " words")
+            .into_iter()
+            .zip(word_counts)
+            .collect(),
     })
 }
 
 fn bar(n: u64, max: u64) -> String {
-    let width = if max == 0 { 0 } else { (n * 30).div_ceil(max) as usize };
+    let width = if max == 0 {
+        0
+    } else {
+        (n * 30).div_ceil(max) as usize
+    };
     "#".repeat(width)
 }
 
-fn write_buckets(f: &mut fmt::Formatter<'_>, title: &str, buckets: &[(String, u64)]) -> fmt::Result {
+fn write_buckets(
+    f: &mut fmt::Formatter<'_>,
+    title: &str,
+    buckets: &[(String, u64)],
+) -> fmt::Result {
     writeln!(f, "{title}:")?;
     let max = buckets.iter().map(|b| b.1).max().unwrap_or(0);
     for (label, n) in buckets {
@@ -155,13 +193,25 @@ impl fmt::Display for DataReport {
         writeln!(f, "usable samples: {}", self.usable)?;
         writeln!(f, "bad samples: {} ({})", self.bad.total(), self.bad)?;
         if let (Some(w), Some(h)) = (self.width, self.height) {
-            writeln!(f, "width  min {} / median {} / max {}", w.min, w.median, w.max)?;
-            writeln!(f, "height min {} / median {} / max {}", h.min, h.median, h.max)?;
+            writeln!(
+                f,
+                "width  min {} / median {} / max {}",
+                w.min, w.median, w.max
+            )?;
+            writeln!(
+                f,
+                "height min {} / median {} / max {}",
+                h.min, h.median, h.max
+            )?;
             write_buckets(f, "shortest side", &self.short_side_buckets)?;
             write_buckets(f, "aspect ratio (w/h)", &self.aspect_buckets)?;
         }
         if let Some(c) = self.caption_words {
-            writeln!(f, "caption words min {} / median {} / max {}", c.min, c.median, c.max)?;
+            writeln!(
+                f,
+                "caption words min {} / median {} / max {}",
+                c.min, c.median, c.max
+            )?;
             write_buckets(f, "caption length", &self.caption_histogram)?;
         }
         if !self.bad_examples.is_empty() {

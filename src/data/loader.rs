@@ -49,7 +49,9 @@ impl Batch {
     pub fn add_time_ids(&self) -> Tensor {
         let mut v = Vec::with_capacity(self.len() * 6);
         for (o, c) in self.original_sizes.iter().zip(&self.crop_top_lefts) {
-            v.extend([o.0, o.1, c.0, c.1, self.target_size.0, self.target_size.1].map(|x| x as f32));
+            v.extend(
+                [o.0, o.1, c.0, c.1, self.target_size.0, self.target_size.1].map(|x| x as f32),
+            );
         }
         Tensor::from_slice(&v).view([self.len() as i64, 6])
     }
@@ -116,7 +118,12 @@ impl DataLoader {
             }
         }
         let (h, w) = cfg.resolution.hw();
-        let transform = Transform { height: h, width: w, crop: cfg.crop, flip: cfg.flip };
+        let transform = Transform {
+            height: h,
+            width: w,
+            crop: cfg.crop,
+            flip: cfg.flip,
+        };
         let mut warned = HashSet::new();
         if !opened.index_bad.is_empty() {
             let mut counts = BadCounts::default();
@@ -158,7 +165,9 @@ impl DataLoader {
     pub fn with_token_counter(mut self, counter: TokenCounter) -> Self {
         // Stopping the threads leaves this loader the only holder of the shared state.
         self.pipeline = None;
-        Arc::get_mut(&mut self.shared).expect("no thread holds the dataset").token_counter = Some(counter);
+        Arc::get_mut(&mut self.shared)
+            .expect("no thread holds the dataset")
+            .token_counter = Some(counter);
         self
     }
 
@@ -234,7 +243,11 @@ impl DataLoader {
         self.epoch_end_pending = false;
         self.epoch = state.epoch;
         self.index = state.index;
-        self.stats = EpochStats { epoch: state.epoch, started_at: state.index, ..Default::default() };
+        self.stats = EpochStats {
+            epoch: state.epoch,
+            started_at: state.index,
+            ..Default::default()
+        };
         Ok(())
     }
 
@@ -279,11 +292,19 @@ impl DataLoader {
                 s.captions_truncated
             );
         } else {
-            tracing::info!("data epoch {} done: {} samples in {} batches", s.epoch, s.samples, s.batches);
+            tracing::info!(
+                "data epoch {} done: {} samples in {} batches",
+                s.epoch,
+                s.samples,
+                s.batches
+            );
         }
         self.epoch += 1;
         self.index = 0;
-        self.stats = EpochStats { epoch: self.epoch, ..Default::default() };
+        self.stats = EpochStats {
+            epoch: self.epoch,
+            ..Default::default()
+        };
         self.last_epoch = Some(s);
         Ok(())
     }
@@ -291,7 +312,9 @@ impl DataLoader {
     /// The next batch; epochs follow each other without end (a new seeded order each).
     pub fn next_batch(&mut self) -> Result<Batch> {
         self.epoch_end_pending = false;
-        Ok(self.fill(false)?.expect("batches are produced until one is full"))
+        Ok(self
+            .fill(false)?
+            .expect("batches are produced until one is full"))
     }
 
     /// The next batch of the current epoch, or None once the epoch is over (the call
@@ -305,11 +328,18 @@ impl DataLoader {
 
     fn fill(&mut self, stop_at_epoch_end: bool) -> Result<Option<Batch>> {
         let mut items: Vec<Good> = Vec::with_capacity(self.batch_size);
-        let window = self.batch_size * self.shared.cfg.prefetch_batches.max(1) + 2 * self.shared.cfg.num_workers.max(1);
+        let window = self.batch_size * self.shared.cfg.prefetch_batches.max(1)
+            + 2 * self.shared.cfg.num_workers.max(1);
         let epoch = self.epoch;
         loop {
             if self.pipeline.is_none() {
-                self.pipeline = Some(Pipeline::start(self.shared.clone(), self.epoch, self.index, false, window));
+                self.pipeline = Some(Pipeline::start(
+                    self.shared.clone(),
+                    self.epoch,
+                    self.index,
+                    false,
+                    window,
+                ));
             }
             let outcome = self.pipeline.as_mut().expect("started above").next()?;
             match outcome.body {

@@ -91,7 +91,13 @@ pub(crate) struct Pipeline {
 impl Pipeline {
     /// Start reading at (epoch, index). With `single_epoch`, the producer stops after
     /// that epoch's end marker.
-    pub fn start(shared: Arc<Shared>, epoch: u64, index: u64, single_epoch: bool, window: usize) -> Self {
+    pub fn start(
+        shared: Arc<Shared>,
+        epoch: u64,
+        index: u64,
+        single_epoch: bool,
+        window: usize,
+    ) -> Self {
         let window = window.max(2);
         let workers = shared.cfg.num_workers.max(1);
         let (job_tx, job_rx) = bounded::<Job>(window);
@@ -109,7 +115,12 @@ impl Pipeline {
         let (ready_tx, ready_rx) = bounded::<()>(workers);
         let mut threads = Vec::new();
         for i in 0..workers {
-            let (shared, job_rx, res_tx, ready) = (shared.clone(), job_rx.clone(), res_tx.clone(), ready_tx.clone());
+            let (shared, job_rx, res_tx, ready) = (
+                shared.clone(),
+                job_rx.clone(),
+                res_tx.clone(),
+                ready_tx.clone(),
+            );
             let t = std::thread::Builder::new()
                 .name(format!("adt-data-{i}"))
                 .spawn(move || {
@@ -131,7 +142,17 @@ impl Pipeline {
         let producer_shared = shared.clone();
         let t = std::thread::Builder::new()
             .name("adt-data-producer".into())
-            .spawn(move || producer(&producer_shared, epoch, index, single_epoch, job_tx, res_tx, credit_rx))
+            .spawn(move || {
+                producer(
+                    &producer_shared,
+                    epoch,
+                    index,
+                    single_epoch,
+                    job_tx,
+                    res_tx,
+                    credit_rx,
+                )
+            })
             .expect("spawning the data producer thread");
         threads.push(t);
         Pipeline {
@@ -152,7 +173,9 @@ impl Pipeline {
                 break o;
             }
             let rx = self.results.as_ref().expect("pipeline is running");
-            let o = rx.recv().map_err(|_| anyhow!("the data loading threads stopped unexpectedly"))?;
+            let o = rx
+                .recv()
+                .map_err(|_| anyhow!("the data loading threads stopped unexpectedly"))?;
             if (o.epoch, o.seq) == want {
                 break o;
             }
@@ -206,10 +229,28 @@ fn producer(
                 return false;
             }
             match item {
-                ShardItemOrEntry::Job { key, location, caption, payload } => {
-                    jobs.send(Job { epoch, seq: s, key, location, caption, payload }).is_ok()
-                }
-                ShardItemOrEntry::Bad(b) => results.send(Outcome { epoch, seq: s, body: Body::Bad(b) }).is_ok(),
+                ShardItemOrEntry::Job {
+                    key,
+                    location,
+                    caption,
+                    payload,
+                } => jobs
+                    .send(Job {
+                        epoch,
+                        seq: s,
+                        key,
+                        location,
+                        caption,
+                        payload,
+                    })
+                    .is_ok(),
+                ShardItemOrEntry::Bad(b) => results
+                    .send(Outcome {
+                        epoch,
+                        seq: s,
+                        body: Body::Bad(b),
+                    })
+                    .is_ok(),
             }
         };
         let go_on = match &shared.source {
@@ -243,9 +284,17 @@ fn producer(
                         rng_seed,
                         &mut |item| {
                             emit(match item {
-                                ShardItem::Sample { key, location, caption, bytes } => {
-                                    ShardItemOrEntry::Job { key, location, caption, payload: Payload::Bytes(bytes) }
-                                }
+                                ShardItem::Sample {
+                                    key,
+                                    location,
+                                    caption,
+                                    bytes,
+                                } => ShardItemOrEntry::Job {
+                                    key,
+                                    location,
+                                    caption,
+                                    payload: Payload::Bytes(bytes),
+                                },
                                 ShardItem::Bad(b) => ShardItemOrEntry::Bad(b),
                             })
                         },
@@ -260,7 +309,14 @@ fn producer(
         if !go_on || credits.recv().is_err() {
             return;
         }
-        if results.send(Outcome { epoch, seq: seq.max(skip), body: Body::EpochEnd }).is_err() {
+        if results
+            .send(Outcome {
+                epoch,
+                seq: seq.max(skip),
+                body: Body::EpochEnd,
+            })
+            .is_err()
+        {
             return;
         }
         if single_epoch {
@@ -272,7 +328,12 @@ fn producer(
 }
 
 enum ShardItemOrEntry {
-    Job { key: String, location: String, caption: String, payload: Payload },
+    Job {
+        key: String,
+        location: String,
+        caption: String,
+        payload: Payload,
+    },
     Bad(BadSample),
 }
 
@@ -281,7 +342,11 @@ fn worker(shared: &Shared, jobs: Receiver<Job>, results: Sender<Outcome>) {
         let (epoch, seq, location) = (job.epoch, job.seq, job.location.clone());
         let body = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| process(shared, job)))
             .unwrap_or_else(|_| {
-                Body::Bad(BadSample::new(BadKind::Corrupt, location, "the image decoder panicked"))
+                Body::Bad(BadSample::new(
+                    BadKind::Corrupt,
+                    location,
+                    "the image decoder panicked",
+                ))
             });
         if results.send(Outcome { epoch, seq, body }).is_err() {
             return;
@@ -327,7 +392,8 @@ fn process(shared: &Shared, job: Job) -> Body {
             caption_len,
         },
         Mode::Train(t) => {
-            let mut rng = ChaCha8Rng::seed_from_u64(super::source::mix(shared.cfg.seed, job.epoch, job.seq));
+            let mut rng =
+                ChaCha8Rng::seed_from_u64(super::source::mix(shared.cfg.seed, job.epoch, job.seq));
             let p = t.apply(&img, &mut rng);
             Good {
                 key: job.key,

@@ -14,7 +14,14 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 pub(crate) const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp"];
-const IMAGE_COLUMNS: &[&str] = &["file_name", "image", "path", "image_path", "filename", "file"];
+const IMAGE_COLUMNS: &[&str] = &[
+    "file_name",
+    "image",
+    "path",
+    "image_path",
+    "filename",
+    "file",
+];
 const CAPTION_COLUMNS: &[&str] = &["text", "caption", "prompt"];
 
 /// One sample of an indexed (folder or manifest) dataset.
@@ -79,22 +86,30 @@ pub fn expand_braces(pattern: &str) -> Result<Vec<String>> {
         }
     }
     let close = close.with_context(|| format!("shard pattern {pattern:?}: unclosed '{{'"))?;
-    let (prefix, inner, suffix) = (&pattern[..open], &pattern[open + 1..close], &pattern[close + 1..]);
+    let (prefix, inner, suffix) = (
+        &pattern[..open],
+        &pattern[open + 1..close],
+        &pattern[close + 1..],
+    );
     let mut alternatives = Vec::new();
     if let Some((a, b)) = inner.split_once("..").filter(|_| !inner.contains(',')) {
-        let lo: u64 = a
-            .parse()
-            .with_context(|| format!("shard pattern {pattern:?}: range start {a:?} is not a number"))?;
-        let hi: u64 = b
-            .parse()
-            .with_context(|| format!("shard pattern {pattern:?}: range end {b:?} is not a number"))?;
+        let lo: u64 = a.parse().with_context(|| {
+            format!("shard pattern {pattern:?}: range start {a:?} is not a number")
+        })?;
+        let hi: u64 = b.parse().with_context(|| {
+            format!("shard pattern {pattern:?}: range end {b:?} is not a number")
+        })?;
         if hi < lo {
             bail!("shard pattern {pattern:?}: range {lo}..{hi} is empty");
         }
         if hi - lo > 10_000_000 {
             bail!("shard pattern {pattern:?}: range {lo}..{hi} is too long");
         }
-        let width = if a.starts_with('0') || b.starts_with('0') { a.len().max(b.len()) } else { 0 };
+        let width = if a.starts_with('0') || b.starts_with('0') {
+            a.len().max(b.len())
+        } else {
+            0
+        };
         for n in lo..=hi {
             alternatives.push(format!("{n:0width$}"));
         }
@@ -122,7 +137,7 @@ pub fn expand_braces(pattern: &str) -> Result<Vec<String>> {
     Ok(out)
 }
 
-fn walk_images(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+fn walk_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     let mut items: Vec<_> = std::fs::read_dir(dir)
         .with_context(|| format!("listing {}", dir.display()))?
         .collect::<std::io::Result<_>>()
@@ -136,9 +151,11 @@ fn walk_images(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         let path = item.path();
         // Follow symlinks for the type; a dangling link to an image name is kept
         // (it is reported when read).
-        let is_dir = std::fs::metadata(&path).map(|m| m.is_dir()).unwrap_or(false);
+        let is_dir = std::fs::metadata(&path)
+            .map(|m| m.is_dir())
+            .unwrap_or(false);
         if is_dir {
-            walk_images(root, &path, out)?;
+            walk_images(&path, out)?;
         } else if is_image_name(&path) {
             out.push(path);
         }
@@ -147,7 +164,10 @@ fn walk_images(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 }
 
 fn relative_key(root: &Path, path: &Path) -> String {
-    path.strip_prefix(root).unwrap_or(path).to_string_lossy().replace('\\', "/")
+    path.strip_prefix(root)
+        .unwrap_or(path)
+        .to_string_lossy()
+        .replace('\\', "/")
 }
 
 /// Trimmed caption, or the bad kind when it is empty.
@@ -158,7 +178,7 @@ fn clean_caption(text: &str) -> Option<String> {
 
 fn imagefolder_txt(root: &Path, cfg_strict: bool) -> Result<(Vec<Entry>, Vec<BadSample>)> {
     let mut images = Vec::new();
-    walk_images(root, root, &mut images)?;
+    walk_images(root, &mut images)?;
     let mut entries = Vec::new();
     let mut bad = Vec::new();
     for image in images {
@@ -190,9 +210,11 @@ fn imagefolder_txt(root: &Path, cfg_strict: bool) -> Result<(Vec<Entry>, Vec<Bad
             }
         };
         match clean_caption(&caption) {
-            Some(caption) => {
-                entries.push(Entry { key: relative_key(root, &image), image, caption })
-            }
+            Some(caption) => entries.push(Entry {
+                key: relative_key(root, &image),
+                image,
+                caption,
+            }),
             None => {
                 bad.push(BadSample::new(
                     BadKind::EmptyCaption,
@@ -211,7 +233,10 @@ fn imagefolder_txt(root: &Path, cfg_strict: bool) -> Result<(Vec<Entry>, Vec<Bad
 /// Rows of a manifest as (line number, field lookup).
 enum Rows {
     Json(Vec<(usize, serde_json::Map<String, Value>)>),
-    Table { headers: Vec<String>, rows: Vec<(usize, Vec<String>)> },
+    Table {
+        headers: Vec<String>,
+        rows: Vec<(usize, Vec<String>)>,
+    },
 }
 
 fn value_to_caption(v: &Value) -> Option<String> {
@@ -242,14 +267,18 @@ fn pick_column(
             found.join(", ")
         );
     }
-    candidates.iter().find(|c| available.contains(**c)).map(|c| c.to_string()).with_context(|| {
-        format!(
-            "{}: no {what} column (looked for {}; columns found: {}); set data.{field}",
-            manifest.display(),
-            candidates.join(", "),
-            found.join(", ")
-        )
-    })
+    candidates
+        .iter()
+        .find(|c| available.contains(**c))
+        .map(|c| c.to_string())
+        .with_context(|| {
+            format!(
+                "{}: no {what} column (looked for {}; columns found: {}); set data.{field}",
+                manifest.display(),
+                candidates.join(", "),
+                found.join(", ")
+            )
+        })
 }
 
 fn read_manifest(
@@ -257,7 +286,10 @@ fn read_manifest(
     base: &Path,
     cfg: &DataConfig,
 ) -> Result<(Vec<Entry>, Vec<BadSample>)> {
-    let name = manifest.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+    let name = manifest
+        .file_name()
+        .map(|n| n.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
     let mut bad = Vec::new();
     let rows = if name.ends_with(".jsonl") || name.ends_with(".ndjson") {
         let text = std::fs::read_to_string(manifest)
@@ -272,7 +304,10 @@ fn read_manifest(
                 Ok(other) => bad.push(BadSample::new(
                     BadKind::BadRecord,
                     format!("{} line {}", manifest.display(), i + 1),
-                    format!("expected a JSON object, found {}", short(&other.to_string())),
+                    format!(
+                        "expected a JSON object, found {}",
+                        short(&other.to_string())
+                    ),
                 )),
                 Err(e) => bad.push(BadSample::new(
                     BadKind::BadRecord,
@@ -298,9 +333,16 @@ fn read_manifest(
         let mut rows = Vec::new();
         for (i, rec) in rdr.records().enumerate() {
             // Header is line 1.
-            let line = rec.as_ref().ok().and_then(|r| r.position()).map(|p| p.line() as usize);
+            let line = rec
+                .as_ref()
+                .ok()
+                .and_then(|r| r.position())
+                .map(|p| p.line() as usize);
             match rec {
-                Ok(r) => rows.push((line.unwrap_or(i + 2), r.iter().map(str::to_string).collect())),
+                Ok(r) => rows.push((
+                    line.unwrap_or(i + 2),
+                    r.iter().map(str::to_string).collect(),
+                )),
                 Err(e) => bad.push(BadSample::new(
                     BadKind::BadRecord,
                     format!("{} record {}", manifest.display(), i + 1),
@@ -340,7 +382,10 @@ fn read_manifest(
         Rows::Json(rows) => rows
             .into_iter()
             .map(|(line, m)| {
-                let img = m.get(&image_col).and_then(|v| v.as_str()).map(str::to_string);
+                let img = m
+                    .get(&image_col)
+                    .and_then(|v| v.as_str())
+                    .map(str::to_string);
                 let cap = m.get(&caption_col).and_then(value_to_caption);
                 (line, img, cap)
             })
@@ -348,14 +393,20 @@ fn read_manifest(
         Rows::Table { headers, rows } => {
             let ii = headers.iter().position(|h| *h == image_col).unwrap();
             let ci = headers.iter().position(|h| *h == caption_col).unwrap();
-            rows.into_iter().map(|(line, r)| (line, r.get(ii).cloned(), r.get(ci).cloned())).collect()
+            rows.into_iter()
+                .map(|(line, r)| (line, r.get(ii).cloned(), r.get(ci).cloned()))
+                .collect()
         }
     };
     let mut entries = Vec::new();
     for (line, img, cap) in records {
         let loc = format!("{} line {line}", manifest.display());
         let Some(img) = img.filter(|s| !s.trim().is_empty()) else {
-            bad.push(BadSample::new(BadKind::BadRecord, loc, format!("no image path in column {image_col:?}")));
+            bad.push(BadSample::new(
+                BadKind::BadRecord,
+                loc,
+                format!("no image path in column {image_col:?}"),
+            ));
             continue;
         };
         let image = base.join(img.trim());
@@ -367,7 +418,11 @@ fn read_manifest(
                 format!("no caption in column {caption_col:?}"),
             )),
             Some(c) => match clean_caption(&c) {
-                Some(caption) => entries.push(Entry { key: img.trim().to_string(), image, caption }),
+                Some(caption) => entries.push(Entry {
+                    key: img.trim().to_string(),
+                    image,
+                    caption,
+                }),
                 None => bad.push(BadSample::new(
                     BadKind::EmptyCaption,
                     file_loc,
@@ -426,7 +481,10 @@ fn list_shards_in(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("listing {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().is_some_and(|n| is_shard_name(&n.to_string_lossy())))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| is_shard_name(&n.to_string_lossy()))
+        })
         .collect();
     shards.sort();
     Ok(shards)
@@ -455,7 +513,10 @@ fn detect_format(path: &Path) -> Result<DataFormat> {
         return Ok(DataFormat::Imagefolder);
     }
     let lower = s.to_lowercase();
-    if [".csv", ".tsv", ".jsonl", ".ndjson"].iter().any(|e| lower.ends_with(e)) {
+    if [".csv", ".tsv", ".jsonl", ".ndjson"]
+        .iter()
+        .any(|e| lower.ends_with(e))
+    {
         return Ok(DataFormat::Manifest);
     }
     bail!(
@@ -482,7 +543,10 @@ pub(crate) fn open(cfg: &DataConfig) -> Result<Opened> {
                 } else if path.is_dir() {
                     let found = list_shards_in(&path)?;
                     if found.is_empty() {
-                        bail!("data.path {}: no .tar shards in this folder", path.display());
+                        bail!(
+                            "data.path {}: no .tar shards in this folder",
+                            path.display()
+                        );
                     }
                     shards.extend(found);
                 } else {
@@ -505,7 +569,11 @@ pub(crate) fn open(cfg: &DataConfig) -> Result<Opened> {
             }
             let fingerprint = hash_shards(&shards);
             Ok(Opened {
-                description: format!("webdataset, {} shard(s) from {}", shards.len(), describe_path(cfg)),
+                description: format!(
+                    "webdataset, {} shard(s) from {}",
+                    shards.len(),
+                    describe_path(cfg)
+                ),
                 source: Source::Shards(shards),
                 format,
                 index_bad: Vec::new(),
@@ -514,7 +582,10 @@ pub(crate) fn open(cfg: &DataConfig) -> Result<Opened> {
         }
         DataFormat::Imagefolder => {
             if !path.is_dir() {
-                bail!("data.path {} is not a folder (format = imagefolder)", path.display());
+                bail!(
+                    "data.path {} is not a folder (format = imagefolder)",
+                    path.display()
+                );
             }
             let (entries, bad, kind) = if path.join("metadata.jsonl").is_file()
                 || path.join("metadata.csv").is_file()
@@ -526,14 +597,17 @@ pub(crate) fn open(cfg: &DataConfig) -> Result<Opened> {
                 };
                 let (entries, mut bad) = read_manifest(&meta, &path, cfg)?;
                 // Images present in the folder but not listed have no caption.
-                let listed: HashSet<PathBuf> = entries.iter().map(|e| normalize(&e.image)).collect();
+                let listed: HashSet<PathBuf> =
+                    entries.iter().map(|e| normalize(&e.image)).collect();
                 let listed_bad: HashSet<String> = bad.iter().map(|b| b.location.clone()).collect();
                 let mut images = Vec::new();
-                walk_images(&path, &path, &mut images)?;
+                walk_images(&path, &mut images)?;
                 for img in images {
                     let n = normalize(&img);
                     if !listed.contains(&n)
-                        && !listed_bad.iter().any(|l| l.starts_with(&img.display().to_string()))
+                        && !listed_bad
+                            .iter()
+                            .any(|l| l.starts_with(&img.display().to_string()))
                     {
                         bad.push(BadSample::new(
                             BadKind::MissingCaption,
@@ -551,7 +625,10 @@ pub(crate) fn open(cfg: &DataConfig) -> Result<Opened> {
         }
         DataFormat::Manifest => {
             if !path.is_file() {
-                bail!("data.path {} is not a file (format = manifest)", path.display());
+                bail!(
+                    "data.path {} is not a file (format = manifest)",
+                    path.display()
+                );
             }
             let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
             let (entries, bad) = read_manifest(&path, &base, cfg)?;
@@ -562,7 +639,9 @@ pub(crate) fn open(cfg: &DataConfig) -> Result<Opened> {
 }
 
 fn normalize(p: &Path) -> PathBuf {
-    p.components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect()
+    p.components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .collect()
 }
 
 fn describe_path(cfg: &DataConfig) -> String {
@@ -593,7 +672,9 @@ fn finish_indexed(
         bail!(
             "no usable samples in {} ({kind}); bad: {counts}{}",
             cfg.path,
-            bad.first().map(|b| format!("; first: {b}")).unwrap_or_default()
+            bad.first()
+                .map(|b| format!("; first: {b}"))
+                .unwrap_or_default()
         );
     }
     let fingerprint = hash_entries(kind, &entries);
@@ -629,7 +710,12 @@ pub(crate) fn mix(a: u64, b: u64, c: u64) -> u64 {
 
 /// An item of a shard stream: a sample to decode, or a bad one.
 pub(crate) enum ShardItem {
-    Sample { key: String, location: String, caption: String, bytes: Vec<u8> },
+    Sample {
+        key: String,
+        location: String,
+        caption: String,
+        bytes: Vec<u8>,
+    },
     Bad(BadSample),
 }
 
@@ -648,7 +734,10 @@ fn split_member(name: &str) -> Option<(String, String)> {
     if dot == 0 {
         return None;
     }
-    Some((format!("{dir}{}", &base[..dot]), base[dot + 1..].to_ascii_lowercase()))
+    Some((
+        format!("{dir}{}", &base[..dot]),
+        base[dot + 1..].to_ascii_lowercase(),
+    ))
 }
 
 fn finish_group(
@@ -663,7 +752,10 @@ fn finish_group(
         return ShardItem::Bad(BadSample::new(
             BadKind::DuplicateKey,
             loc(&first_member),
-            format!("key {:?} appears more than once in the shard; the later sample is skipped", g.key),
+            format!(
+                "key {:?} appears more than once in the shard; the later sample is skipped",
+                g.key
+            ),
         ));
     }
     if let Some(m) = g.duplicate_member {
@@ -673,12 +765,20 @@ fn finish_group(
             format!("key {:?} has two members named {m}", g.key),
         ));
     }
-    let Some(img_idx) = g.members.iter().position(|m| IMAGE_EXTENSIONS.contains(&m.0.as_str())) else {
+    let Some(img_idx) = g
+        .members
+        .iter()
+        .position(|m| IMAGE_EXTENSIONS.contains(&m.0.as_str()))
+    else {
         let exts: Vec<&str> = g.members.iter().map(|m| m.0.as_str()).collect();
         return ShardItem::Bad(BadSample::new(
             BadKind::MissingImage,
             loc(&first_member),
-            format!("key {:?} has no image member (found: {})", g.key, exts.join(", ")),
+            format!(
+                "key {:?} has no image member (found: {})",
+                g.key,
+                exts.join(", ")
+            ),
         ));
     };
     let image_member = g.members[img_idx].1.clone();
@@ -693,7 +793,9 @@ fn finish_group(
                     Some(c) => vec![c],
                     None => CAPTION_COLUMNS.to_vec(),
                 };
-                caption = fields.iter().find_map(|f| obj.get(*f).and_then(value_to_caption));
+                caption = fields
+                    .iter()
+                    .find_map(|f| obj.get(*f).and_then(value_to_caption));
                 if caption.is_none() {
                     why = format!("{} has no caption field ({})", m.1, fields.join(", "));
                 }
@@ -703,15 +805,31 @@ fn finish_group(
         }
     }
     let Some(caption) = caption else {
-        return ShardItem::Bad(BadSample::new(BadKind::MissingCaption, loc(&image_member), why));
+        return ShardItem::Bad(BadSample::new(
+            BadKind::MissingCaption,
+            loc(&image_member),
+            why,
+        ));
     };
     let Some(caption) = clean_caption(&caption) else {
-        return ShardItem::Bad(BadSample::new(BadKind::EmptyCaption, loc(&image_member), "empty caption"));
+        return ShardItem::Bad(BadSample::new(
+            BadKind::EmptyCaption,
+            loc(&image_member),
+            "empty caption",
+        ));
     };
-    let shard_name = shard.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let shard_name = shard
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let mut members = g.members;
     let bytes = std::mem::take(&mut members[img_idx].2);
-    ShardItem::Sample { key: format!("{shard_name}/{}", g.key), location: loc(&image_member), caption, bytes }
+    ShardItem::Sample {
+        key: format!("{shard_name}/{}", g.key),
+        location: loc(&image_member),
+        caption,
+        bytes,
+    }
 }
 
 /// Stream the samples of one shard in file order, calling `emit` for each; `emit`
@@ -729,7 +847,11 @@ pub(crate) fn stream_shard(
             } else {
                 BadKind::Unreadable
             };
-            return emit(ShardItem::Bad(BadSample::new(kind, format!("shard {}", shard.display()), e.to_string())));
+            return emit(ShardItem::Bad(BadSample::new(
+                kind,
+                format!("shard {}", shard.display()),
+                e.to_string(),
+            )));
         }
     };
     let name = shard.to_string_lossy();
@@ -757,13 +879,19 @@ pub(crate) fn stream_shard(
         let mut entry = match entry {
             Ok(e) => e,
             Err(e) => {
-                let after = last_member.as_deref().map(|m| format!(" after member {m}")).unwrap_or_default();
+                let after = last_member
+                    .as_deref()
+                    .map(|m| format!(" after member {m}"))
+                    .unwrap_or_default();
                 if let Some(g) = current.take() {
                     if !emit(finish_group(shard, g, &mut seen, caption_column)) {
                         return false;
                     }
                 }
-                return emit(corrupt(format!("damaged tar{after}: {e}; the rest of the shard is skipped"), None));
+                return emit(corrupt(
+                    format!("damaged tar{after}: {e}; the rest of the shard is skipped"),
+                    None,
+                ));
             }
         };
         if !entry.header().entry_type().is_file() {
@@ -774,7 +902,9 @@ pub(crate) fn stream_shard(
             Err(e) => return emit(corrupt(format!("bad member name: {e}"), None)),
         };
         last_member = Some(member.clone());
-        let Some((key, ext)) = split_member(&member) else { continue };
+        let Some((key, ext)) = split_member(&member) else {
+            continue;
+        };
         let mut bytes = Vec::with_capacity(entry.size() as usize);
         if let Err(e) = entry.read_to_end(&mut bytes) {
             if let Some(g) = current.take() {
@@ -782,7 +912,10 @@ pub(crate) fn stream_shard(
                     return false;
                 }
             }
-            return emit(corrupt(format!("truncated member: {e}; the rest of the shard is skipped"), Some(&member)));
+            return emit(corrupt(
+                format!("truncated member: {e}; the rest of the shard is skipped"),
+                Some(&member),
+            ));
         }
         match current.as_mut() {
             Some(g) if g.key == key => {
@@ -798,7 +931,11 @@ pub(crate) fn stream_shard(
                         return false;
                     }
                 }
-                current = Some(Group { key, members: vec![(ext, member, bytes)], duplicate_member: None });
+                current = Some(Group {
+                    key,
+                    members: vec![(ext, member, bytes)],
+                    duplicate_member: None,
+                });
             }
         }
     }
@@ -842,8 +979,14 @@ mod tests {
 
     #[test]
     fn braces() {
-        assert_eq!(expand_braces("a/{000..002}.tar").unwrap(), vec!["a/000.tar", "a/001.tar", "a/002.tar"]);
-        assert_eq!(expand_braces("{x,y}-{1..2}").unwrap(), vec!["x-1", "x-2", "y-1", "y-2"]);
+        assert_eq!(
+            expand_braces("a/{000..002}.tar").unwrap(),
+            vec!["a/000.tar", "a/001.tar", "a/002.tar"]
+        );
+        assert_eq!(
+            expand_braces("{x,y}-{1..2}").unwrap(),
+            vec!["x-1", "x-2", "y-1", "y-2"]
+        );
         assert_eq!(expand_braces("plain.tar").unwrap(), vec!["plain.tar"]);
         assert!(expand_braces("a/{0..").is_err());
         assert!(expand_braces("a/{5..2}").is_err());
@@ -851,8 +994,14 @@ mod tests {
 
     #[test]
     fn member_names() {
-        assert_eq!(split_member("000001.jpg"), Some(("000001".into(), "jpg".into())));
-        assert_eq!(split_member("d.x/000001.seg.PNG"), Some(("d.x/000001".into(), "seg.png".into())));
+        assert_eq!(
+            split_member("000001.jpg"),
+            Some(("000001".into(), "jpg".into()))
+        );
+        assert_eq!(
+            split_member("d.x/000001.seg.PNG"),
+            Some(("d.x/000001".into(), "seg.png".into()))
+        );
         assert_eq!(split_member("noext"), None);
     }
 

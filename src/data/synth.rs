@@ -55,17 +55,27 @@ pub fn write_synthetic_dataset(dir: &Path, n: usize, size: u32, seed: u64) -> Re
         let cy = rng.gen_range(r..s - r);
         let img = RgbImage::from_fn(size, size, |x, y| {
             let (px, py) = (x as f32 + 0.5, y as f32 + 0.5);
-            Rgb(if inside(shape, px, py, cx, cy, r) { COLOURS[fg].1 } else { COLOURS[bg].1 })
+            Rgb(if inside(shape, px, py, cx, cy, r) {
+                COLOURS[fg].1
+            } else {
+                COLOURS[bg].1
+            })
         });
         let name = format!("{i:06}.png");
         let path = dir.join(&name);
-        img.save(&path).with_context(|| format!("writing {}", path.display()))?;
-        let caption = format!("a {} {shape} on a {} background", COLOURS[fg].0, COLOURS[bg].0);
+        img.save(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        let caption = format!(
+            "a {} {shape} on a {} background",
+            COLOURS[fg].0, COLOURS[bg].0
+        );
         meta.push_str(&serde_json::json!({ "file_name": name, "text": caption }).to_string());
         meta.push('\n');
     }
     let meta_path = dir.join("metadata.jsonl");
-    let mut f = std::fs::File::create(&meta_path).with_context(|| format!("creating {}", meta_path.display()))?;
-    f.write_all(meta.as_bytes()).with_context(|| format!("writing {}", meta_path.display()))?;
+    let mut f = std::fs::File::create(&meta_path)
+        .with_context(|| format!("creating {}", meta_path.display()))?;
+    f.write_all(meta.as_bytes())
+        .with_context(|| format!("writing {}", meta_path.display()))?;
     Ok(())
 }

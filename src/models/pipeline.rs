@@ -38,7 +38,8 @@ pub struct Pipeline {
     pub dir: Option<PathBuf>,
     pub family: Family,
     pub unet: LoadedUNet,
-    pub vae: LoadedVae,
+    /// The autoencoder; None for a pixel-space model (latents are the images).
+    pub vae: Option<LoadedVae>,
     pub text: Vec<TextEncoder>,
     pub schedule: ScheduleConfig,
     pub device: Device,
@@ -63,6 +64,70 @@ fn tiny_vae_config() -> Result<VaeConfig> {
         "norm_num_groups": 4,
         "scaling_factor": 0.18215
     }))
+}
+
+/// What [`Pipeline::random`] builds.
+#[derive(Debug, Clone)]
+pub struct RandomSpec {
+    pub unet: UNetConfig,
+    pub clip: ClipTextConfig,
+    /// None: a pixel-space model.
+    pub vae: Option<VaeConfig>,
+    pub schedule: ScheduleConfig,
+}
+
+impl RandomSpec {
+    /// Tiny SD1.x-style models for smoke tests.
+    pub fn tiny() -> Result<RandomSpec> {
+        Ok(RandomSpec {
+            unet: UNetConfig::tiny_sd15(),
+            clip: ClipTextConfig::tiny(),
+            vae: Some(tiny_vae_config()?),
+            schedule: ScheduleConfig::sd15(),
+        })
+    }
+
+    /// The demo's base model: a small UNet of the SD architecture working in pixel
+    /// space on 32x32 RGB images, a small CLIP text encoder (frozen after random
+    /// initialisation) and a v-prediction schedule with linear betas (at 32 px the
+    /// scaled-linear schedule leaves too much signal at t = T).
+    pub fn demo() -> Result<RandomSpec> {
+        let mut unet = UNetConfig::tiny_sd15();
+        unet.in_channels = 3;
+        unet.out_channels = 3;
+        unet.sample_size = Some(32);
+        unet.block_out_channels = vec![32, 64, 64];
+        unet.down_block_types =
+            ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"].map(String::from).to_vec();
+        unet.up_block_types = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"].map(String::from).to_vec();
+        unet.layers_per_block = crate::models::unet::PerBlock::One(1);
+        unet.attention_head_dim = crate::models::unet::PerBlock::One(4);
+        unet.norm_num_groups = Some(8);
+        let mut clip = ClipTextConfig::tiny();
+        clip.hidden_size = 64;
+        clip.intermediate_size = 128;
+        clip.num_attention_heads = 4;
+        clip.num_hidden_layers = 2;
+        let schedule = ScheduleConfig {
+            beta_schedule: crate::schedule::BetaSchedule::Linear,
+            beta_start: 1e-4,
+            beta_end: 0.02,
+            prediction_type: crate::schedule::Prediction::VPrediction,
+            timestep_spacing: crate::schedule::Spacing::Trailing,
+            steps_offset: 0,
+            set_alpha_to_one: true,
+            ..ScheduleConfig::sd15()
+        };
+        Ok(RandomSpec { unet, clip, vae: None, schedule })
+    }
+
+    pub fn by_name(name: &str) -> Result<RandomSpec> {
+        match name {
+            "tiny" => Self::tiny(),
+            "demo" => Self::demo(),
+            _ => bail!("unknown model preset {name:?}: expected tiny or demo"),
+        }
+    }
 }
 
 impl Pipeline {
@@ -110,7 +175,12 @@ impl Pipeline {
                 })?;
         let unet_file_kind = crate::weights::file_float_kind(&weights[0])?;
         let unet = LoadedUNet::load(&unet_dir, device, unet_kind).context("loading unet/")?;
-        let vae = LoadedVae::load(&dir.join("vae"), device, frozen_kind).context("loading vae/")?;
+        let has_vae = mi.get("vae").map(|v| v[0].is_string()).unwrap_or(false);
+        let vae = if has_vae {
+            Some(LoadedVae::load(&dir.join("vae"), device, frozen_kind).context("loading vae/")?)
+        } else {
+            None
+        };
         let mut text = Vec::new();
         let pairs: &[(&str, &str)] = match family {
             Family::Sd => &[("text_encoder", "tokenizer")],
@@ -157,28 +227,29 @@ impl Pipeline {
     /// Randomly initialised tiny models of the real SD1.x architectures (UNet, VAE,
     /// CLIP text encoder) with the real CLIP tokenizer: for smoke tests.
     pub fn tiny_random(device: Device, seed: i64) -> Result<Pipeline> {
+        Self::random(&RandomSpec::tiny()?, device, seed)
+    }
+
+    /// A pipeline with randomly initialised weights for `spec` (the starting point of
+    /// pretraining from scratch) and the real CLIP tokenizer.
+    pub fn random(spec: &RandomSpec, device: Device, seed: i64) -> Result<Pipeline> {
         tch::manual_seed(seed);
-        let clip_cfg = ClipTextConfig::tiny();
-        let mut ucfg = UNetConfig::tiny_sd15();
-        ucfg.cross_attention_dim = crate::models::unet::PerBlock::One(clip_cfg.hidden_size);
+        let mut ucfg = spec.unet.clone();
+        ucfg.cross_attention_dim = crate::models::unet::PerBlock::One(spec.clip.hidden_size);
         let unet = LoadedUNet::from_config(&ucfg, device, Kind::Float)?;
-        let vcfg = tiny_vae_config()?;
-        let mut vs = nn::VarStore::new(device);
-        let model = AutoencoderKL::new(&vs.root(), &vcfg)?;
-        vs.freeze();
-        let vae = LoadedVae {
-            vs,
-            model,
-            config: vcfg,
+        let vae = match &spec.vae {
+            Some(vcfg) => {
+                let mut vs = nn::VarStore::new(device);
+                let model = AutoencoderKL::new(&vs.root(), vcfg)?;
+                vs.freeze();
+                Some(LoadedVae { vs, model, config: vcfg.clone() })
+            }
+            None => None,
         };
         let mut tvs = nn::VarStore::new(device);
-        let model = ClipTextModel::new(&tvs.root(), &clip_cfg, false)?;
+        let model = ClipTextModel::new(&tvs.root(), &spec.clip, false)?;
         tvs.freeze();
-        let encoder = LoadedClipText {
-            vs: tvs,
-            model,
-            config: clip_cfg,
-        };
+        let encoder = LoadedClipText { vs: tvs, model, config: spec.clip.clone() };
         let tokenizer = ClipTokenizer::from_dir(&builtin_tokenizer_dir())?;
         let text = vec![TextEncoder {
             tokenizer,
@@ -192,7 +263,7 @@ impl Pipeline {
             unet,
             vae,
             text,
-            schedule: ScheduleConfig::sd15(),
+            schedule: spec.schedule.clone(),
             device,
             unet_file_kind: Kind::Float,
         })
@@ -200,7 +271,24 @@ impl Pipeline {
 
     /// Pixel size of one latent cell.
     pub fn vae_scale(&self) -> i64 {
-        self.vae.model.downscale()
+        self.vae.as_ref().map(|v| v.model.downscale()).unwrap_or(1)
+    }
+
+    /// Images in [-1, 1] to the (scaled) latents the UNet works on; identity for a
+    /// pixel-space model. Differentiable.
+    pub fn to_latents(&self, images: &Tensor) -> Result<Tensor> {
+        match &self.vae {
+            Some(v) => v.model.latents_from_image(images, false),
+            None => Ok(images.shallow_clone()),
+        }
+    }
+
+    /// Latents back to images in [-1, 1] (not clamped). Differentiable.
+    pub fn to_images(&self, latents: &Tensor) -> Result<Tensor> {
+        match &self.vae {
+            Some(v) => v.model.image_from_latents(latents),
+            None => Ok(latents.shallow_clone()),
+        }
     }
 
     /// Encode captions into the UNet conditioning (no gradient: the encoders are
@@ -271,11 +359,11 @@ impl Pipeline {
                 }
             }
             None => {
-                let v = serde_json::json!({
+                let mut v = serde_json::json!({
                     "_class_name": "StableDiffusionPipeline",
                     "_diffusers_version": "0.42.1",
                     "unet": ["diffusers", "UNet2DConditionModel"],
-                    "vae": ["diffusers", "AutoencoderKL"],
+                    "vae": [null, null],
                     "text_encoder": ["transformers", "CLIPTextModel"],
                     "tokenizer": ["transformers", "CLIPTokenizer"],
                     "scheduler": ["diffusers", "DDIMScheduler"],
@@ -283,55 +371,33 @@ impl Pipeline {
                     "feature_extractor": [null, null],
                     "requires_safety_checker": false
                 });
-                crate::weights::atomic_write(
-                    &out.join("model_index.json"),
-                    serde_json::to_string_pretty(&v)?.as_bytes(),
-                )?;
-                let vae_dir = out.join("vae");
-                std::fs::create_dir_all(&vae_dir)?;
-                let mut vcfg = serde_json::to_value(&self.vae.config)?;
-                vcfg["_class_name"] = "AutoencoderKL".into();
-                crate::weights::atomic_write(
-                    &vae_dir.join("config.json"),
-                    serde_json::to_string_pretty(&vcfg)?.as_bytes(),
-                )?;
-                crate::weights::save_varstore(
-                    &self.vae.vs,
-                    &vae_dir.join("diffusion_pytorch_model.safetensors"),
-                    None,
-                )?;
+                if let Some(vae) = &self.vae {
+                    v["vae"] = serde_json::json!(["diffusers", "AutoencoderKL"]);
+                    let vae_dir = out.join("vae");
+                    std::fs::create_dir_all(&vae_dir)?;
+                    let mut vcfg = serde_json::to_value(&vae.config)?;
+                    vcfg["_class_name"] = "AutoencoderKL".into();
+                    crate::weights::atomic_write(&vae_dir.join("config.json"), serde_json::to_string_pretty(&vcfg)?.as_bytes())?;
+                    crate::weights::save_varstore(&vae.vs, &vae_dir.join("diffusion_pytorch_model.safetensors"), None)?;
+                }
+                crate::weights::atomic_write(&out.join("model_index.json"), serde_json::to_string_pretty(&v)?.as_bytes())?;
                 let te = &self.text[0];
                 let te_dir = out.join("text_encoder");
                 std::fs::create_dir_all(&te_dir)?;
                 let mut tcfg = serde_json::to_value(&te.encoder.config)?;
                 tcfg["architectures"] = serde_json::json!(["CLIPTextModel"]);
                 tcfg["model_type"] = "clip_text_model".into();
-                crate::weights::atomic_write(
-                    &te_dir.join("config.json"),
-                    serde_json::to_string_pretty(&tcfg)?.as_bytes(),
-                )?;
-                let named: Vec<(String, Tensor)> = te
-                    .encoder
-                    .vs
-                    .variables()
-                    .into_iter()
-                    .map(|(k, v)| (format!("text_model.{k}"), v))
-                    .collect();
-                crate::weights::save_safetensors(
-                    &named,
-                    &te_dir.join("model.safetensors"),
-                    None,
-                    None,
-                )?;
+                crate::weights::atomic_write(&te_dir.join("config.json"), serde_json::to_string_pretty(&tcfg)?.as_bytes())?;
+                let mut named: Vec<(String, Tensor)> =
+                    te.encoder.vs.variables().into_iter().map(|(k, v)| (format!("text_model.{k}"), v)).collect();
+                named.sort_by(|a, b| a.0.cmp(&b.0));
+                crate::weights::save_safetensors(&named, &te_dir.join("model.safetensors"), None, None)?;
                 copy_recursive(&builtin_tokenizer_dir(), &out.join("tokenizer"))?;
                 let sched_dir = out.join("scheduler");
                 std::fs::create_dir_all(&sched_dir)?;
-                let mut s = serde_json::to_value(&self.schedule)?;
-                s["_class_name"] = "DDIMScheduler".into();
-                crate::weights::atomic_write(
-                    &sched_dir.join("scheduler_config.json"),
-                    serde_json::to_string_pretty(&s)?.as_bytes(),
-                )?;
+                let mut sc = serde_json::to_value(&self.schedule)?;
+                sc["_class_name"] = "DDIMScheduler".into();
+                crate::weights::atomic_write(&sched_dir.join("scheduler_config.json"), serde_json::to_string_pretty(&sc)?.as_bytes())?;
             }
         }
         self.unet

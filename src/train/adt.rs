@@ -169,13 +169,14 @@ pub struct Trainer {
     pub opt_d: Option<AdamW>,
     /// EMA copy of the generator weights (name, tensor).
     pub ema: Option<Vec<(String, Tensor)>>,
-    pub loader: DataLoader,
+    /// The data (None for a trainer fed batch by batch, e.g. by the benchmark).
+    pub loader: Option<DataLoader>,
     /// Iterations completed.
     pub step: usize,
     /// Generator updates completed.
     pub g_steps: usize,
     pub out_dir: PathBuf,
-    metrics: JsonlWriter,
+    metrics: Option<JsonlWriter>,
     events: Option<EventWriter>,
     uncond_cache: Option<(usize, Cond)>,
 }
@@ -189,8 +190,6 @@ impl Trainer {
         } else {
             Pipeline::load(Path::new(&cfg.model.path), device, Kind::Float, Kind::Float)?
         };
-        let plan = Plan::new(&pipe.schedule, cfg.sampler.kind, cfg.sampler.steps)
-            .context("sampler settings do not fit the model's schedule")?;
         let mut data_cfg: DataConfig = toml::Value::Table(cfg.data.clone())
             .try_into()
             .map_err(|e: toml::de::Error| anyhow::anyhow!("[data]: {}", e.message().trim()))?;
@@ -200,37 +199,43 @@ impl Trainer {
         data_cfg.resolution = crate::data::Resolution::Square(cfg.train.resolution as u32);
         let loader = DataLoader::new(&data_cfg, cfg.train.batch_size)
             .context("opening the dataset ([data] section)")?;
-        let (features, disc, opt_d) = if cfg.train.mode == Mode::Adt {
-            let features = build_features(&cfg, device, tiny)?;
-            let dcfg = DiscConfig {
-                variant: match cfg.disc.kind {
-                    DiscKind::Siamese => DiscVariant::Siamese,
-                    DiscKind::StyleganT => DiscVariant::StyleganT,
-                },
-                head_channels: cfg.disc.channels,
-                ..DiscConfig::default()
-            };
-            let disc = Discriminator::new(device, &features.channels(), &dcfg)?;
-            let t = &cfg.train;
-            let opt_d = AdamW::new(
-                &disc.vs,
-                t.lr_d,
-                t.adam_beta1,
-                t.adam_beta2,
-                t.weight_decay_d,
-            );
-            (Some(features), Some(disc), Some(opt_d))
-        } else {
-            (None, None, None)
+        let features = if cfg.train.mode == Mode::Adt { Some(build_features(&cfg, device, tiny)?) } else { None };
+        let mut tr = Trainer::with_parts(cfg, pipe, features)?;
+        tr.loader = Some(loader);
+        let out_dir = tr.out_dir.clone();
+        std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+        std::fs::write(out_dir.join("config.toml"), tr.cfg.to_toml()?)?;
+        tr.metrics = Some(JsonlWriter::open(&out_dir.join("metrics.jsonl"))?);
+        tr.events = Some(EventWriter::create(&out_dir.join("tensorboard"))?);
+        Ok(tr)
+    }
+
+    /// A trainer over given models, without data or logs: feed it with
+    /// [`Trainer::iteration_on`] (used by the benchmark).
+    pub fn with_parts(cfg: Config, pipe: Pipeline, features: Option<Box<dyn FeatureNetwork>>) -> Result<Trainer> {
+        let device = pipe.device;
+        let plan = Plan::new(&pipe.schedule, cfg.sampler.kind, cfg.sampler.steps)
+            .context("sampler settings do not fit the model's schedule")?;
+        let (disc, opt_d) = match (&features, cfg.train.mode) {
+            (Some(f), Mode::Adt) => {
+                let dcfg = DiscConfig {
+                    variant: match cfg.disc.kind {
+                        DiscKind::Siamese => DiscVariant::Siamese,
+                        DiscKind::StyleganT => DiscVariant::StyleganT,
+                    },
+                    head_channels: cfg.disc.channels,
+                    ..DiscConfig::default()
+                };
+                let disc = Discriminator::new(device, &f.channels(), &dcfg)?;
+                let t = &cfg.train;
+                let opt_d = AdamW::new(&disc.vs, t.lr_d, t.adam_beta1, t.adam_beta2, t.weight_decay_d);
+                (Some(disc), Some(opt_d))
+            }
+            (None, Mode::Adt) => bail!("ADT needs a feature network for its discriminator"),
+            _ => (None, None),
         };
         let t = &cfg.train;
-        let opt_g = AdamW::new(
-            &pipe.unet.vs,
-            t.lr_g,
-            t.adam_beta1,
-            t.adam_beta2,
-            t.weight_decay_g,
-        );
+        let opt_g = AdamW::new(&pipe.unet.vs, t.lr_g, t.adam_beta1, t.adam_beta2, t.weight_decay_g);
         let ema = t.ema_decay.map(|_| {
             let mut v: Vec<(String, Tensor)> = pipe
                 .unet
@@ -245,11 +250,6 @@ impl Trainer {
         });
         let policy = Policy::parse(&cfg.disc.diffaug)?;
         let out_dir = cfg.output.dir.clone();
-        std::fs::create_dir_all(&out_dir)
-            .with_context(|| format!("creating {}", out_dir.display()))?;
-        std::fs::write(out_dir.join("config.toml"), cfg.to_toml()?)?;
-        let metrics = JsonlWriter::open(&out_dir.join("metrics.jsonl"))?;
-        let events = Some(EventWriter::create(&out_dir.join("tensorboard"))?);
         Ok(Trainer {
             cfg,
             pipe,
@@ -260,12 +260,12 @@ impl Trainer {
             opt_g,
             opt_d,
             ema,
-            loader,
+            loader: None,
             step: 0,
             g_steps: 0,
             out_dir,
-            metrics,
-            events,
+            metrics: None,
+            events: None,
             uncond_cache: None,
         })
     }
@@ -309,6 +309,14 @@ impl Trainer {
 
     /// Run one training iteration (Algorithm 1, lines 3-21, or one FT step).
     pub fn iteration(&mut self) -> Result<StepLog> {
+        let batch = self.loader.as_mut().context("this trainer has no data loader")?.next_batch()?;
+        let time_ids = batch.add_time_ids();
+        self.iteration_on(&batch.images, &batch.captions, &time_ids)
+    }
+
+    /// One iteration on given images ([B, 3, H, W] in [-1, 1]), captions and SDXL
+    /// time ids ([B, 6]).
+    pub fn iteration_on(&mut self, images: &Tensor, captions: &[String], time_ids: &Tensor) -> Result<StepLog> {
         let started = std::time::Instant::now();
         let step = self.step;
         // Randomness is a function of (seed, step): a resumed run is bit-identical.
@@ -317,9 +325,10 @@ impl Trainer {
             (seed.wrapping_mul(1_000_003).wrapping_add(step as u64) & 0x7fff_ffff_ffff) as i64,
         );
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ ((step as u64) << 20) ^ 0xad7);
+        let prepared = self.prepare(images, captions, time_ids, &mut rng)?;
         let mut log = match self.cfg.train.mode {
-            Mode::Adt => self.adt_iteration(step, &mut rng)?,
-            Mode::Ft => self.ft_iteration(step, &mut rng)?,
+            Mode::Adt => self.adt_iteration(step, prepared, &mut rng)?,
+            Mode::Ft => self.ft_iteration(step, prepared, &mut rng)?,
         };
         log.seconds = started.elapsed().as_secs_f64();
         self.step += 1;
@@ -327,14 +336,18 @@ impl Trainer {
     }
 
     /// Line 3 of Alg. 1: a batch, its latents and text conditioning (frozen).
-    fn prepare(&mut self, rng: &mut impl Rng) -> Result<(Tensor, Tensor, Cond, Cond)> {
-        let batch = self.loader.next_batch()?;
+    fn prepare(
+        &mut self,
+        images: &Tensor,
+        captions: &[String],
+        time_ids: &Tensor,
+        rng: &mut impl Rng,
+    ) -> Result<(Tensor, Tensor, Cond, Cond)> {
         let dev = self.device();
-        let x0 = batch.images.to_device(dev);
-        let z0 = tch::no_grad(|| self.pipe.vae.model.latents_from_image(&x0, false))?;
+        let x0 = images.to_device(dev).to_kind(Kind::Float);
+        let z0 = tch::no_grad(|| self.pipe.to_latents(&x0))?;
         let p = self.cfg.train.caption_dropout;
-        let captions: Vec<String> = batch
-            .captions
+        let captions: Vec<String> = captions
             .iter()
             .map(|c| {
                 if p > 0.0 && rng.gen::<f64>() < p {
@@ -344,15 +357,18 @@ impl Trainer {
                 }
             })
             .collect();
-        let time_ids = batch.add_time_ids();
-        let (cond, _) = self.pipe.encode_text(&captions, Some(&time_ids))?;
-        let uncond = self.uncond(captions.len(), Some(&time_ids))?;
+        let (cond, _) = self.pipe.encode_text(&captions, Some(time_ids))?;
+        let uncond = self.uncond(captions.len(), Some(time_ids))?;
         Ok((x0, z0, cond, uncond))
     }
 
-    fn adt_iteration(&mut self, step: usize, rng: &mut impl Rng) -> Result<StepLog> {
+    fn adt_iteration(
+        &mut self,
+        step: usize,
+        (x0, z0, cond, uncond): (Tensor, Tensor, Cond, Cond),
+        rng: &mut impl Rng,
+    ) -> Result<StepLog> {
         let t = self.cfg.train.clone();
-        let (x0, z0, cond, uncond) = self.prepare(rng)?;
         let n = self.plan.len();
         // Lines 3-5: start index, noised start, kept steps.
         let s = rng.gen_range(0..n);
@@ -372,7 +388,7 @@ impl Trainer {
             t.grad_path,
         )?;
         let fake =
-            tch::no_grad(|| self.pipe.vae.model.image_from_latents(&r.final_x))?.clamp(-1.0, 1.0);
+            tch::no_grad(|| self.pipe.to_images(&r.final_x))?.clamp(-1.0, 1.0);
 
         // Lines 16-18: discriminator step on DiffAugment-ed real / fake images.
         let lr_d = warmup_lr(t.lr_d, step, t.warmup_d);
@@ -422,7 +438,7 @@ impl Trainer {
             let (adv, diff) = if t.decompose {
                 // g = dL_adv / dx_hat0 through decoder, DiffAugment, F and the heads.
                 let leaf = r.final_x.detach().set_requires_grad(true);
-                let img = self.pipe.vae.model.image_from_latents(&leaf)?;
+                let img = self.pipe.to_images(&leaf)?;
                 let feats = self.features(&diff_augment(&img, &self.policy)?);
                 let (loss_adv, _) = self.disc.as_ref().unwrap().g_loss(&feats_ref, &feats)?;
                 let adv = loss_adv.double_value(&[]);
@@ -449,7 +465,7 @@ impl Trainer {
                     &guidance,
                     t.grad_path,
                 )?;
-                let img = self.pipe.vae.model.image_from_latents(&xf)?;
+                let img = self.pipe.to_images(&xf)?;
                 let feats = self.features(&diff_augment(&img, &self.policy)?);
                 let (loss_adv, _) = self.disc.as_ref().unwrap().g_loss(&feats_ref, &feats)?;
                 let diff = (start_cond.unwrap() - &target).square().mean(Kind::Float);
@@ -475,9 +491,13 @@ impl Trainer {
     }
 
     /// The FT baseline: the diffusion loss at a uniformly drawn training timestep.
-    fn ft_iteration(&mut self, step: usize, rng: &mut impl Rng) -> Result<StepLog> {
+    fn ft_iteration(
+        &mut self,
+        step: usize,
+        (_x0, z0, cond, _uncond): (Tensor, Tensor, Cond, Cond),
+        rng: &mut impl Rng,
+    ) -> Result<StepLog> {
         let t = self.cfg.train.clone();
-        let (_x0, z0, cond, _uncond) = self.prepare(rng)?;
         let b = z0.size()[0];
         let n_train = self.pipe.schedule.num_train_timesteps;
         let ac = &self.plan.alphas_cumprod;
@@ -535,7 +555,9 @@ impl Trainer {
 
     /// Write one metrics line and the TensorBoard scalars.
     pub fn log(&mut self, l: &StepLog) -> Result<()> {
-        self.metrics.write(&serde_json::to_value(l)?)?;
+        if let Some(m) = &mut self.metrics {
+            m.write(&serde_json::to_value(l)?)?;
+        }
         if let Some(ev) = &mut self.events {
             let mut vals: Vec<(&str, f64)> =
                 vec![("lr_g", l.lr_g), ("lr_d", l.lr_d), ("seconds", l.seconds)];

@@ -60,7 +60,7 @@ pub fn save(tr: &Trainer) -> Result<PathBuf> {
     let state = TrainerState {
         step: tr.step,
         g_steps: tr.g_steps,
-        data: tr.loader.state(),
+        data: tr.loader.as_ref().context("checkpointing a trainer without data")?.state(),
         config: tr.cfg.to_toml()?,
     };
     atomic_write(
@@ -142,7 +142,7 @@ pub fn restore(tr: &mut Trainer, dir: &Path) -> Result<()> {
     if let Some(d) = &mut tr.disc {
         d.load_state(&dir.join("discriminator"))?;
     }
-    tr.loader.restore(&state.data)?;
+    tr.loader.as_mut().context("restoring a trainer without data")?.restore(&state.data)?;
     tr.step = state.step;
     tr.g_steps = state.g_steps;
     Ok(())

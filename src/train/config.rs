@@ -108,6 +108,8 @@ pub struct TrainSection {
     pub d_only_iterations: usize,
     /// "cpu", "cuda" or "cuda:N".
     pub device: String,
+    /// Stop after this many minutes of training and save as if finished.
+    pub time_limit_minutes: Option<f64>,
 }
 
 impl Default for TrainSection {
@@ -138,6 +140,7 @@ impl Default for TrainSection {
             caption_dropout: 0.0,
             d_only_iterations: 0,
             device: "cpu".into(),
+            time_limit_minutes: None,
         }
     }
 }

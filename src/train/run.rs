@@ -82,7 +82,16 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
     );
     pb.set_position(tr.step as u64);
     let mut done = 0;
+    let started = std::time::Instant::now();
+    let mut out_of_time = false;
     while tr.step < total {
+        if let Some(limit) = cfg.train.time_limit_minutes {
+            if started.elapsed().as_secs_f64() > limit * 60.0 {
+                tracing::warn!("train.time_limit_minutes = {limit} reached at step {}", tr.step);
+                out_of_time = true;
+                break;
+            }
+        }
         if let Some(m) = opts.max_iterations {
             if done >= m {
                 break;
@@ -129,7 +138,7 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
         }
     }
     pb.finish();
-    if tr.step >= total {
+    if tr.step >= total || out_of_time {
         let out = cfg
             .model
             .save_to

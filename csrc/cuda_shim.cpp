@@ -1,0 +1,163 @@
+// A small C ABI over the parts of libtorch's CUDA runtime that tch does not bind:
+// the caching allocator's peak-memory statistics and CUDA-graph capture / replay.
+// Compiled only for GPU builds (see build.rs). Every function catches C++
+// exceptions and reports them through adt_cuda_last_error().
+
+#include <ATen/cuda/CUDAEvent.h>
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstdint>
+#include <exception>
+#include <optional>
+#include <string>
+
+namespace {
+
+thread_local std::string last_error;
+
+template <typename F>
+int guarded(F&& f) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+  } catch (...) {
+    last_error = "unknown C++ exception";
+  }
+  return -1;
+}
+
+// A graph together with the side stream it is captured on. While a capture (or a
+// warm-up on the side stream) is open, the stream guard makes the side stream the
+// current stream of the device, so that every kernel launched by the caller lands
+// on it.
+struct Graph {
+  c10::DeviceIndex device;
+  at::cuda::CUDAGraph graph;
+  std::optional<c10::cuda::CUDAStream> side;
+  std::optional<c10::cuda::CUDAStreamGuard> guard;
+  bool captured = false;
+
+  explicit Graph(c10::DeviceIndex d) : device(d), graph() {}
+
+  void enter_side() {
+    if (guard.has_value()) {
+      throw std::runtime_error("side stream already entered");
+    }
+    auto current = c10::cuda::getCurrentCUDAStream(device);
+    if (!side.has_value()) {
+      side = c10::cuda::getStreamFromPool(false, device);
+    }
+    // The side stream waits for the work queued so far.
+    at::cuda::CUDAEvent ready;
+    ready.record(current);
+    ready.block(*side);
+    guard.emplace(*side);
+  }
+
+  void leave_side() {
+    if (!guard.has_value()) {
+      throw std::runtime_error("side stream not entered");
+    }
+    guard.reset();
+    auto current = c10::cuda::getCurrentCUDAStream(device);
+    // Later work on the original stream waits for the side stream.
+    at::cuda::CUDAEvent done;
+    done.record(*side);
+    done.block(current);
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+const char* adt_cuda_last_error() { return last_error.c_str(); }
+
+int adt_cuda_reset_peak(int device) {
+  return guarded([&] {
+    c10::cuda::CUDACachingAllocator::resetPeakStats(
+        static_cast<c10::DeviceIndex>(device));
+  });
+}
+
+int adt_cuda_memory(int device, int64_t* peak_allocated, int64_t* allocated,
+                    int64_t* peak_reserved) {
+  return guarded([&] {
+    auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(
+        static_cast<c10::DeviceIndex>(device));
+    const auto agg = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    *peak_allocated = stats.allocated_bytes[agg].peak;
+    *allocated = stats.allocated_bytes[agg].current;
+    *peak_reserved = stats.reserved_bytes[agg].peak;
+  });
+}
+
+int adt_cuda_empty_cache() {
+  return guarded([] { c10::cuda::CUDACachingAllocator::emptyCache(); });
+}
+
+void* adt_graph_new(int device) {
+  Graph* g = nullptr;
+  guarded([&] { g = new Graph(static_cast<c10::DeviceIndex>(device)); });
+  return g;
+}
+
+void adt_graph_free(void* g) { delete static_cast<Graph*>(g); }
+
+int adt_graph_enter_side(void* g) {
+  return guarded([&] { static_cast<Graph*>(g)->enter_side(); });
+}
+
+int adt_graph_leave_side(void* g) {
+  return guarded([&] { static_cast<Graph*>(g)->leave_side(); });
+}
+
+int adt_graph_capture_begin(void* g) {
+  return guarded([&] {
+    auto* graph = static_cast<Graph*>(g);
+    if (graph->captured) {
+      throw std::runtime_error("graph already captured");
+    }
+    graph->enter_side();
+    try {
+      graph->graph.capture_begin();
+    } catch (...) {
+      graph->leave_side();
+      throw;
+    }
+  });
+}
+
+int adt_graph_capture_end(void* g) {
+  return guarded([&] {
+    auto* graph = static_cast<Graph*>(g);
+    std::exception_ptr failed;
+    try {
+      graph->graph.capture_end();
+    } catch (...) {
+      failed = std::current_exception();
+    }
+    graph->leave_side();
+    if (failed) {
+      std::rethrow_exception(failed);
+    }
+    graph->captured = true;
+  });
+}
+
+int adt_graph_replay(void* g) {
+  return guarded([&] {
+    auto* graph = static_cast<Graph*>(g);
+    if (!graph->captured) {
+      throw std::runtime_error("replay of a graph that was not captured");
+    }
+    graph->graph.replay();
+  });
+}
+
+}  // extern "C"

@@ -1,0 +1,304 @@
+//! Parity of the SD3 MMDiT against the diffusers reference outputs, and its
+//! training-side properties: gradients, save / reload, qk RMSNorm, config checks.
+
+use adt::fixtures;
+use adt::models::mmdit::{
+    run_forward, sincos_pos_embed_2d, LoadedSd3Transformer, Sd3Config, SD3Transformer2DModel,
+};
+use adt::train::path::{Cond, Denoiser};
+use std::collections::HashMap;
+use tch::{Device, Kind, Tensor};
+
+const TOL: f64 = 1e-4;
+const NAME: &str = "sd3_transformer";
+
+fn call_inputs(call: &serde_json::Value, io: &HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+    let mut inputs = HashMap::new();
+    for (arg, spec) in call["kwargs"].as_object().expect("kwargs object") {
+        let key = spec["tensor"].as_str().expect("tensor kwarg");
+        inputs.insert(arg.clone(), io[key].shallow_clone());
+    }
+    inputs
+}
+
+#[test]
+fn sd3_transformer_matches_diffusers() {
+    let case = fixtures::case(NAME).unwrap();
+    let io = fixtures::io(NAME).unwrap();
+    let mut checked = 0;
+    for call in case["calls"].as_array().unwrap() {
+        let inputs = call_inputs(call, &io);
+        let outs = run_forward("sd3-transformer", &fixtures::dir(NAME), &inputs).unwrap();
+        let expected = call["outputs"].as_object().unwrap();
+        assert_eq!(outs.len(), expected.len());
+        for (out_name, key) in expected {
+            let err = fixtures::max_rel_err(&outs[out_name], &io[key.as_str().unwrap()]);
+            println!("{NAME} {} {out_name}: max rel err {err:.3e}", call["name"].as_str().unwrap());
+            assert!(err <= TOL, "{out_name}: {err:.3e} > {TOL:.0e}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 1);
+}
+
+#[test]
+fn missing_input_is_named() {
+    let io = fixtures::io(NAME).unwrap();
+    let mut inputs = HashMap::new();
+    inputs.insert("hidden_states".to_string(), io["joint.in.hidden_states"].shallow_clone());
+    let err = run_forward("sd3-transformer", &fixtures::dir(NAME), &inputs).unwrap_err().to_string();
+    assert!(err.contains("encoder_hidden_states"), "{err}");
+}
+
+/// The sin-cos grid built for a fresh model equals the buffer diffusers stored.
+#[test]
+fn position_grid_matches_stored_buffer() {
+    let tensors: HashMap<String, Tensor> = adt::weights::read_safetensors(
+        &fixtures::dir(NAME).join("diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap()
+    .into_iter()
+    .collect();
+    let stored = &tensors["pos_embed.pos_embed"];
+    let cfg = Sd3Config::from_value(&adt::models::config::read_json(&fixtures::dir(NAME).join("config.json")).unwrap())
+        .unwrap();
+    let max = cfg.pos_embed_max_size.unwrap();
+    let ours = sincos_pos_embed_2d(cfg.inner_dim(), max, cfg.sample_size / cfg.patch_size).unsqueeze(0);
+    let diff = (&ours - stored).abs().max().double_value(&[]);
+    println!("pos_embed grid {max}x{max}: max abs diff {diff:.3e}");
+    assert!(diff < 1e-6, "{diff:.3e}");
+    // A fresh model starts from that grid.
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let _m = SD3Transformer2DModel::new(&vs.root(), &cfg).unwrap();
+    let var = &vs.variables()["pos_embed.pos_embed"];
+    assert!(!var.requires_grad());
+    assert!((var - stored).abs().max().double_value(&[]) < 1e-6);
+}
+
+fn tiny_inputs(cfg: &Sd3Config, b: i64, hw: i64, l: i64) -> (Tensor, Tensor, Tensor, Tensor) {
+    let opts = (Kind::Float, Device::Cpu);
+    (
+        Tensor::randn([b, cfg.in_channels, hw, hw], opts),
+        Tensor::randn([b, l, cfg.joint_attention_dim], opts),
+        Tensor::randn([b, cfg.pooled_projection_dim], opts),
+        Tensor::from_slice(&[250.0f32, 875.5]).narrow(0, 0, b),
+    )
+}
+
+/// Give every variable a non-trivial random value (norm weights away from 1, biases
+/// away from 0), as the fixture weights are.
+fn perturb(vs: &tch::nn::VarStore) {
+    tch::no_grad(|| {
+        for (name, mut v) in vs.variables() {
+            if name == "pos_embed.pos_embed" {
+                continue;
+            }
+            let scale = if v.dim() <= 1 { 0.05 } else { 0.02 };
+            let noise = Tensor::randn(v.size(), (v.kind(), v.device())) * scale;
+            let _ = v.g_add_(&noise);
+        }
+    });
+}
+
+/// Gradients of a scalar of the output reach every trainable parameter. The only
+/// exceptions are the last (context-pre-only) block's text queries, whose output
+/// diffusers discards: they get no gradient there either.
+#[test]
+fn gradients_reach_every_parameter() {
+    for qk in [None, Some("rms_norm")] {
+        tch::manual_seed(11);
+        let mut cfg = Sd3Config::tiny();
+        cfg.qk_norm = qk.map(String::from);
+        let m = LoadedSd3Transformer::from_config(&cfg, Device::Cpu, Kind::Float).unwrap();
+        perturb(&m.vs);
+        let (x, c, pooled, t) = tiny_inputs(&cfg, 2, 8, 5);
+        let out = m.model.forward(&x, &c, &pooled, &t).unwrap();
+        assert_eq!(out.size(), vec![2, 16, 8, 8]);
+        let r = Tensor::randn(out.size(), (Kind::Float, Device::Cpu));
+        (out * r).sum(Kind::Float).backward();
+        let last = format!("transformer_blocks.{}.attn.", cfg.num_layers - 1);
+        let dead = [format!("{last}add_q_proj."), format!("{last}norm_added_q.")];
+        let mut n_checked = 0;
+        for (name, v) in m.vs.variables() {
+            if name == "pos_embed.pos_embed" {
+                assert!(!v.requires_grad());
+                continue;
+            }
+            assert!(v.requires_grad(), "{name} should be trainable");
+            let g = v.grad();
+            if dead.iter().any(|d| name.starts_with(d.as_str())) {
+                assert!(!g.defined() || g.abs().sum(Kind::Double).double_value(&[]) == 0.0, "{name}");
+                continue;
+            }
+            assert!(g.defined(), "{qk:?} {name}: no gradient");
+            let n = g.abs().sum(Kind::Double).double_value(&[]);
+            assert!(n > 0.0 && n.is_finite(), "{qk:?} {name}: gradient norm {n}");
+            n_checked += 1;
+        }
+        println!("qk_norm {qk:?}: {n_checked} parameters receive gradient");
+        assert!(n_checked > 40);
+    }
+}
+
+/// The `Denoiser` view is the forward with `cond.context` / `cond.pooled`.
+#[test]
+fn denoiser_is_the_forward() {
+    tch::manual_seed(5);
+    let cfg = Sd3Config::tiny();
+    let m = LoadedSd3Transformer::from_config(&cfg, Device::Cpu, Kind::Float).unwrap();
+    perturb(&m.vs);
+    let (x, c, pooled, t) = tiny_inputs(&cfg, 2, 6, 3);
+    let direct = tch::no_grad(|| m.model.forward(&x, &c, &pooled, &t)).unwrap();
+    let cond = Cond { context: c.shallow_clone(), pooled: Some(pooled), time_ids: None };
+    let via = tch::no_grad(|| m.model.predict(&x, &t, &cond)).unwrap();
+    assert_eq!(fixtures::max_rel_err(&via, &direct), 0.0);
+    let err = m.model.predict(&x, &t, &Cond::new(c)).unwrap_err().to_string();
+    assert!(err.contains("pooled"), "{err}");
+}
+
+/// Save in float32 and reload: identical outputs and an unchanged config file; save in
+/// float16: the file holds half tensors and reloads close to the float32 outputs.
+#[test]
+fn save_and_reload_round_trip() {
+    for qk in [None, Some("rms_norm")] {
+        tch::manual_seed(7);
+        let mut cfg = Sd3Config::tiny();
+        cfg.qk_norm = qk.map(String::from);
+        let m = LoadedSd3Transformer::from_config(&cfg, Device::Cpu, Kind::Float).unwrap();
+        perturb(&m.vs);
+        let (x, c, pooled, t) = tiny_inputs(&cfg, 2, 8, 4);
+        let before = tch::no_grad(|| m.model.forward(&x, &c, &pooled, &t)).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        m.save_pretrained(tmp.path(), Kind::Float).unwrap();
+        let back = LoadedSd3Transformer::load(tmp.path(), Device::Cpu, Kind::Float).unwrap();
+        assert_eq!(back.config, cfg);
+        assert_eq!(back.raw_config, m.raw_config);
+        let after = tch::no_grad(|| back.model.forward(&x, &c, &pooled, &t)).unwrap();
+        assert_eq!(fixtures::max_rel_err(&after, &before), 0.0, "{qk:?}");
+
+        let half_dir = tmp.path().join("half");
+        m.save_pretrained(&half_dir, Kind::Half).unwrap();
+        let f = half_dir.join("diffusion_pytorch_model.safetensors");
+        assert_eq!(adt::weights::file_float_kind(&f).unwrap(), Kind::Half);
+        let back = LoadedSd3Transformer::load(&half_dir, Device::Cpu, Kind::Float).unwrap();
+        let after = tch::no_grad(|| back.model.forward(&x, &c, &pooled, &t)).unwrap();
+        let err = fixtures::max_rel_err(&after, &before);
+        println!("{qk:?} float16 round trip: max rel err {err:.3e}");
+        assert!(err > 0.0 && err < 1e-2, "{err:.3e}");
+    }
+
+    // The fixture checkpoint survives a save / reload with identical outputs.
+    let io = fixtures::io(NAME).unwrap();
+    let m = LoadedSd3Transformer::load(&fixtures::dir(NAME), Device::Cpu, Kind::Float).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    m.save_pretrained(tmp.path(), Kind::Float).unwrap();
+    let orig: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures::dir(NAME).join("config.json")).unwrap()).unwrap();
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("config.json")).unwrap()).unwrap();
+    assert_eq!(orig, saved);
+    let inputs = call_inputs(&fixtures::case(NAME).unwrap()["calls"][0], &io);
+    let a = run_forward("sd3-transformer", &fixtures::dir(NAME), &inputs).unwrap();
+    let b = run_forward("sd3-transformer", tmp.path(), &inputs).unwrap();
+    assert_eq!(fixtures::max_rel_err(&b["sample"], &a["sample"]), 0.0);
+}
+
+/// `qk_norm = "rms_norm"` builds the four per-head RMSNorms under diffusers' names in
+/// every block, and they act: with them, scaling the query / key projections of
+/// either stream leaves the output unchanged (each head's q and k are normalised);
+/// without them it does not.
+#[test]
+fn qk_rms_norm_names_and_effect() {
+    let mut cfg = Sd3Config::tiny();
+    cfg.qk_norm = Some("rms_norm".into());
+    let m = LoadedSd3Transformer::from_config(&cfg, Device::Cpu, Kind::Float).unwrap();
+    let vars = m.vs.variables();
+    for i in 0..cfg.num_layers {
+        for n in ["norm_q", "norm_k", "norm_added_q", "norm_added_k"] {
+            let key = format!("transformer_blocks.{i}.attn.{n}.weight");
+            let v = vars.get(&key).unwrap_or_else(|| panic!("no variable {key}"));
+            assert_eq!(v.size(), vec![cfg.attention_head_dim]);
+        }
+        assert!(!vars.contains_key(&format!("transformer_blocks.{i}.attn.norm_q.bias")));
+    }
+    let plain = LoadedSd3Transformer::from_config(&Sd3Config::tiny(), Device::Cpu, Kind::Float).unwrap();
+    assert_eq!(vars.len(), plain.vs.variables().len() + 4 * cfg.num_layers as usize);
+    assert!(plain.vs.variables().keys().all(|k| !k.contains("norm_q")));
+
+    for (model, normed) in [(&m, true), (&plain, false)] {
+        tch::manual_seed(21);
+        perturb(&model.vs);
+        let (x, c, pooled, t) = tiny_inputs(&model.config, 2, 8, 4);
+        let before = tch::no_grad(|| model.model.forward(&x, &c, &pooled, &t)).unwrap();
+        tch::no_grad(|| {
+            for (name, mut v) in model.vs.variables() {
+                if ["to_q.", "to_k.", "add_q_proj.", "add_k_proj."].iter().any(|s| name.contains(s)) {
+                    let _ = v.g_mul_scalar_(7.0);
+                }
+            }
+        });
+        let after = tch::no_grad(|| model.model.forward(&x, &c, &pooled, &t)).unwrap();
+        let err = fixtures::max_rel_err(&after, &before);
+        println!("qk scaling x7, qk_norm {normed}: output change {err:.3e}");
+        if normed {
+            assert!(err < 1e-5, "{err:.3e}");
+        } else {
+            assert!(err > 1e-3, "{err:.3e}");
+        }
+    }
+}
+
+/// The centre crop: a latent as large as the stored grid uses all of it; a smaller one
+/// the centre; a larger one is an error naming the limit.
+#[test]
+fn position_crop_limits() {
+    let cfg = Sd3Config::tiny();
+    let m = LoadedSd3Transformer::from_config(&cfg, Device::Cpu, Kind::Float).unwrap();
+    let max_px = cfg.pos_embed_max_size.unwrap() * cfg.patch_size;
+    let (x, c, pooled, t) = tiny_inputs(&cfg, 1, max_px, 3);
+    let out = tch::no_grad(|| m.model.forward(&x, &c, &pooled, &t)).unwrap();
+    assert_eq!(out.size(), vec![1, 16, max_px, max_px]);
+    let (x, ..) = tiny_inputs(&cfg, 1, max_px + 2, 3);
+    let err = tch::no_grad(|| m.model.forward(&x, &c, &pooled, &t)).unwrap_err().to_string();
+    assert!(err.contains("pos_embed_max_size"), "{err}");
+    let (x, ..) = tiny_inputs(&cfg, 1, 7, 3);
+    let err = tch::no_grad(|| m.model.forward(&x, &c, &pooled, &t)).unwrap_err().to_string();
+    assert!(err.contains("patch size"), "{err}");
+    // Non-square latents work (4x6 patches inside the 8x8 grid).
+    let x = Tensor::randn([1, 16, 8, 12], (Kind::Float, Device::Cpu));
+    let out = tch::no_grad(|| m.model.forward(&x, &c, &pooled, &t)).unwrap();
+    assert_eq!(out.size(), vec![1, 16, 8, 12]);
+}
+
+#[test]
+fn unsupported_configs_are_named() {
+    let base = Sd3Config::tiny().to_value();
+    let cases = [
+        ("dual_attention_layers", serde_json::json!([0, 1])),
+        ("qk_norm", serde_json::json!("layer_norm")),
+        ("pos_embed_max_size", serde_json::Value::Null),
+        ("caption_projection_dim", serde_json::json!(48)),
+    ];
+    for (field, value) in cases {
+        let mut v = base.clone();
+        v[field] = value.clone();
+        let err = format!("{:#}", Sd3Config::from_value(&v).unwrap_err());
+        assert!(err.contains(field), "{field}: {err}");
+    }
+    // Unknown harmless fields are ignored.
+    let mut v = base.clone();
+    v["_diffusers_version"] = "0.42.1".into();
+    v["some_future_flag"] = true.into();
+    assert_eq!(Sd3Config::from_value(&v).unwrap(), Sd3Config::tiny());
+}
+
+#[test]
+fn medium_preset_sizes() {
+    let cfg = Sd3Config::medium();
+    cfg.validate().unwrap();
+    assert_eq!(cfg.inner_dim(), 1536);
+    assert_eq!(cfg.caption_projection_dim, 1536);
+    assert_eq!(cfg.num_layers, 24);
+    assert_eq!(cfg.pos_embed_max_size, Some(192));
+    assert_eq!(cfg.out_channels(), 16);
+}
