@@ -1,14 +1,82 @@
 // For GPU builds (feature `cuda` or ADT_CUDA_LINK=1) keep libtorch_cuda linked even
 // though no symbol of it is referenced directly: rustc links with --as-needed, which
 // would drop it and make tch::Cuda::is_available() silently false.
+//
+// GPU builds also compile `csrc/cuda_shim.cpp` (peak-memory statistics of the CUDA
+// caching allocator, CUDA-graph capture / replay) against the libtorch headers and
+// set the `adt_cuda_shim` cfg for the Rust side. The shim needs the CUDA runtime
+// headers (cuda_runtime_api.h and crt/): found under $ADT_CUDA_INCLUDE, $CUDA_HOME,
+// the pip `nvidia` folder next to libtorch, or /usr/local/cuda.
+use std::path::{Path, PathBuf};
+
+fn cuda_include(libtorch: &Path) -> Option<PathBuf> {
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Ok(p) = std::env::var("ADT_CUDA_INCLUDE") {
+        candidates.push(PathBuf::from(p));
+    }
+    if let Ok(p) = std::env::var("CUDA_HOME") {
+        candidates.push(Path::new(&p).join("include"));
+    }
+    let nvidia = libtorch.join("..").join("nvidia");
+    for sub in ["cu13", "cu12", "cuda_runtime"] {
+        candidates.push(nvidia.join(sub).join("include"));
+    }
+    candidates.push(PathBuf::from("/usr/local/cuda/include"));
+    candidates.into_iter().find(|d| {
+        d.join("cuda_runtime_api.h").is_file() && d.join("crt").join("host_defines.h").is_file()
+    })
+}
+
+fn build_shim() {
+    println!("cargo:rerun-if-changed=csrc/cuda_shim.cpp");
+    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    println!("cargo:rerun-if-env-changed=ADT_CUDA_INCLUDE");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    let libtorch = PathBuf::from(std::env::var("LIBTORCH").unwrap_or_else(|_| {
+        panic!("GPU build: LIBTORCH is not set (source scripts/env.sh first)")
+    }));
+    let inc = libtorch.join("include");
+    if !inc.join("ATen").join("cuda").join("CUDAGraph.h").is_file() {
+        panic!(
+            "GPU build: {} has no ATen/cuda/CUDAGraph.h (a CUDA build of libtorch 2.11 is needed)",
+            inc.display()
+        );
+    }
+    let cuda_inc = cuda_include(&libtorch).unwrap_or_else(|| {
+        panic!(
+            "GPU build: no CUDA runtime headers with crt/host_defines.h found (looked in \
+             $ADT_CUDA_INCLUDE, $CUDA_HOME/include, {}/../nvidia/cu13/include, /usr/local/cuda/include); \
+             install them with `pip install --no-deps nvidia-cuda-crt==13.0.88` into the libtorch venv \
+             or set ADT_CUDA_INCLUDE",
+            libtorch.display()
+        )
+    });
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .file("csrc/cuda_shim.cpp")
+        .include(&inc)
+        .include(inc.join("torch").join("csrc").join("api").join("include"))
+        .include(&cuda_inc)
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .flag_if_supported("-Wno-unused-parameter")
+        .warnings(false)
+        .compile("adt_cuda_shim");
+    println!("cargo:rustc-cfg=adt_cuda_shim");
+}
+
 fn main() {
     println!("cargo:rerun-if-env-changed=ADT_CUDA_LINK");
+    println!("cargo::rustc-check-cfg=cfg(adt_cuda_shim)");
     let cuda = std::env::var("CARGO_FEATURE_CUDA").is_ok()
         || std::env::var("ADT_CUDA_LINK").map(|v| v == "1").unwrap_or(false);
     if cuda {
+        build_shim();
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
         println!("cargo:rustc-link-arg=-Wl,--allow-shlib-undefined");
         println!("cargo:rustc-link-arg=-ltorch_cuda");
+        println!("cargo:rustc-link-arg=-lc10_cuda");
+        println!("cargo:rustc-link-arg=-lc10");
         println!("cargo:rustc-link-arg=-ltorch");
     }
 }

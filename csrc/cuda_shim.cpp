@@ -3,10 +3,10 @@
 // Compiled only for GPU builds (see build.rs). Every function catches C++
 // exceptions and reports them through adt_cuda_last_error().
 
-#include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/CUDAGraph.h>
+#include <c10/core/Event.h>
 #include <c10/cuda/CUDACachingAllocator.h>
-#include <c10/cuda/CUDAGuard.h>
+#include <c10/core/StreamGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
@@ -31,6 +31,16 @@ int guarded(F&& f) {
   return -1;
 }
 
+// Make `waiter` wait for the work queued so far on `producer` (no host sync).
+// Goes through c10's device-generic event so that no CUDA runtime symbol is
+// referenced from here.
+void stream_wait(const c10::cuda::CUDAStream& producer,
+                 const c10::cuda::CUDAStream& waiter) {
+  c10::Event ev(c10::DeviceType::CUDA);
+  ev.record(producer.unwrap());
+  ev.block(waiter.unwrap());
+}
+
 // A graph together with the side stream it is captured on. While a capture (or a
 // warm-up on the side stream) is open, the stream guard makes the side stream the
 // current stream of the device, so that every kernel launched by the caller lands
@@ -39,7 +49,7 @@ struct Graph {
   c10::DeviceIndex device;
   at::cuda::CUDAGraph graph;
   std::optional<c10::cuda::CUDAStream> side;
-  std::optional<c10::cuda::CUDAStreamGuard> guard;
+  std::optional<c10::StreamGuard> guard;
   bool captured = false;
 
   explicit Graph(c10::DeviceIndex d) : device(d), graph() {}
@@ -53,10 +63,8 @@ struct Graph {
       side = c10::cuda::getStreamFromPool(false, device);
     }
     // The side stream waits for the work queued so far.
-    at::cuda::CUDAEvent ready;
-    ready.record(current);
-    ready.block(*side);
-    guard.emplace(*side);
+    stream_wait(current, *side);
+    guard.emplace(side->unwrap());
   }
 
   void leave_side() {
@@ -66,9 +74,7 @@ struct Graph {
     guard.reset();
     auto current = c10::cuda::getCurrentCUDAStream(device);
     // Later work on the original stream waits for the side stream.
-    at::cuda::CUDAEvent done;
-    done.record(*side);
-    done.block(current);
+    stream_wait(*side, current);
   }
 };
 

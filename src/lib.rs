@@ -1,4 +1,5 @@
 //! adt: Adversarial Diffusion Tuning for Stable Diffusion models, on libtorch.
+pub mod bench;
 pub mod data;
 pub mod disc;
 pub mod eval;

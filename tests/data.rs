@@ -1464,3 +1464,16 @@ fn bench_loader_512() {
     .unwrap();
     println!("{r}");
 }
+
+/// The same with a resize on every sample (768 px sources to 512 px).
+#[test]
+#[ignore]
+fn bench_loader_768_to_512() {
+    let r = bench_loader(&BenchOptions {
+        images: 320,
+        image_size: 768,
+        ..Default::default()
+    })
+    .unwrap();
+    println!("{r}");
+}

@@ -3,7 +3,7 @@
 
 use adt::fixtures;
 use adt::models::mmdit::{
-    run_forward, sincos_pos_embed_2d, LoadedSd3Transformer, Sd3Config, SD3Transformer2DModel,
+    run_forward, sincos_pos_embed_2d, LoadedSd3Transformer, SD3Transformer2DModel, Sd3Config,
 };
 use adt::train::path::{Cond, Denoiser};
 use std::collections::HashMap;
@@ -33,7 +33,10 @@ fn sd3_transformer_matches_diffusers() {
         assert_eq!(outs.len(), expected.len());
         for (out_name, key) in expected {
             let err = fixtures::max_rel_err(&outs[out_name], &io[key.as_str().unwrap()]);
-            println!("{NAME} {} {out_name}: max rel err {err:.3e}", call["name"].as_str().unwrap());
+            println!(
+                "{NAME} {} {out_name}: max rel err {err:.3e}",
+                call["name"].as_str().unwrap()
+            );
             assert!(err <= TOL, "{out_name}: {err:.3e} > {TOL:.0e}");
             checked += 1;
         }
@@ -45,8 +48,13 @@ fn sd3_transformer_matches_diffusers() {
 fn missing_input_is_named() {
     let io = fixtures::io(NAME).unwrap();
     let mut inputs = HashMap::new();
-    inputs.insert("hidden_states".to_string(), io["joint.in.hidden_states"].shallow_clone());
-    let err = run_forward("sd3-transformer", &fixtures::dir(NAME), &inputs).unwrap_err().to_string();
+    inputs.insert(
+        "hidden_states".to_string(),
+        io["joint.in.hidden_states"].shallow_clone(),
+    );
+    let err = run_forward("sd3-transformer", &fixtures::dir(NAME), &inputs)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("encoder_hidden_states"), "{err}");
 }
 
@@ -60,10 +68,13 @@ fn position_grid_matches_stored_buffer() {
     .into_iter()
     .collect();
     let stored = &tensors["pos_embed.pos_embed"];
-    let cfg = Sd3Config::from_value(&adt::models::config::read_json(&fixtures::dir(NAME).join("config.json")).unwrap())
-        .unwrap();
+    let cfg = Sd3Config::from_value(
+        &adt::models::config::read_json(&fixtures::dir(NAME).join("config.json")).unwrap(),
+    )
+    .unwrap();
     let max = cfg.pos_embed_max_size.unwrap();
-    let ours = sincos_pos_embed_2d(cfg.inner_dim(), max, cfg.sample_size / cfg.patch_size).unsqueeze(0);
+    let ours =
+        sincos_pos_embed_2d(cfg.inner_dim(), max, cfg.sample_size / cfg.patch_size).unsqueeze(0);
     let diff = (&ours - stored).abs().max().double_value(&[]);
     println!("pos_embed grid {max}x{max}: max abs diff {diff:.3e}");
     assert!(diff < 1e-6, "{diff:.3e}");
@@ -127,7 +138,10 @@ fn gradients_reach_every_parameter() {
             assert!(v.requires_grad(), "{name} should be trainable");
             let g = v.grad();
             if dead.iter().any(|d| name.starts_with(d.as_str())) {
-                assert!(!g.defined() || g.abs().sum(Kind::Double).double_value(&[]) == 0.0, "{name}");
+                assert!(
+                    !g.defined() || g.abs().sum(Kind::Double).double_value(&[]) == 0.0,
+                    "{name}"
+                );
                 continue;
             }
             assert!(g.defined(), "{qk:?} {name}: no gradient");
@@ -149,10 +163,18 @@ fn denoiser_is_the_forward() {
     perturb(&m.vs);
     let (x, c, pooled, t) = tiny_inputs(&cfg, 2, 6, 3);
     let direct = tch::no_grad(|| m.model.forward(&x, &c, &pooled, &t)).unwrap();
-    let cond = Cond { context: c.shallow_clone(), pooled: Some(pooled), time_ids: None };
+    let cond = Cond {
+        context: c.shallow_clone(),
+        pooled: Some(pooled),
+        time_ids: None,
+    };
     let via = tch::no_grad(|| m.model.predict(&x, &t, &cond)).unwrap();
     assert_eq!(fixtures::max_rel_err(&via, &direct), 0.0);
-    let err = m.model.predict(&x, &t, &Cond::new(c)).unwrap_err().to_string();
+    let err = m
+        .model
+        .predict(&x, &t, &Cond::new(c))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("pooled"), "{err}");
 }
 
@@ -192,10 +214,13 @@ fn save_and_reload_round_trip() {
     let m = LoadedSd3Transformer::load(&fixtures::dir(NAME), Device::Cpu, Kind::Float).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     m.save_pretrained(tmp.path(), Kind::Float).unwrap();
-    let orig: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures::dir(NAME).join("config.json")).unwrap()).unwrap();
+    let orig: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures::dir(NAME).join("config.json")).unwrap(),
+    )
+    .unwrap();
     let saved: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("config.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("config.json")).unwrap())
+            .unwrap();
     assert_eq!(orig, saved);
     let inputs = call_inputs(&fixtures::case(NAME).unwrap()["calls"][0], &io);
     let a = run_forward("sd3-transformer", &fixtures::dir(NAME), &inputs).unwrap();
@@ -216,13 +241,19 @@ fn qk_rms_norm_names_and_effect() {
     for i in 0..cfg.num_layers {
         for n in ["norm_q", "norm_k", "norm_added_q", "norm_added_k"] {
             let key = format!("transformer_blocks.{i}.attn.{n}.weight");
-            let v = vars.get(&key).unwrap_or_else(|| panic!("no variable {key}"));
+            let v = vars
+                .get(&key)
+                .unwrap_or_else(|| panic!("no variable {key}"));
             assert_eq!(v.size(), vec![cfg.attention_head_dim]);
         }
         assert!(!vars.contains_key(&format!("transformer_blocks.{i}.attn.norm_q.bias")));
     }
-    let plain = LoadedSd3Transformer::from_config(&Sd3Config::tiny(), Device::Cpu, Kind::Float).unwrap();
-    assert_eq!(vars.len(), plain.vs.variables().len() + 4 * cfg.num_layers as usize);
+    let plain =
+        LoadedSd3Transformer::from_config(&Sd3Config::tiny(), Device::Cpu, Kind::Float).unwrap();
+    assert_eq!(
+        vars.len(),
+        plain.vs.variables().len() + 4 * cfg.num_layers as usize
+    );
     assert!(plain.vs.variables().keys().all(|k| !k.contains("norm_q")));
 
     for (model, normed) in [(&m, true), (&plain, false)] {
@@ -232,7 +263,10 @@ fn qk_rms_norm_names_and_effect() {
         let before = tch::no_grad(|| model.model.forward(&x, &c, &pooled, &t)).unwrap();
         tch::no_grad(|| {
             for (name, mut v) in model.vs.variables() {
-                if ["to_q.", "to_k.", "add_q_proj.", "add_k_proj."].iter().any(|s| name.contains(s)) {
+                if ["to_q.", "to_k.", "add_q_proj.", "add_k_proj."]
+                    .iter()
+                    .any(|s| name.contains(s))
+                {
                     let _ = v.g_mul_scalar_(7.0);
                 }
             }
@@ -259,10 +293,14 @@ fn position_crop_limits() {
     let out = tch::no_grad(|| m.model.forward(&x, &c, &pooled, &t)).unwrap();
     assert_eq!(out.size(), vec![1, 16, max_px, max_px]);
     let (x, ..) = tiny_inputs(&cfg, 1, max_px + 2, 3);
-    let err = tch::no_grad(|| m.model.forward(&x, &c, &pooled, &t)).unwrap_err().to_string();
+    let err = tch::no_grad(|| m.model.forward(&x, &c, &pooled, &t))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("pos_embed_max_size"), "{err}");
     let (x, ..) = tiny_inputs(&cfg, 1, 7, 3);
-    let err = tch::no_grad(|| m.model.forward(&x, &c, &pooled, &t)).unwrap_err().to_string();
+    let err = tch::no_grad(|| m.model.forward(&x, &c, &pooled, &t))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("patch size"), "{err}");
     // Non-square latents work (4x6 patches inside the 8x8 grid).
     let x = Tensor::randn([1, 16, 8, 12], (Kind::Float, Device::Cpu));
@@ -301,4 +339,308 @@ fn medium_preset_sizes() {
     assert_eq!(cfg.num_layers, 24);
     assert_eq!(cfg.pos_embed_max_size, Some(192));
     assert_eq!(cfg.out_channels(), 16);
+}
+
+// ---------------------------------------------------------------------------
+// SD3 text stack
+// ---------------------------------------------------------------------------
+
+use adt::models::sd3_text::{
+    join_context, Sd3TextEncoders, Sd3TextOptions, T5Tokenizer, CLIP_TOKENS,
+};
+use adt::models::tokenizer::Pad;
+
+const PROMPTS: [&str; 2] = ["A photo of a cat, sitting on a mat!", ""];
+
+/// The context and pooled embedding are assembled from the three encoders' own
+/// outputs: CLIP-L / CLIP-G penultimate states side by side and zero-padded to the T5
+/// width, then the T5 states; pooled = both projections.
+#[test]
+fn text_stack_assembles_the_three_encoders() {
+    // The tiny T5 tokenizer is character-level: 64 ids hold the first prompt.
+    let max_len = 64;
+    let te = Sd3TextEncoders::tiny_random(Device::Cpu, 3, true, max_len).unwrap();
+    let (cond, truncated) = te.encode_with_truncation(&PROMPTS).unwrap();
+    assert_eq!(truncated, 0);
+    assert_eq!(te.context_len(), CLIP_TOKENS + max_len as i64);
+    assert_eq!(
+        cond.context.size(),
+        vec![2, CLIP_TOKENS + max_len as i64, 32]
+    );
+    assert_eq!(cond.pooled.as_ref().unwrap().size(), vec![2, 24]);
+    assert!(cond.time_ids.is_none());
+
+    let clip = |br: &adt::models::sd3_text::ClipBranch| {
+        let (ids, _) = br.tokenizer.encode_padded(&PROMPTS, br.pad).unwrap();
+        let out = tch::no_grad(|| br.encoder.model.forward(&ids, None)).unwrap();
+        (out.penultimate().shallow_clone(), out.text_embeds.unwrap())
+    };
+    let (hl, pl) = clip(&te.clip_l);
+    let (hg, pg) = clip(&te.clip_g);
+    let t5 = te.t5.as_ref().unwrap();
+    let (ids, _) = t5.tokenizer.encode_padded(&PROMPTS).unwrap();
+    let ht = tch::no_grad(|| t5.encoder.model.forward(&ids, None)).unwrap();
+
+    let ctx = &cond.context;
+    let l = CLIP_TOKENS;
+    assert_eq!(
+        fixtures::max_rel_err(&ctx.narrow(1, 0, l).narrow(2, 0, 8), &hl),
+        0.0
+    );
+    assert_eq!(
+        fixtures::max_rel_err(&ctx.narrow(1, 0, l).narrow(2, 8, 16), &hg),
+        0.0
+    );
+    let pad = ctx.narrow(1, 0, l).narrow(2, 24, 8);
+    assert_eq!(pad.abs().max().double_value(&[]), 0.0);
+    assert_eq!(
+        fixtures::max_rel_err(&ctx.narrow(1, l, max_len as i64), &ht),
+        0.0
+    );
+    let pooled = cond.pooled.as_ref().unwrap();
+    assert_eq!(fixtures::max_rel_err(&pooled.narrow(1, 0, 8), &pl), 0.0);
+    assert_eq!(fixtures::max_rel_err(&pooled.narrow(1, 8, 16), &pg), 0.0);
+    // The two CLIP branches pad as SD3's tokenizers do.
+    assert_eq!(te.clip_l.tokenizer.pad_id(te.clip_l.pad), 49407);
+    assert_eq!(te.clip_g.tokenizer.pad_id(te.clip_g.pad), 0);
+    // The penultimate layer, not the last.
+    let (ids, _) = te
+        .clip_g
+        .tokenizer
+        .encode_padded(&PROMPTS, Pad::Zero)
+        .unwrap();
+    let out = tch::no_grad(|| te.clip_g.encoder.model.forward(&ids, None)).unwrap();
+    assert!(fixtures::max_rel_err(&out.hidden_states[3], &hg) > 1e-3);
+}
+
+/// Without T5 the T5 block is 77 zero tokens of the context width (diffusers).
+#[test]
+fn text_stack_without_t5() {
+    let mut te = Sd3TextEncoders::tiny_random(Device::Cpu, 3, true, 24).unwrap();
+    let with = te.encode(&PROMPTS).unwrap();
+    te.t5 = None;
+    let cond = te.encode(&PROMPTS).unwrap();
+    assert_eq!(cond.context.size(), vec![2, 2 * CLIP_TOKENS, 32]);
+    let zeros = cond.context.narrow(1, CLIP_TOKENS, CLIP_TOKENS);
+    assert_eq!(zeros.abs().max().double_value(&[]), 0.0);
+    // The CLIP part is the same as with T5.
+    let a = cond.context.narrow(1, 0, CLIP_TOKENS);
+    let b = with.context.narrow(1, 0, CLIP_TOKENS);
+    assert_eq!(fixtures::max_rel_err(&a, &b), 0.0);
+}
+
+#[test]
+fn join_context_checks_widths() {
+    let opts = (Kind::Float, Device::Cpu);
+    let ok = join_context(
+        &Tensor::ones([1, 3, 2], opts),
+        &Tensor::ones([1, 3, 3], opts),
+        &Tensor::ones([1, 4, 6], opts),
+    )
+    .unwrap();
+    assert_eq!(ok.size(), vec![1, 7, 6]);
+    assert_eq!(ok.narrow(1, 0, 3).sum(Kind::Double).double_value(&[]), 15.0);
+    let err = join_context(
+        &Tensor::ones([1, 3, 4], opts),
+        &Tensor::ones([1, 3, 3], opts),
+        &Tensor::ones([1, 4, 6], opts),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("exceed"), "{err}");
+}
+
+/// The T5 tokenizer appends `</s>`, pads with `<pad>` and truncates keeping `</s>`.
+#[test]
+fn t5_tokenizer_pads_and_truncates() {
+    let tok = T5Tokenizer::tiny(12).unwrap();
+    let (row, cut) = tok.encode_row("Ab c").unwrap();
+    assert!(!cut);
+    // "▁a" "b" "▁c" </s> then <pad>.
+    let inner = tok.inner();
+    let id = |s: &str| i64::from(inner.token_to_id(s).unwrap());
+    let mut want = vec![id("\u{2581}a"), id("b"), id("\u{2581}c"), 1];
+    want.resize(12, 0);
+    assert_eq!(row, want);
+    let (row, cut) = tok.encode_row("one two three four five six").unwrap();
+    assert!(cut);
+    assert_eq!(row.len(), 12);
+    assert_eq!(row[11], 1, "truncated rows still end with </s>: {row:?}");
+    assert!(!row[..11].contains(&0));
+    let (ids, n) = tok
+        .encode_padded(&["x", "one two three four five six"])
+        .unwrap();
+    assert_eq!(ids.size(), vec![2, 12]);
+    assert_eq!(n, 1);
+}
+
+#[test]
+fn t5_tokenizer_loads_tokenizer_json_and_rejects_spiece_only() {
+    let tiny = T5Tokenizer::tiny(16).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    tiny.inner()
+        .save(tmp.path().join("tokenizer.json"), false)
+        .unwrap();
+    let loaded = T5Tokenizer::from_dir(tmp.path(), 16).unwrap();
+    for p in [
+        "Hello there, world 42!",
+        "",
+        "a b c d e f g h i j k l m n o p",
+    ] {
+        assert_eq!(
+            loaded.encode_row(p).unwrap(),
+            tiny.encode_row(p).unwrap(),
+            "{p:?}"
+        );
+    }
+    let sp = tempfile::tempdir().unwrap();
+    std::fs::write(sp.path().join("spiece.model"), b"not parsed").unwrap();
+    let err = match T5Tokenizer::from_dir(sp.path(), 16) {
+        Ok(_) => panic!("spiece.model-only folder accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("spiece.model") && err.contains("tokenizer.json"),
+        "{err}"
+    );
+}
+
+fn write_component(dir: &std::path::Path, config: serde_json::Value, vs: &tch::nn::VarStore) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&config).unwrap(),
+    )
+    .unwrap();
+    adt::weights::save_varstore(vs, &dir.join("model.safetensors"), None).unwrap();
+}
+
+fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+}
+
+/// Written out in the SD3 pipeline layout and loaded back, the tiny stack gives the
+/// same conditioning; `use_t5: false` gives the zero block.
+#[test]
+fn text_stack_loads_from_a_pipeline_folder() {
+    let te = Sd3TextEncoders::tiny_random(Device::Cpu, 9, true, 20).unwrap();
+    let want = te.encode(&PROMPTS).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    for (name, br) in [("text_encoder", &te.clip_l), ("text_encoder_2", &te.clip_g)] {
+        let mut cfg = serde_json::to_value(&br.encoder.config).unwrap();
+        cfg["architectures"] = serde_json::json!(["CLIPTextModelWithProjection"]);
+        write_component(&root.join(name), cfg, &br.encoder.vs);
+    }
+    let tok_src = fixtures::dir("tokenizer_clip/tokenizer");
+    copy_dir(&tok_src, &root.join("tokenizer"));
+    copy_dir(&tok_src, &root.join("tokenizer_2"));
+    for f in ["tokenizer_config.json", "special_tokens_map.json"] {
+        let p = root.join("tokenizer_2").join(f);
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        v["pad_token"] = "!".into();
+        std::fs::write(&p, serde_json::to_string(&v).unwrap()).unwrap();
+    }
+    let t5 = te.t5.as_ref().unwrap();
+    write_component(
+        &root.join("text_encoder_3"),
+        serde_json::to_value(&t5.encoder.config).unwrap(),
+        &t5.encoder.vs,
+    );
+    std::fs::create_dir_all(root.join("tokenizer_3")).unwrap();
+    t5.tokenizer
+        .inner()
+        .save(root.join("tokenizer_3").join("tokenizer.json"), false)
+        .unwrap();
+    let index = serde_json::json!({
+        "_class_name": "StableDiffusion3Pipeline",
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "text_encoder_3": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "tokenizer_3": ["transformers", "T5TokenizerFast"]
+    });
+    std::fs::write(root.join("model_index.json"), index.to_string()).unwrap();
+
+    let opts = Sd3TextOptions {
+        use_t5: true,
+        max_sequence_length: 20,
+    };
+    let loaded = Sd3TextEncoders::load(root, Device::Cpu, Kind::Float, &opts).unwrap();
+    assert!(loaded.t5.is_some());
+    assert_eq!(loaded.clip_g.tokenizer.pad_id(loaded.clip_g.pad), 0);
+    let got = loaded.encode(&PROMPTS).unwrap();
+    assert_eq!(fixtures::max_rel_err(&got.context, &want.context), 0.0);
+    assert_eq!(
+        fixtures::max_rel_err(got.pooled.as_ref().unwrap(), want.pooled.as_ref().unwrap()),
+        0.0
+    );
+    for (name, v) in loaded.t5.as_ref().unwrap().encoder.vs.variables() {
+        assert!(!v.requires_grad(), "{name} should be frozen");
+    }
+
+    // Without T5 the width comes from the transformer's joint_attention_dim (4096
+    // when there is no transformer config).
+    let no_t5 = Sd3TextOptions {
+        use_t5: false,
+        ..opts
+    };
+    let loaded = Sd3TextEncoders::load(root, Device::Cpu, Kind::Float, &no_t5).unwrap();
+    assert!(loaded.t5.is_none());
+    let got = loaded.encode(&PROMPTS).unwrap();
+    assert_eq!(got.context.size(), vec![2, 2 * CLIP_TOKENS, 4096]);
+    std::fs::create_dir_all(root.join("transformer")).unwrap();
+    let tcfg = Sd3Config::tiny().to_value();
+    std::fs::write(
+        root.join("transformer").join("config.json"),
+        tcfg.to_string(),
+    )
+    .unwrap();
+    let loaded = Sd3TextEncoders::load(root, Device::Cpu, Kind::Float, &no_t5).unwrap();
+    let got = loaded.encode(&PROMPTS).unwrap();
+    assert_eq!(got.context.size(), vec![2, 2 * CLIP_TOKENS, 32]);
+    let clip_part = got.context.narrow(1, 0, CLIP_TOKENS);
+    assert_eq!(
+        fixtures::max_rel_err(&clip_part, &want.context.narrow(1, 0, CLIP_TOKENS)),
+        0.0
+    );
+    // A transformer whose joint_attention_dim disagrees with T5 is an error.
+    let mut bad = Sd3Config::tiny().to_value();
+    bad["joint_attention_dim"] = 64.into();
+    std::fs::write(
+        root.join("transformer").join("config.json"),
+        bad.to_string(),
+    )
+    .unwrap();
+    let err = match Sd3TextEncoders::load(root, Device::Cpu, Kind::Float, &opts) {
+        Ok(_) => panic!("mismatched widths accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("joint_attention_dim"), "{err}");
+}
+
+/// The tiny text stack conditions the tiny MMDiT through the `Denoiser` interface,
+/// with classifier-free guidance batching (`Cond::cat`).
+#[test]
+fn tiny_text_stack_drives_the_tiny_transformer() {
+    let te = Sd3TextEncoders::tiny_random(Device::Cpu, 1, true, 16).unwrap();
+    let cond = te.encode(&["a red cube"]).unwrap();
+    let uncond = te.encode(&[""]).unwrap();
+    let both = Cond::cat(&uncond, &cond);
+    let m =
+        LoadedSd3Transformer::from_config(&Sd3Config::tiny(), Device::Cpu, Kind::Float).unwrap();
+    let x = Tensor::randn([2, 16, 8, 8], (Kind::Float, Device::Cpu));
+    let t = Tensor::from_slice(&[500.0f32, 500.0]);
+    let out = tch::no_grad(|| m.model.predict(&x, &t, &both)).unwrap();
+    assert_eq!(out.size(), vec![2, 16, 8, 8]);
+    assert!(
+        fixtures::max_rel_err(&out.get(0), &out.get(1)) > 0.0,
+        "the prompt must matter"
+    );
 }

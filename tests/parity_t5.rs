@@ -32,7 +32,11 @@ fn errors(dir: &std::path::Path) -> Vec<(String, String, f64)> {
         for (out_name, key) in expected {
             let ours = &outs[out_name];
             let err = fixtures::max_rel_err(ours, &io[key.as_str().unwrap()]);
-            out.push((call["name"].as_str().unwrap().to_string(), out_name.clone(), err));
+            out.push((
+                call["name"].as_str().unwrap().to_string(),
+                out_name.clone(),
+                err,
+            ));
         }
     }
     out
@@ -66,7 +70,12 @@ fn mask_matters() {
 fn loads_embed_tokens_variants() {
     let src = fixtures::dir(NAME);
     let tensors = adt::weights::read_safetensors(&src.join("model.safetensors")).unwrap();
-    let shared = tensors.iter().find(|(n, _)| n == "shared.weight").unwrap().1.shallow_clone();
+    let shared = tensors
+        .iter()
+        .find(|(n, _)| n == "shared.weight")
+        .unwrap()
+        .1
+        .shallow_clone();
     for keep_shared in [true, false] {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::copy(src.join("config.json"), tmp.path().join("config.json")).unwrap();
@@ -91,11 +100,12 @@ fn missing_tensor_is_named() {
     let src = fixtures::dir(NAME);
     let tmp = tempfile::tempdir().unwrap();
     std::fs::copy(src.join("config.json"), tmp.path().join("config.json")).unwrap();
-    let named: Vec<(String, Tensor)> = adt::weights::read_safetensors(&src.join("model.safetensors"))
-        .unwrap()
-        .into_iter()
-        .filter(|(n, _)| n != "encoder.final_layer_norm.weight")
-        .collect();
+    let named: Vec<(String, Tensor)> =
+        adt::weights::read_safetensors(&src.join("model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .filter(|(n, _)| n != "encoder.final_layer_norm.weight")
+            .collect();
     adt::weights::save_safetensors(&named, &tmp.path().join("model.safetensors"), None, None)
         .unwrap();
     let err = match T5EncoderModel::load(tmp.path(), Device::Cpu, Kind::Float) {
@@ -113,7 +123,11 @@ fn half_precision_keeps_wo_in_float32() {
     let io = fixtures::io(NAME).unwrap();
     let loaded = T5EncoderModel::load(&dir, Device::Cpu, Kind::Half).unwrap();
     for (name, var) in loaded.vs.variables() {
-        let want = if name.ends_with("DenseReluDense.wo.weight") { Kind::Float } else { Kind::Half };
+        let want = if name.ends_with("DenseReluDense.wo.weight") {
+            Kind::Float
+        } else {
+            Kind::Half
+        };
         assert_eq!(var.kind(), want, "{name}");
         assert!(!var.requires_grad(), "{name} should be frozen");
     }
@@ -142,7 +156,12 @@ fn gradients_reach_every_parameter() {
         let vars = vs.variables();
         // shared + per block (2 norms, q/k/v/o, wi or wi_0/wi_1, wo) + bias table + final norm.
         let per_block = if proj == "relu" { 8 } else { 9 };
-        assert_eq!(vars.len(), 1 + 2 * per_block + 1 + 1, "{proj}: {:?}", vars.keys().collect::<Vec<_>>());
+        assert_eq!(
+            vars.len(),
+            1 + 2 * per_block + 1 + 1,
+            "{proj}: {:?}",
+            vars.keys().collect::<Vec<_>>()
+        );
         for (name, v) in vars {
             let g = v.grad();
             assert!(g.defined(), "{proj} {name}: no gradient");

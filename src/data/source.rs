@@ -281,11 +281,7 @@ fn pick_column(
         })
 }
 
-fn read_manifest(
-    manifest: &Path,
-    base: &Path,
-    cfg: &DataConfig,
-) -> Result<(Vec<Entry>, Vec<BadSample>)> {
+fn read_manifest(manifest: &Path, base: &Path, cfg: &DataConfig) -> Result<Manifest> {
     let name = manifest
         .file_name()
         .map(|n| n.to_string_lossy().to_lowercase())
@@ -399,6 +395,7 @@ fn read_manifest(
         }
     };
     let mut entries = Vec::new();
+    let mut referenced = HashSet::new();
     for (line, img, cap) in records {
         let loc = format!("{} line {line}", manifest.display());
         let Some(img) = img.filter(|s| !s.trim().is_empty()) else {
@@ -410,6 +407,7 @@ fn read_manifest(
             continue;
         };
         let image = base.join(img.trim());
+        referenced.insert(normalize(&image));
         let file_loc = format!("{} ({loc})", image.display());
         match cap {
             None => bad.push(BadSample::new(
@@ -431,7 +429,18 @@ fn read_manifest(
             },
         }
     }
-    Ok((entries, bad))
+    Ok(Manifest {
+        entries,
+        bad,
+        referenced,
+    })
+}
+
+/// A parsed manifest: usable entries, bad rows and every image path it names.
+struct Manifest {
+    entries: Vec<Entry>,
+    bad: Vec<BadSample>,
+    referenced: HashSet<PathBuf>,
 }
 
 fn short(s: &str) -> String {
@@ -587,40 +596,35 @@ pub(crate) fn open(cfg: &DataConfig) -> Result<Opened> {
                     path.display()
                 );
             }
-            let (entries, bad, kind) = if path.join("metadata.jsonl").is_file()
-                || path.join("metadata.csv").is_file()
-            {
-                let meta = if path.join("metadata.jsonl").is_file() {
-                    path.join("metadata.jsonl")
-                } else {
-                    path.join("metadata.csv")
-                };
-                let (entries, mut bad) = read_manifest(&meta, &path, cfg)?;
-                // Images present in the folder but not listed have no caption.
-                let listed: HashSet<PathBuf> =
-                    entries.iter().map(|e| normalize(&e.image)).collect();
-                let listed_bad: HashSet<String> = bad.iter().map(|b| b.location.clone()).collect();
-                let mut images = Vec::new();
-                walk_images(&path, &mut images)?;
-                for img in images {
-                    let n = normalize(&img);
-                    if !listed.contains(&n)
-                        && !listed_bad
-                            .iter()
-                            .any(|l| l.starts_with(&img.display().to_string()))
-                    {
-                        bad.push(BadSample::new(
-                            BadKind::MissingCaption,
-                            img.display().to_string(),
-                            format!("not listed in {}", meta.display()),
-                        ));
+            let (entries, bad, kind) =
+                if path.join("metadata.jsonl").is_file() || path.join("metadata.csv").is_file() {
+                    let meta = if path.join("metadata.jsonl").is_file() {
+                        path.join("metadata.jsonl")
+                    } else {
+                        path.join("metadata.csv")
+                    };
+                    let Manifest {
+                        entries,
+                        mut bad,
+                        referenced,
+                    } = read_manifest(&meta, &path, cfg)?;
+                    // Images present in the folder but not named by the metadata have no caption.
+                    let mut images = Vec::new();
+                    walk_images(&path, &mut images)?;
+                    for img in images {
+                        if !referenced.contains(&normalize(&img)) {
+                            bad.push(BadSample::new(
+                                BadKind::MissingCaption,
+                                img.display().to_string(),
+                                format!("not listed in {}", meta.display()),
+                            ));
+                        }
                     }
-                }
-                (entries, bad, "imagefolder with metadata")
-            } else {
-                let (e, b) = imagefolder_txt(&path, cfg.strict)?;
-                (e, b, "imagefolder with .txt captions")
-            };
+                    (entries, bad, "imagefolder with metadata")
+                } else {
+                    let (e, b) = imagefolder_txt(&path, cfg.strict)?;
+                    (e, b, "imagefolder with .txt captions")
+                };
             finish_indexed(cfg, format, kind, entries, bad)
         }
         DataFormat::Manifest => {
@@ -631,7 +635,7 @@ pub(crate) fn open(cfg: &DataConfig) -> Result<Opened> {
                 );
             }
             let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-            let (entries, bad) = read_manifest(&path, &base, cfg)?;
+            let Manifest { entries, bad, .. } = read_manifest(&path, &base, cfg)?;
             finish_indexed(cfg, format, "manifest", entries, bad)
         }
         DataFormat::Auto => unreachable!("auto is resolved above"),

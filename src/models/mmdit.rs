@@ -178,7 +178,10 @@ impl Sd3Config {
             ("pooled_projection_dim", self.pooled_projection_dim),
             ("out_channels", self.out_channels()),
         ] {
-            ensure!(v > 0, "SD3 transformer config field {name} = {v} must be positive");
+            ensure!(
+                v > 0,
+                "SD3 transformer config field {name} = {v} must be positive"
+            );
         }
         if !self.dual_attention_layers.is_empty() {
             bail!(
@@ -392,7 +395,14 @@ struct JointAttention {
 }
 
 impl JointAttention {
-    fn new(p: &nn::Path, dim: i64, heads: i64, head_dim: i64, pre_only: bool, qk_norm: bool) -> Self {
+    fn new(
+        p: &nn::Path,
+        dim: i64,
+        heads: i64,
+        head_dim: i64,
+        pre_only: bool,
+        qk_norm: bool,
+    ) -> Self {
         let inner = heads * head_dim;
         let norms = qk_norm.then(|| QkNorms {
             norm_q: RmsNorm::new(&(p / "norm_q"), head_dim, 1e-6),
@@ -451,7 +461,9 @@ impl JointAttention {
             &query, &key, &value, None, 0.0, false, None, false,
         );
         let nq = out.size()[2];
-        let out = out.transpose(1, 2).reshape([b, nq, self.heads * self.head_dim]);
+        let out = out
+            .transpose(1, 2)
+            .reshape([b, nq, self.heads * self.head_dim]);
         let x_out = self.to_out.forward(&out.narrow(1, 0, n));
         let c_out = self
             .to_add_out
@@ -568,20 +580,38 @@ impl SD3Transformer2DModel {
         let pos_embed = pe.zeros_no_train("pos_embed", &[1, max * max, dim]);
         tch::no_grad(|| {
             let grid = sincos_pos_embed_2d(dim, max, cfg.sample_size / cfg.patch_size);
-            pos_embed
-                .shallow_clone()
-                .copy_(&grid.unsqueeze(0).to_kind(pos_embed.kind()).to_device(pos_embed.device()));
+            pos_embed.shallow_clone().copy_(
+                &grid
+                    .unsqueeze(0)
+                    .to_kind(pos_embed.kind())
+                    .to_device(pos_embed.device()),
+            );
         });
         let tt = p / "time_text_embed";
         let blocks = (0..cfg.num_layers)
-            .map(|i| JointBlock::new(&(p / "transformer_blocks" / i), cfg, i == cfg.num_layers - 1))
+            .map(|i| {
+                JointBlock::new(
+                    &(p / "transformer_blocks" / i),
+                    cfg,
+                    i == cfg.num_layers - 1,
+                )
+            })
             .collect();
         Ok(SD3Transformer2DModel {
             proj,
             pos_embed,
             timestep_embedder: TimestepEmbedding::new(&(&tt / "timestep_embedder"), 256, dim),
-            text_embedder: TimestepEmbedding::new(&(&tt / "text_embedder"), cfg.pooled_projection_dim, dim),
-            context_embedder: linear(&(p / "context_embedder"), cfg.joint_attention_dim, dim, true),
+            text_embedder: TimestepEmbedding::new(
+                &(&tt / "text_embedder"),
+                cfg.pooled_projection_dim,
+                dim,
+            ),
+            context_embedder: linear(
+                &(p / "context_embedder"),
+                cfg.joint_attention_dim,
+                dim,
+                true,
+            ),
             blocks,
             norm_out: AdaNormContinuous::new(&(p / "norm_out"), dim, dim),
             proj_out: linear(
@@ -735,7 +765,8 @@ impl LoadedSd3Transformer {
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
         let cfg_path = dir.join("config.json");
         let raw = crate::models::config::read_json(&cfg_path)?;
-        let config = Sd3Config::from_value(&raw).with_context(|| format!("{}", cfg_path.display()))?;
+        let config =
+            Sd3Config::from_value(&raw).with_context(|| format!("{}", cfg_path.display()))?;
         let mut vs = nn::VarStore::new(device);
         let model = SD3Transformer2DModel::new(&vs.root(), &config)
             .with_context(|| format!("{}", cfg_path.display()))?;
@@ -769,7 +800,11 @@ impl LoadedSd3Transformer {
     }
 }
 
-fn input<'a>(inputs: &'a HashMap<String, Tensor>, name: &str, component: &str) -> Result<&'a Tensor> {
+fn input<'a>(
+    inputs: &'a HashMap<String, Tensor>,
+    name: &str,
+    component: &str,
+) -> Result<&'a Tensor> {
     inputs
         .get(name)
         .with_context(|| format!("{component}: missing input tensor {name:?}"))
@@ -793,5 +828,8 @@ pub fn run_forward(
     let device = Device::cuda_if_available();
     let loaded = LoadedSd3Transformer::load(model_dir, device, Kind::Float)?;
     let out = tch::no_grad(|| loaded.model.forward(hs, ehs, pooled, t))?;
-    Ok(HashMap::from([("sample".to_string(), out.to_device(Device::Cpu))]))
+    Ok(HashMap::from([(
+        "sample".to_string(),
+        out.to_device(Device::Cpu),
+    )]))
 }

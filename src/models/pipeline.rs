@@ -389,7 +389,7 @@ impl Pipeline {
                 tcfg["model_type"] = "clip_text_model".into();
                 crate::weights::atomic_write(&te_dir.join("config.json"), serde_json::to_string_pretty(&tcfg)?.as_bytes())?;
                 let mut named: Vec<(String, Tensor)> =
-                    te.encoder.vs.variables().into_iter().map(|(k, v)| (format!("text_model.{k}"), v)).collect();
+                    te.encoder.vs.variables().into_iter().collect();
                 named.sort_by(|a, b| a.0.cmp(&b.0));
                 crate::weights::save_safetensors(&named, &te_dir.join("model.safetensors"), None, None)?;
                 copy_recursive(&builtin_tokenizer_dir(), &out.join("tokenizer"))?;

@@ -260,7 +260,11 @@ fn linear_nobias(p: &nn::Path, d_in: i64, d_out: i64) -> nn::Linear {
 /// sign; within a half, exact buckets for distances below `num_buckets / 4`, then
 /// log-spaced buckets up to `max_distance`, clamped to the last bucket. The log is
 /// computed in float32, as transformers does, so the boundaries agree exactly.
-pub fn relative_position_bucket(relative_position: &Tensor, num_buckets: i64, max_distance: i64) -> Tensor {
+pub fn relative_position_bucket(
+    relative_position: &Tensor,
+    num_buckets: i64,
+    max_distance: i64,
+) -> Tensor {
     let half = num_buckets / 2;
     let sign_offset = relative_position.gt(0).to_kind(Kind::Int64) * half;
     let n = relative_position.abs();
@@ -448,7 +452,8 @@ impl Block {
         let k = split(self.attn.k.forward(&h));
         let v = split(self.attn.v.forward(&h));
         let bias = bias.to_kind(q.kind());
-        let a = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&bias), 0.0, false, 1.0, false);
+        let a =
+            Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&bias), 0.0, false, 1.0, false);
         let a = a.transpose(1, 2).reshape([b, s, heads * d_kv]);
         let x = clamp_half(x + self.attn.o.forward(&a));
         let h = self.ff_norm.forward(&x);
@@ -489,7 +494,11 @@ fn tensor_names(path: &Path) -> Result<Vec<String>> {
     let obj = v
         .as_object()
         .with_context(|| format!("{}: safetensors header is not an object", path.display()))?;
-    Ok(obj.keys().filter(|k| *k != "__metadata__").cloned().collect())
+    Ok(obj
+        .keys()
+        .filter(|k| *k != "__metadata__")
+        .cloned()
+        .collect())
 }
 
 impl T5EncoderModel {
@@ -499,8 +508,9 @@ impl T5EncoderModel {
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<LoadedT5> {
         let config = T5Config::from_file(&dir.join("config.json"))?;
         let variant = (kind == Kind::Half).then_some("fp16");
-        let files = weights::find_weight_files(dir, &["model"], variant)
-            .or_else(|e| weights::find_weight_files(dir, &["model"], Some("fp16")).map_err(|_| e))?;
+        let files = weights::find_weight_files(dir, &["model"], variant).or_else(|e| {
+            weights::find_weight_files(dir, &["model"], Some("fp16")).map_err(|_| e)
+        })?;
         let mut names = Vec::new();
         for f in &files {
             names.extend(tensor_names(f)?);
@@ -510,7 +520,8 @@ impl T5EncoderModel {
         if has("shared.weight") {
             opts.ignore.push("encoder.embed_tokens.weight".into());
         } else if has("encoder.embed_tokens.weight") {
-            opts.rename.push(("encoder.embed_tokens.weight".into(), "shared.weight".into()));
+            opts.rename
+                .push(("encoder.embed_tokens.weight".into(), "shared.weight".into()));
         }
         let mut vs = VarStore::new(device);
         let model = T5EncoderModel::new(&vs.root(), &config)
@@ -564,7 +575,8 @@ mod tests {
         let rel = Tensor::from_slice(&[0i64, 1, 7, 8, 12, 19, 20, 100, -1, -7, -8, -20, -100]);
         let got: Vec<i64> = Vec::try_from(relative_position_bucket(&rel, 32, 20)).unwrap();
         // Positive distances use buckets 16..32; n >= 8: 8 + floor(ln(n/8)/ln(20/8) * 8).
-        let large = |n: f64| (8.0 + ((n / 8.0).ln() / (2.5f64).ln() * 8.0).floor()).min(15.0) as i64;
+        let large =
+            |n: f64| (8.0 + ((n / 8.0).ln() / (2.5f64).ln() * 8.0).floor()).min(15.0) as i64;
         let want = vec![
             0,
             16 + 1,

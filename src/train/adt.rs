@@ -31,6 +31,7 @@ use crate::models::pipeline::{Family, Pipeline};
 use crate::models::unet::UNet2DConditionModel;
 use crate::schedule::Plan;
 use crate::train::config::{Config, DiscKind, FeatureNet, Mode};
+use crate::train::fast::{FastDenoiser, FastOptions};
 use crate::train::logging::{EventWriter, JsonlWriter};
 use crate::train::optim::{warmup_lr, AdamW};
 use crate::train::path::{
@@ -179,6 +180,10 @@ pub struct Trainer {
     metrics: Option<JsonlWriter>,
     events: Option<EventWriter>,
     uncond_cache: Option<(usize, Cond)>,
+    /// Start step index used instead of the random draw (benchmarks).
+    pub force_start: Option<usize>,
+    /// Gradient-free copy of the UNet for the trajectory (`train.bf16_trajectory`).
+    pub fast: Option<FastDenoiser>,
 }
 
 impl Trainer {
@@ -249,6 +254,11 @@ impl Trainer {
             v
         });
         let policy = Policy::parse(&cfg.disc.diffaug)?;
+        let fast = if cfg.train.bf16_trajectory {
+            Some(FastDenoiser::new(&pipe.unet.vs, &pipe.unet.config, FastOptions::bf16())?)
+        } else {
+            None
+        };
         let out_dir = cfg.output.dir.clone();
         Ok(Trainer {
             cfg,
@@ -267,6 +277,8 @@ impl Trainer {
             metrics: None,
             events: None,
             uncond_cache: None,
+            force_start: None,
+            fast,
         })
     }
 
@@ -371,15 +383,27 @@ impl Trainer {
         let t = self.cfg.train.clone();
         let n = self.plan.len();
         // Lines 3-5: start index, noised start, kept steps.
-        let s = rng.gen_range(0..n);
+        let s = match self.force_start {
+            Some(s) if s >= n => bail!("force_start = {s}, but the sampler has {n} steps"),
+            Some(s) => s,
+            None => rng.gen_range(0..n),
+        };
         let eps = z0.randn_like();
         let x_s = self.plan.add_noise(&z0, &eps, s);
         let kept = choose_kept(rng, s, n, t.k);
         let guidance = Guidance::new(&uncond, &cond, self.cfg.sampler.cfg);
+        // The trajectory copy follows the master weights (refreshed after a G step).
+        if let Some(f) = &mut self.fast {
+            f.sync();
+        }
         let denoiser = UNetDenoiser(&self.pipe.unet.model);
+        let traj: &dyn Denoiser = match &self.fast {
+            Some(f) => f,
+            None => &denoiser,
+        };
         // Lines 6-14, without a graph (Eq. 11 decides only the gradient, not values).
         let r = rollout(
-            &denoiser,
+            traj,
             &self.plan,
             s,
             &x_s,
@@ -541,13 +565,17 @@ impl Trainer {
         })
     }
 
+    /// EMA of the generator weights, with the usual warm-up of the decay
+    /// (min(decay, (1 + n) / (10 + n)) after n updates) so that early averages are
+    /// not dominated by the starting weights.
     fn update_ema(&mut self) {
         if let (Some(ema), Some(d)) = (&mut self.ema, self.cfg.train.ema_decay) {
+            let n = self.g_steps as f64;
+            let d = d.min((1.0 + n) / (10.0 + n));
             let vars = self.pipe.unet.vs.variables();
             tch::no_grad(|| {
                 for (name, e) in ema.iter_mut() {
-                    let p = &vars[name];
-                    let _ = e.g_mul_scalar_(d).g_add_(&(p.detach() * (1.0 - d)));
+                    let _ = e.lerp_(&vars[name].detach(), 1.0 - d);
                 }
             });
         }

@@ -108,6 +108,10 @@ pub struct TrainSection {
     pub d_only_iterations: usize,
     /// "cpu", "cuda" or "cuda:N".
     pub device: String,
+    /// Run the gradient-free trajectory with a bfloat16 copy of the UNet (refreshed
+    /// from the float32 master weights after each generator step); the kept steps
+    /// are recomputed with the float32 weights.
+    pub bf16_trajectory: bool,
     /// Stop after this many minutes of training and save as if finished.
     pub time_limit_minutes: Option<f64>,
 }
@@ -140,6 +144,7 @@ impl Default for TrainSection {
             caption_dropout: 0.0,
             d_only_iterations: 0,
             device: "cpu".into(),
+            bf16_trajectory: false,
             time_limit_minutes: None,
         }
     }

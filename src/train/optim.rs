@@ -65,20 +65,20 @@ impl AdamW {
         }
     }
 
-    /// L2 norm of all gradients (0 for parameters without a gradient).
+    /// L2 norm of all gradients (0 for parameters without a gradient), with one
+    /// device synchronisation.
     pub fn grad_norm(&self) -> f64 {
-        let mut sq = 0.0;
-        for p in &self.params {
-            let g = p.grad();
-            if g.defined() {
-                sq += g
-                    .to_kind(Kind::Double)
-                    .square()
-                    .sum(Kind::Double)
-                    .double_value(&[]);
-            }
+        let norms: Vec<Tensor> = self
+            .params
+            .iter()
+            .map(|p| p.grad())
+            .filter(|g| g.defined())
+            .map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float))
+            .collect();
+        if norms.is_empty() {
+            return 0.0;
         }
-        sq.sqrt()
+        Tensor::stack(&norms, 0).sum(Kind::Double).double_value(&[]).sqrt()
     }
 
     /// Scale gradients so that their norm is at most `max_norm`; returns the norm before.
@@ -117,12 +117,13 @@ impl AdamW {
                     continue;
                 }
                 let g = g.to_kind(Kind::Float);
-                let _ = m.g_mul_scalar_(b1).g_add_(&(&g * (1.0 - b1)));
-                let _ = v.g_mul_scalar_(b2).g_add_(&(g.square() * (1.0 - b2)));
+                // m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2 (fewer kernels).
+                let _ = m.lerp_(&g, 1.0 - b1);
+                let _ = v.g_mul_scalar_(b2).addcmul_(&(&g * (1.0 - b2)), &g);
                 if self.weight_decay > 0.0 {
                     let _ = p.g_mul_scalar_(1.0 - lr * self.weight_decay);
                 }
-                let denom = (v.g_div_scalar(bc2)).sqrt() + self.eps;
+                let denom = (v.sqrt() * (1.0 / bc2.sqrt())).g_add_scalar_(self.eps);
                 let upd = (m.g_div_scalar(bc1) / denom) * lr;
                 let _ = p.g_sub_(&upd.to_kind(p.kind()));
             }

@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# The benchmark run for a CUDA machine: `adt bench` in every configuration, each
+# with its own time limit, full logs and JSON reports in $OUT/, a short table last.
+#
+# Building the GPU binary (on an x86_64 Linux machine with Rust, not on the GPU
+# machine):
+#
+#   scripts/gpu_bench.sh build
+#
+# which runs `source scripts/env.sh && ADT_CUDA_LINK=1 cargo build --release
+# --features cuda` after making sure the CUDA runtime headers that the C++ shim
+# (csrc/cuda_shim.cpp) compiles against are present in the project's libtorch
+# install (pip packages nvidia-cuda-runtime and nvidia-cuda-crt, headers only: the
+# shim calls no CUDA runtime function itself). The binary links libtorch_cuda with
+# --no-as-needed and --allow-shlib-undefined, so it links here without the CUDA
+# libraries and finds the GPU there. It checks that the result references
+# libtorch_cuda.so.
+#
+# Running on the CUDA machine (no Rust, no network; PyTorch 2.11 installed):
+#
+#   OUT=/some/dir scripts/gpu_bench.sh [run]
+#
+# Environment: ADT_BIN (default target/release/adt), TORCH_DIR (default
+# /opt/torch/.venv/lib/python3.12/site-packages/torch), OUT (default ./bench-out),
+# BENCH_TIMEOUT_SCALE (multiplies every time limit, default 1), BENCH_ONLY (space-
+# separated names of the runs to do, default all: probe tiny unet sample adt memory).
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+MODE="${1:-run}"
+
+if [ "$MODE" = "build" ]; then
+  set -e
+  cd "$ROOT"
+  # shellcheck source=/dev/null
+  source scripts/env.sh
+  inc="$(ls -d "$LIBTORCH"/../nvidia/cu1*/include 2>/dev/null | head -n1 || true)"
+  if [ -z "${ADT_CUDA_INCLUDE:-}" ] && { [ -z "$inc" ] || [ ! -f "$inc/crt/host_defines.h" ]; }; then
+    py="$(ls "$LIBTORCH"/../../../../bin/python 2>/dev/null | head -n1 || true)"
+    [ -n "$py" ] || { echo "gpu_bench build: no python next to $LIBTORCH to install the CUDA headers" >&2; exit 1; }
+    echo "gpu_bench build: installing the CUDA runtime headers (nvidia-cuda-crt) into the libtorch venv" >&2
+    "$py" -m pip install --quiet --disable-pip-version-check --no-deps \
+      nvidia-cuda-runtime==13.0.96 nvidia-cuda-crt==13.0.88
+  fi
+  ADT_CUDA_LINK=1 cargo build --release --features cuda
+  bin="$ROOT/target/release/adt"
+  if ! readelf -d "$bin" | grep -q 'libtorch_cuda.so'; then
+    echo "gpu_bench build: $bin does not reference libtorch_cuda.so" >&2
+    exit 1
+  fi
+  echo "built $bin ($(du -h "$bin" | cut -f1)); carry it to the CUDA machine with the working tree"
+  exit 0
+fi
+
+if [ "$MODE" != "run" ]; then
+  echo "usage: scripts/gpu_bench.sh [build|run]" >&2
+  exit 2
+fi
+
+cd "$ROOT"
+ADT_BIN="${ADT_BIN:-$ROOT/target/release/adt}"
+TORCH_DIR="${TORCH_DIR:-/opt/torch/.venv/lib/python3.12/site-packages/torch}"
+OUT="${OUT:-$ROOT/bench-out}"
+SCALE="${BENCH_TIMEOUT_SCALE:-1}"
+ONLY="${BENCH_ONLY:-probe tiny unet sample adt memory}"
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH="$TORCH_DIR/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export RUST_LOG="${RUST_LOG:-info}"
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+
+[ -x "$ADT_BIN" ] || { echo "gpu_bench: no binary at $ADT_BIN (build it with scripts/gpu_bench.sh build)" >&2; exit 1; }
+[ -d "$TORCH_DIR/lib" ] || { echo "gpu_bench: no libtorch at $TORCH_DIR" >&2; exit 1; }
+
+{
+  echo "== machine"
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
+  echo "binary: $ADT_BIN"
+  echo "libtorch: $TORCH_DIR"
+} > "$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
+
+wanted() { case " $ONLY " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
+# run NAME LIMIT_SECONDS ARGS...: one bench invocation with a time limit.
+run() {
+  local name="$1" limit="$2"
+  shift 2
+  wanted "$name" || return 0
+  limit=$(awk -v l="$limit" -v s="$SCALE" 'BEGIN { printf "%d", l * s }')
+  echo "== $name (limit ${limit}s): adt bench $*"
+  local t0=$SECONDS
+  timeout --signal=TERM --kill-after=10 "$limit" \
+    "$ADT_BIN" bench --json "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  local status="ok"
+  [ $rc -eq 124 ] && status="TIMEOUT after ${limit}s (partial JSON kept)"
+  [ $rc -ne 0 ] && [ $rc -ne 124 ] && status="FAILED rc=$rc"
+  echo "   $status in $((SECONDS - t0)) s; log $OUT/$name.log"
+  [ $rc -ne 0 ] && tail -n 5 "$OUT/$name.log" | sed 's/^/   | /'
+  {
+    echo "== $name: $status"
+    # The summary block printed last by adt bench.
+    sed -n '/^summary (best variant per workload)/,$p' "$OUT/$name.log"
+  } >> "$SUMMARY"
+}
+
+# 1. Does the binary see the GPU at all (tiny models, few iterations)?
+run probe 120 --config tiny --device cuda --iters 2 --warmup 1 --workloads unet --levers all
+# 2. Tiny models on the GPU, everything (launch-overhead bound: shows the graph lever).
+run tiny 240 --config tiny --device cuda --iters 3 --warmup 1 --k 1,3,8 --levers all
+# 3. SD1.5 sizes: one CFG UNet step and 50-step sampling, every lever.
+run unet 240 --config sd15 --device cuda --iters 10 --warmup 3 --workloads unet --levers all \
+  --combo bf16+cuda_graph --combo bf16+cudnn_benchmark+cuda_graph
+run sample 300 --config sd15 --device cuda --iters 2 --warmup 1 --workloads sample --levers all \
+  --combo bf16+cudnn_benchmark+cuda_graph
+# 4. SD1.5 ADT iterations (G+D from step 0, D-only, mean over H = 5).
+run adt 600 --config sd15 --device cuda --iters 2 --warmup 1 --workloads gd,d,h5 \
+  --levers bf16,cudnn_benchmark,cuda_graph --combo bf16+cudnn_benchmark+cuda_graph
+# 5. SD1.5 peak memory against K, decomposed vs one graph (fp32 baseline).
+run memory 420 --config sd15 --device cuda --iters 1 --warmup 1 --workloads memory --k 1,3,8 --levers none
+
+echo
+echo "===================== summary (ratios: levers / baseline, same run) ====================="
+cat "$SUMMARY"

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Pretrain the demo's base model on a CUDA machine (prepared script: builds nothing).
+# Expects the GPU-linked binary at gpu-bin/adt (see README, "GPU builds") and the demo
+# data at .cache/demo/data (scripts/setup_demo_data.sh). Usage:
+#   scripts/gpu_pretrain_demo.sh MINUTES OUTDIR
+set -uo pipefail
+MIN=${1:-5}
+OUTDIR=${2:-runs/demo-gpu}
+TORCH_LIB=${TORCH_LIB:-/opt/torch/.venv/lib/python3.12/site-packages/torch/lib}
+export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+mkdir -p "$OUTDIR"
+ADT=gpu-bin/adt
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUTDIR/gpu.txt"
+$ADT init-pipeline --preset demo --seed 0 --out runs/demo-init 2>&1 | tee "$OUTDIR/init.log"
+start=$(date +%s)
+$ADT train --config examples/demo-pretrain.toml \
+  --set train.device=cuda --set train.time_limit_minutes="$MIN" \
+  --set output.dir=runs/demo-pretrain --set model.save_to=runs/demo-base \
+  > "$OUTDIR/train.log" 2>&1
+rc=$?
+end=$(date +%s)
+tail -n 5 "$OUTDIR/train.log"
+cp runs/demo-pretrain/metrics.jsonl "$OUTDIR/" 2>/dev/null
+cp runs/demo-base/unet/diffusion_pytorch_model.safetensors "$OUTDIR/unet.safetensors" 2>/dev/null
+cp runs/demo-base/unet/config.json "$OUTDIR/unet_config.json" 2>/dev/null
+last=$(ls runs/demo-pretrain/samples/*.png 2>/dev/null | tail -n 1)
+[ -n "$last" ] && cp "$last" "$OUTDIR/last_samples.png"
+steps=$(wc -l < runs/demo-pretrain/metrics.jsonl 2>/dev/null || echo 0)
+echo "rc=$rc wall_s=$((end-start)) logged_lines=$steps"
+tail -n 1 runs/demo-pretrain/metrics.jsonl 2>/dev/null

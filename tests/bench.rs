@@ -1,0 +1,241 @@
+//! `adt bench` on the tiny models (CPU) and the fast trajectory denoiser.
+
+use adt::bench::{run_bench, BenchConfig, BenchOptions, Lever, Workload};
+use adt::fixtures::max_rel_err;
+use adt::models::pipeline::Pipeline;
+use adt::models::unet::{LoadedUNet, UNetConfig};
+use adt::train::adt::{build_features, Trainer, UNetDenoiser};
+use adt::train::config::Config;
+use adt::train::fast::{gpu, FastDenoiser, FastOptions};
+use adt::train::path::{Cond, Denoiser};
+use tch::{Device, Kind, Tensor};
+
+fn tiny_unet(seed: i64) -> LoadedUNet {
+    tch::manual_seed(seed);
+    LoadedUNet::from_config(&UNetConfig::tiny_sd15(), Device::Cpu, Kind::Float).unwrap()
+}
+
+/// Latents, timesteps and a context for the tiny UNet (CFG batch of 2).
+fn inputs(unet: &LoadedUNet) -> (Tensor, Tensor, Cond) {
+    tch::manual_seed(7);
+    let c = unet.config.in_channels;
+    let x = Tensor::randn([2, c, 8, 8], (Kind::Float, Device::Cpu));
+    let t = Tensor::from_slice(&[981.0f32, 981.0]);
+    let ctx = Tensor::randn([2, 5, 32], (Kind::Float, Device::Cpu));
+    (x, t, Cond::new(ctx))
+}
+
+#[test]
+fn bf16_trajectory_denoiser_matches_fp32_and_follows_weight_changes() {
+    let unet = tiny_unet(3);
+    let (x, t, cond) = inputs(&unet);
+    let eager = UNetDenoiser(&unet.model);
+    let mut fast = FastDenoiser::new(&unet.vs, &unet.config, FastOptions::bf16()).unwrap();
+    assert_eq!(fast.refreshes(), 1);
+    assert!(!fast.is_stale());
+    assert_eq!(
+        fast.copy_of("conv_in.weight").unwrap().kind(),
+        Kind::BFloat16
+    );
+
+    let want = tch::no_grad(|| eager.predict(&x, &t, &cond)).unwrap();
+    let got = fast.predict(&x, &t, &cond).unwrap();
+    assert_eq!(got.kind(), Kind::Float, "output in the caller's dtype");
+    assert!(!got.requires_grad());
+    let e = max_rel_err(&got, &want);
+    println!("bf16 trajectory UNet vs fp32: max rel err {e:.3e}");
+    assert!(e < 2e-2, "bf16 copy vs fp32: rel err {e}");
+    assert!(e > 0.0, "the copy should really be bf16 (err exactly 0)");
+
+    // Change the master weights in place, as the optimiser does.
+    tch::no_grad(|| {
+        for (_, mut v) in unet.vs.variables() {
+            let noise = v.randn_like() * 0.05;
+            let _ = v.g_add_(&noise);
+        }
+    });
+    assert!(fast.is_stale(), "an in-place update must mark the copy stale");
+    let want2 = tch::no_grad(|| eager.predict(&x, &t, &cond)).unwrap();
+    let stale = fast.predict(&x, &t, &cond).unwrap();
+    let e_stale = max_rel_err(&stale, &want2);
+    assert!(fast.sync(), "sync refreshes a stale copy");
+    assert_eq!(fast.refreshes(), 2);
+    assert!(!fast.sync(), "nothing changed since");
+    let fresh = fast.predict(&x, &t, &cond).unwrap();
+    let e_fresh = max_rel_err(&fresh, &want2);
+    println!("after a weight change: stale copy {e_stale:.3e}, refreshed {e_fresh:.3e}");
+    assert!(e_fresh < 2e-2, "refreshed copy vs fp32: {e_fresh}");
+    assert!(
+        e_stale > 5.0 * e_fresh,
+        "the stale copy should be visibly off ({e_stale} vs {e_fresh})"
+    );
+}
+
+#[test]
+fn channels_last_copy_is_exact_in_fp32() {
+    let unet = tiny_unet(4);
+    let (x, t, cond) = inputs(&unet);
+    let opts = FastOptions {
+        kind: Kind::Float,
+        channels_last: true,
+        cuda_graph: false,
+    };
+    let fast = FastDenoiser::new(&unet.vs, &unet.config, opts).unwrap();
+    let w = fast.copy_of("conv_in.weight").unwrap();
+    let s = w.size();
+    assert_eq!(
+        w.stride(),
+        vec![s[1] * s[2] * s[3], 1, s[3] * s[1], s[1]],
+        "conv weights in channels-last layout"
+    );
+    let want = tch::no_grad(|| UNetDenoiser(&unet.model).predict(&x, &t, &cond)).unwrap();
+    let got = fast.predict(&x, &t, &cond).unwrap();
+    let e = max_rel_err(&got, &want);
+    println!("channels-last fp32 copy vs eager: max rel err {e:.3e}");
+    assert!(e < 1e-5, "{e}");
+}
+
+#[test]
+fn cuda_graph_option_is_refused_off_gpu() {
+    let unet = tiny_unet(5);
+    let opts = FastOptions {
+        kind: Kind::BFloat16,
+        channels_last: false,
+        cuda_graph: true,
+    };
+    let err = FastDenoiser::new(&unet.vs, &unet.config, opts)
+        .err()
+        .expect("CUDA graphs on CPU must be refused");
+    assert!(format!("{err:#}").contains("CUDA"), "{err:#}");
+    if !gpu::available() {
+        assert!(gpu::memory(0).is_err());
+    }
+}
+
+#[test]
+fn trainer_uses_and_refreshes_the_bf16_copy() {
+    let mut cfg = Config::default();
+    cfg.train.bf16_trajectory = true;
+    cfg.train.batch_size = 1;
+    cfg.train.resolution = 32;
+    cfg.train.h = 1;
+    cfg.train.k = 1;
+    cfg.train.warmup_g = 0;
+    cfg.train.lr_g = 1e-3;
+    cfg.sampler.steps = 4;
+    cfg.sampler.cfg = 3.0;
+    cfg.disc.resolution = 56;
+    let pipe = Pipeline::tiny_random(Device::Cpu, 0).unwrap();
+    let features = build_features(&cfg, Device::Cpu, true).unwrap();
+    let mut tr = Trainer::with_parts(cfg, pipe, Some(features)).unwrap();
+    assert_eq!(tr.fast.as_ref().unwrap().refreshes(), 1);
+    tch::manual_seed(1);
+    let images = Tensor::rand([1, 3, 32, 32], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
+    let captions = vec!["a red square".to_string()];
+    let ids = Tensor::zeros([1, 6], (Kind::Float, Device::Cpu));
+    tr.force_start = Some(0);
+    let log = tr.iteration_on(&images, &captions, &ids).unwrap();
+    assert_eq!(log.t_start, 0, "force_start is honoured");
+    assert!(log.loss_g_adv.is_some(), "h = 1: a generator step");
+    // The generator step changed the master weights: the copy is stale until the
+    // next trajectory, which refreshes it first.
+    assert!(tr.fast.as_ref().unwrap().is_stale());
+    tr.iteration_on(&images, &captions, &ids).unwrap();
+    assert_eq!(tr.fast.as_ref().unwrap().refreshes(), 2);
+    // The second iteration's generator step made it stale again; a sync brings the
+    // copy back to the master weights (up to bf16 rounding).
+    let fast = tr.fast.as_mut().unwrap();
+    assert!(fast.is_stale());
+    assert!(fast.sync());
+    let name = "conv_in.weight";
+    let master = &tr.pipe.unet.vs.variables()[name];
+    let copy = fast.copy_of(name).unwrap().to_kind(Kind::Float);
+    let diff = max_rel_err(&copy, master);
+    assert!(diff < 1e-2, "copy vs master after sync: {diff}");
+}
+
+#[test]
+fn lever_and_workload_lists_parse() {
+    assert_eq!(
+        Lever::parse_list("graph, bf16,cudnn").unwrap(),
+        vec![Lever::Bf16, Lever::CudnnBenchmark, Lever::CudaGraph]
+    );
+    assert_eq!(Lever::parse_list("all").unwrap(), Lever::ALL.to_vec());
+    assert!(Lever::parse_list("none").unwrap().is_empty());
+    assert!(Lever::parse_list("fp8").is_err());
+    assert_eq!(
+        Workload::parse_list("unet,memory").unwrap(),
+        vec![Workload::UnetCfgStep, Workload::Memory]
+    );
+    assert!(Workload::parse_list("everything").is_err());
+    assert_eq!(BenchOptions::parse_ks("1,3,8").unwrap(), vec![1, 3, 8]);
+    assert!(BenchOptions::parse_ks("1,x").is_err());
+    assert!("sd15".parse::<BenchConfig>().is_ok());
+    assert!("sdxl".parse::<BenchConfig>().is_err());
+}
+
+#[test]
+fn tiny_cpu_bench_reports_every_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let opts = BenchOptions {
+        config: BenchConfig::Tiny,
+        device: "cpu".into(),
+        iters: 1,
+        warmup: 1,
+        ks: vec![1, 3],
+        steps: 6,
+        levers: vec![Lever::Bf16, Lever::ChannelsLast, Lever::CudnnBenchmark, Lever::CudaGraph],
+        json: Some(json.clone()),
+        ..BenchOptions::default()
+    };
+    let report = run_bench(&opts).unwrap();
+    println!("{report}");
+    assert!(report.params.unet > 0 && report.params.vae > 0 && report.params.heads > 0);
+    assert!(report.params.text > 0 && report.params.features > 0);
+
+    let workloads = [
+        "unet_cfg_step",
+        "sample_ddim6",
+        "adt_gd_s0",
+        "adt_d_s0",
+        "adt_h5_mean",
+    ];
+    // Baseline, bf16 and channels-last run on CPU (and both together); the CUDA
+    // levers are reported as skipped.
+    for w in workloads {
+        for v in ["baseline", "bf16", "channels_last", "bf16+channels_last"] {
+            let r = report
+                .row(w, v)
+                .unwrap_or_else(|| panic!("row {w} / {v} missing"));
+            let ms = r.mean_ms.unwrap_or_else(|| panic!("{w} / {v}: {:?}", r.note));
+            assert!(ms > 0.0 && ms.is_finite(), "{w} / {v}: {ms}");
+            assert!(r.min_ms.unwrap() <= ms + 1e-9);
+            assert!(r.peak_bytes.unwrap() > 0, "{w} / {v}: peak memory");
+            assert!(r.ratio.unwrap() > 0.0);
+        }
+        assert!((report.row(w, "baseline").unwrap().ratio.unwrap() - 1.0).abs() < 1e-12);
+        for v in ["cudnn_benchmark", "cuda_graph"] {
+            let r = report.row(w, v).unwrap();
+            assert!(r.mean_ms.is_none());
+            assert!(r.note.as_deref().unwrap().starts_with("skipped"), "{r:?}");
+        }
+    }
+    for k in [1, 3] {
+        for name in [format!("adt_gd_s0_k{k}"), format!("adt_gd_s0_k{k}_onegraph")] {
+            let r = report.row(&name, "baseline").unwrap();
+            assert!(r.mean_ms.unwrap() > 0.0, "{name}: {:?}", r.note);
+            assert!(r.peak_bytes.unwrap() > 0);
+        }
+    }
+    // A 6-step sampling run costs more than one UNet step.
+    let step = report.row("unet_cfg_step", "baseline").unwrap().mean_ms.unwrap();
+    let sample = report.row("sample_ddim6", "baseline").unwrap().mean_ms.unwrap();
+    assert!(sample > 2.0 * step, "sampling {sample} ms vs step {step} ms");
+    assert_eq!(report.summary().len(), workloads.len() + 4);
+
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["rows"].as_array().unwrap().len(), report.rows.len());
+    assert_eq!(v["config"], "tiny");
+}
