@@ -69,7 +69,9 @@ fn main() {
     println!("cargo:rerun-if-env-changed=ADT_CUDA_LINK");
     println!("cargo::rustc-check-cfg=cfg(adt_cuda_shim)");
     let cuda = std::env::var("CARGO_FEATURE_CUDA").is_ok()
-        || std::env::var("ADT_CUDA_LINK").map(|v| v == "1").unwrap_or(false);
+        || std::env::var("ADT_CUDA_LINK")
+            .map(|v| v == "1")
+            .unwrap_or(false);
     if cuda {
         build_shim();
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");

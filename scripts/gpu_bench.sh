@@ -20,10 +20,12 @@
 #
 #   OUT=/some/dir scripts/gpu_bench.sh [run]
 #
-# Environment: ADT_BIN (default target/release/adt), TORCH_DIR (default
+# Environment: ADT_BIN (default gpu-bin/adt if present, else target/release/adt),
+# TORCH_DIR (default
 # /opt/torch/.venv/lib/python3.12/site-packages/torch), OUT (default ./bench-out),
 # BENCH_TIMEOUT_SCALE (multiplies every time limit, default 1), BENCH_ONLY (space-
-# separated names of the runs to do, default all: probe tiny unet sample adt memory).
+# separated names of the runs to do, default all: probe unet sample adt memory tiny),
+# BENCH_BUDGET (seconds for the whole run, default 540).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -48,7 +50,11 @@ if [ "$MODE" = "build" ]; then
     echo "gpu_bench build: $bin does not reference libtorch_cuda.so" >&2
     exit 1
   fi
-  echo "built $bin ($(du -h "$bin" | cut -f1)); carry it to the CUDA machine with the working tree"
+  # A later CPU build would overwrite target/release/adt: keep the GPU binary apart
+  # (gpu-bin/ is git-ignored; carry it to the CUDA machine).
+  mkdir -p "$ROOT/gpu-bin"
+  cp "$bin" "$ROOT/gpu-bin/adt"
+  echo "built gpu-bin/adt ($(du -h "$bin" | cut -f1)); carry gpu-bin to the CUDA machine with the working tree"
   exit 0
 fi
 
@@ -58,11 +64,14 @@ if [ "$MODE" != "run" ]; then
 fi
 
 cd "$ROOT"
-ADT_BIN="${ADT_BIN:-$ROOT/target/release/adt}"
+if [ -z "${ADT_BIN:-}" ]; then
+  ADT_BIN="$ROOT/target/release/adt"
+  [ -x "$ROOT/gpu-bin/adt" ] && ADT_BIN="$ROOT/gpu-bin/adt"
+fi
 TORCH_DIR="${TORCH_DIR:-/opt/torch/.venv/lib/python3.12/site-packages/torch}"
 OUT="${OUT:-$ROOT/bench-out}"
 SCALE="${BENCH_TIMEOUT_SCALE:-1}"
-ONLY="${BENCH_ONLY:-probe tiny unet sample adt memory}"
+ONLY="${BENCH_ONLY:-probe unet sample adt memory tiny}"
 mkdir -p "$OUT"
 export LD_LIBRARY_PATH="$TORCH_DIR/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export RUST_LOG="${RUST_LOG:-info}"
@@ -83,12 +92,23 @@ cat "$OUT/machine.txt"
 
 wanted() { case " $ONLY " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
-# run NAME LIMIT_SECONDS ARGS...: one bench invocation with a time limit.
+# run NAME LIMIT_SECONDS ARGS...: one bench invocation with a time limit, clipped
+# to what is left of the whole run's budget (BENCH_BUDGET seconds, default 540, so
+# that the script fits a 10-minute command).
+BUDGET="${BENCH_BUDGET:-540}"
+START=$SECONDS
 run() {
   local name="$1" limit="$2"
   shift 2
   wanted "$name" || return 0
   limit=$(awk -v l="$limit" -v s="$SCALE" 'BEGIN { printf "%d", l * s }')
+  local left=$((BUDGET - (SECONDS - START)))
+  if [ "$left" -lt 30 ]; then
+    echo "== $name: SKIPPED (${left}s of the budget left)"
+    echo "== $name: SKIPPED, budget spent" >> "$SUMMARY"
+    return 0
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   echo "== $name (limit ${limit}s): adt bench $*"
   local t0=$SECONDS
   timeout --signal=TERM --kill-after=10 "$limit" \
@@ -106,20 +126,22 @@ run() {
   } >> "$SUMMARY"
 }
 
-# 1. Does the binary see the GPU at all (tiny models, few iterations)?
-run probe 120 --config tiny --device cuda --iters 2 --warmup 1 --workloads unet --levers all
-# 2. Tiny models on the GPU, everything (launch-overhead bound: shows the graph lever).
-run tiny 240 --config tiny --device cuda --iters 3 --warmup 1 --k 1,3,8 --levers all
-# 3. SD1.5 sizes: one CFG UNet step and 50-step sampling, every lever.
-run unet 240 --config sd15 --device cuda --iters 10 --warmup 3 --workloads unet --levers all \
-  --combo bf16+cuda_graph --combo bf16+cudnn_benchmark+cuda_graph
-run sample 300 --config sd15 --device cuda --iters 2 --warmup 1 --workloads sample --levers all \
+# Most important first. Expected times on one H100 / H200 are well under the limits.
+# 1. Does the binary see the GPU, the shim work (tiny models, a few calls)?
+run probe 60 --config tiny --device cuda --iters 3 --warmup 1 --workloads unet --levers all
+# 2. SD1.5 sizes: one CFG UNet step, every lever alone and combined.
+run unet 90 --config sd15 --device cuda --iters 10 --warmup 3 --workloads unet --levers all \
+  --combo bf16+cuda_graph --combo bf16+cudnn_benchmark+cuda_graph --combo all
+# 3. 50-step DDIM sampling + decode.
+run sample 120 --config sd15 --device cuda --iters 2 --warmup 1 --workloads sample --levers all \
   --combo bf16+cudnn_benchmark+cuda_graph
-# 4. SD1.5 ADT iterations (G+D from step 0, D-only, mean over H = 5).
-run adt 600 --config sd15 --device cuda --iters 2 --warmup 1 --workloads gd,d,h5 \
-  --levers bf16,cudnn_benchmark,cuda_graph --combo bf16+cudnn_benchmark+cuda_graph
-# 5. SD1.5 peak memory against K, decomposed vs one graph (fp32 baseline).
-run memory 420 --config sd15 --device cuda --iters 1 --warmup 1 --workloads memory --k 1,3,8 --levers none
+# 4. ADT iterations: G+D from step 0 (K = 3), D-only from step 0, mean over H = 5.
+run adt 200 --config sd15 --device cuda --iters 1 --warmup 1 --workloads gd,d,h5 \
+  --levers bf16 --combo bf16+cudnn_benchmark+cuda_graph
+# 5. Peak memory against K, per-step decomposition vs one graph (fp32 baseline).
+run memory 150 --config sd15 --device cuda --iters 1 --warmup 1 --workloads memory --k 1,3,8 --levers none
+# 6. Tiny models on the GPU (launch-overhead bound), everything.
+run tiny 90 --config tiny --device cuda --iters 2 --warmup 1 --k 1,3,8 --levers all
 
 echo
 echo "===================== summary (ratios: levers / baseline, same run) ====================="

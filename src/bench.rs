@@ -308,11 +308,11 @@ pub fn parse_device(s: &str) -> Result<Device> {
     match s {
         "cpu" => Ok(Device::Cpu),
         "cuda" => Ok(Device::Cuda(0)),
-        d if d.starts_with("cuda:") => Ok(Device::Cuda(
-            d[5..]
-                .parse()
-                .with_context(|| format!("--device {d:?}: bad CUDA index"))?,
-        )),
+        d if d.starts_with("cuda:") => {
+            Ok(Device::Cuda(d[5..].parse().with_context(|| {
+                format!("--device {d:?}: bad CUDA index")
+            })?))
+        }
         d => bail!("--device {d:?}: expected cpu, cuda or cuda:N"),
     }
 }
@@ -398,7 +398,8 @@ impl BenchReport {
 }
 
 fn fmt_opt(v: Option<f64>, prec: usize) -> String {
-    v.map(|x| format!("{x:.prec$}")).unwrap_or_else(|| "-".into())
+    v.map(|x| format!("{x:.prec$}"))
+        .unwrap_or_else(|| "-".into())
 }
 
 impl fmt::Display for BenchReport {
@@ -669,7 +670,9 @@ impl Bench {
                 return Some(format!("skipped: {} needs a CUDA device", l.name()));
             }
             if *l == Lever::CudaGraph && !gpu::available() {
-                return Some("skipped: cuda_graph needs a binary built with --features cuda".into());
+                return Some(
+                    "skipped: cuda_graph needs a binary built with --features cuda".into(),
+                );
             }
         }
         None
@@ -790,11 +793,7 @@ fn fast_for(tr_unet: &LoadedUNet, levers: &[Lever]) -> Result<Option<FastDenoise
         channels_last: cl,
         cuda_graph: graph,
     };
-    Ok(Some(FastDenoiser::new(
-        &tr_unet.vs,
-        &tr_unet.config,
-        opts,
-    )?))
+    Ok(Some(FastDenoiser::new(&tr_unet.vs, &tr_unet.config, opts)?))
 }
 
 /// Run the benchmark.
@@ -989,7 +988,8 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
                             for v in [&mut r.mean_ms, &mut r.min_ms, &mut r.max_ms] {
                                 *v = v.map(|x| x / 5.0);
                             }
-                            r.note.get_or_insert_with(|| "per iteration, H = 5 cycle".into());
+                            r.note
+                                .get_or_insert_with(|| "per iteration, H = 5 cycle".into());
                         }
                         let base = b.report.row(name, "baseline").and_then(|r| r.mean_ms);
                         if let (Some(r), Some(base)) = (b.report.rows.last_mut(), base) {

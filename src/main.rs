@@ -66,6 +66,40 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Distribution distance between generated and reference images (FD, KID, colour).
+    Eval {
+        /// Folder of generated images.
+        #[arg(long)]
+        generated: PathBuf,
+        /// Folder (or imagefolder dataset) of reference images.
+        #[arg(long)]
+        reference: PathBuf,
+        /// efficientnet-lite1 (default, offline), efficientnet-lite0 or dinov2.
+        #[arg(long, default_value = "efficientnet-lite1")]
+        features: String,
+        /// Weights folder of the feature network (required for dinov2).
+        #[arg(long)]
+        features_path: Option<PathBuf>,
+        /// Use at most this many images of each set.
+        #[arg(long)]
+        max_images: Option<usize>,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// The toy reproduction of the paper's claim: FT vs ADT from a Twemoji base towards Noto emoji.
+    Demo {
+        /// Seeds (comma-separated); one FT and one ADT run each.
+        #[arg(long, default_value = "0", value_delimiter = ',')]
+        seeds: Vec<u64>,
+        /// Iterations per run.
+        #[arg(long, default_value_t = 120)]
+        iterations: usize,
+        /// Held-out captions / images used in the evaluation.
+        #[arg(long, default_value_t = 478)]
+        eval_images: usize,
+        #[arg(long, default_value = "runs/demo")]
+        out: PathBuf,
+    },
     /// Describe a diffusers pipeline folder, a component folder or a .safetensors file.
     Inspect { path: PathBuf },
     /// Write a pipeline folder with randomly initialised weights (the start of pretraining).
@@ -87,7 +121,7 @@ enum Command {
     },
     /// Run one component on named inputs and write named outputs (parity checks).
     Forward {
-        /// unet, vae-encode, vae-decode, clip-text, clip-text-proj, dinov2, dinov2-grad, efficientnet
+        /// unet, vae-encode, vae-decode, clip-text, clip-text-proj, dinov2, dinov2-grad, efficientnet, sd3-transformer, t5
         #[arg(long)]
         component: String,
         #[arg(long)]
@@ -116,13 +150,14 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    // OpenMP threads spin while waiting; with the data workers sharing the cores,
-    // more intra-op threads than half the cores is slower (measured 10x on 2 cores).
-    if std::env::var_os("OMP_NUM_THREADS").is_none() {
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
-        tch::set_num_threads((cores / 2).max(1) as i32);
+    // Large tensors are allocated and freed every iteration; glibc's default of
+    // returning every block above 128 KiB to the kernel turns that into page faults
+    // (measured: half of the evaluation's time was system time). Keep freed memory.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
     }
     match cli.command {
         Command::Train {
@@ -213,6 +248,23 @@ fn main() -> Result<()> {
                 }
             }
         }
+        Command::Eval { generated, reference, features, features_path, max_images, json } => {
+            let mut o = adt::eval::metrics::EvalOptions::new(generated, reference);
+            o.features = features.parse()?;
+            o.features_path = features_path;
+            o.max_images = max_images;
+            let r = adt::eval::metrics::evaluate(&o)?;
+            print!("{r}");
+            if let Some(j) = json {
+                r.save_json(&j)?;
+            }
+        }
+        Command::Demo { seeds, iterations, eval_images, out } => {
+            let o = adt::demo::DemoOptions { seeds, iterations, eval_images, out, ..Default::default() };
+            let r = adt::demo::run_demo(&o)?;
+            print!("{}", r.markdown());
+            eprintln!("report: {}", o.out.join("report.html").display());
+        }
         Command::Inspect { path } => print!("{}", adt::inspect::inspect(&path)?),
         Command::InitPipeline { preset, seed, out } => {
             let spec = adt::models::pipeline::RandomSpec::by_name(&preset)?;
@@ -239,8 +291,10 @@ fn main() -> Result<()> {
                 "clip-text" | "clip-text-proj" => clip::run_forward(&component, &model, &ins)?,
                 "dinov2" | "dinov2-grad" => dinov2::run_forward(&component, &model, &ins)?,
                 "efficientnet" => efficientnet::run_forward(&component, &model, &ins)?,
+                "sd3-transformer" => mmdit::run_forward(&component, &model, &ins)?,
+                "t5" => t5::run_forward(&component, &model, &ins)?,
                 c => bail!(
-                    "unknown component {c:?}: expected unet, vae-encode, vae-decode, clip-text, clip-text-proj, dinov2, dinov2-grad, efficientnet"
+                    "unknown component {c:?}: expected unet, vae-encode, vae-decode, clip-text, clip-text-proj, dinov2, dinov2-grad, efficientnet, sd3-transformer, t5"
                 ),
             };
             let mut named: Vec<(String, tch::Tensor)> = outs.into_iter().collect();

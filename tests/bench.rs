@@ -25,8 +25,59 @@ fn inputs(unet: &LoadedUNet) -> (Tensor, Tensor, Cond) {
     (x, t, Cond::new(ctx))
 }
 
+/// The tests draw from libtorch's global generator: run them one at a time so that
+/// every test sees the same numbers whatever the test threads do.
+static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Max relative error (max |a - b| / max |b|) of a reduced-precision copy of the
+/// tiny UNet against the float32 model, for several random models and inputs.
+fn copy_errors(kind: Kind) -> Vec<f64> {
+    (10..14)
+        .map(|seed| {
+            let unet = tiny_unet(seed);
+            let (x, t, cond) = inputs(&unet);
+            let opts = FastOptions {
+                kind,
+                ..FastOptions::bf16()
+            };
+            let fast = FastDenoiser::new(&unet.vs, &unet.config, opts).unwrap();
+            let want = tch::no_grad(|| UNetDenoiser(&unet.model).predict(&x, &t, &cond)).unwrap();
+            max_rel_err(&fast.predict(&x, &t, &cond).unwrap(), &want)
+        })
+        .collect()
+}
+
+/// bfloat16 keeps 8 significant bits (unit roundoff 2^-8 = 3.9e-3); through the
+/// ~40 rounded layers of the tiny random UNet that gives 1.5-5e-2 relative error
+/// per call. float16 (3 more bits) gives about 8x less with the same code path, so
+/// the bf16 error is the dtype's and not a flaw of the copy (which is exact in
+/// float32, see `channels_last_copy_is_exact_in_fp32`).
 #[test]
-fn bf16_trajectory_denoiser_matches_fp32_and_follows_weight_changes() {
+fn reduced_precision_copies_are_close_to_fp32() {
+    let _g = serial();
+    let bf16 = copy_errors(Kind::BFloat16);
+    let fp16 = copy_errors(Kind::Half);
+    println!("bf16 copy vs fp32, max rel err per model: {bf16:.3?}");
+    println!("fp16 copy vs fp32, max rel err per model: {fp16:.3?}");
+    for (b, h) in bf16.iter().zip(&fp16) {
+        assert!(*b < 6e-2, "bf16 copy vs fp32: {b}");
+        assert!(*h < 1e-2, "fp16 copy vs fp32: {h}");
+        // 2^3 = 8x coarser rounding; allow a factor 2 either way.
+        assert!(
+            *b > 4.0 * h && *b < 16.0 * h,
+            "bf16 / fp16 error ratio {} is not the dtype's ({b} vs {h})",
+            b / h
+        );
+    }
+}
+
+#[test]
+fn bf16_trajectory_denoiser_follows_weight_changes() {
+    let _g = serial();
     let unet = tiny_unet(3);
     let (x, t, cond) = inputs(&unet);
     let eager = UNetDenoiser(&unet.model);
@@ -44,8 +95,7 @@ fn bf16_trajectory_denoiser_matches_fp32_and_follows_weight_changes() {
     assert!(!got.requires_grad());
     let e = max_rel_err(&got, &want);
     println!("bf16 trajectory UNet vs fp32: max rel err {e:.3e}");
-    assert!(e < 2e-2, "bf16 copy vs fp32: rel err {e}");
-    assert!(e > 0.0, "the copy should really be bf16 (err exactly 0)");
+    assert!(e < 6e-2, "bf16 copy vs fp32: rel err {e}");
 
     // Change the master weights in place, as the optimiser does.
     tch::no_grad(|| {
@@ -54,7 +104,10 @@ fn bf16_trajectory_denoiser_matches_fp32_and_follows_weight_changes() {
             let _ = v.g_add_(&noise);
         }
     });
-    assert!(fast.is_stale(), "an in-place update must mark the copy stale");
+    assert!(
+        fast.is_stale(),
+        "an in-place update must mark the copy stale"
+    );
     let want2 = tch::no_grad(|| eager.predict(&x, &t, &cond)).unwrap();
     let stale = fast.predict(&x, &t, &cond).unwrap();
     let e_stale = max_rel_err(&stale, &want2);
@@ -64,7 +117,7 @@ fn bf16_trajectory_denoiser_matches_fp32_and_follows_weight_changes() {
     let fresh = fast.predict(&x, &t, &cond).unwrap();
     let e_fresh = max_rel_err(&fresh, &want2);
     println!("after a weight change: stale copy {e_stale:.3e}, refreshed {e_fresh:.3e}");
-    assert!(e_fresh < 2e-2, "refreshed copy vs fp32: {e_fresh}");
+    assert!(e_fresh < 6e-2, "refreshed copy vs fp32: {e_fresh}");
     assert!(
         e_stale > 5.0 * e_fresh,
         "the stale copy should be visibly off ({e_stale} vs {e_fresh})"
@@ -73,6 +126,7 @@ fn bf16_trajectory_denoiser_matches_fp32_and_follows_weight_changes() {
 
 #[test]
 fn channels_last_copy_is_exact_in_fp32() {
+    let _g = serial();
     let unet = tiny_unet(4);
     let (x, t, cond) = inputs(&unet);
     let opts = FastOptions {
@@ -97,6 +151,7 @@ fn channels_last_copy_is_exact_in_fp32() {
 
 #[test]
 fn cuda_graph_option_is_refused_off_gpu() {
+    let _g = serial();
     let unet = tiny_unet(5);
     let opts = FastOptions {
         kind: Kind::BFloat16,
@@ -114,6 +169,7 @@ fn cuda_graph_option_is_refused_off_gpu() {
 
 #[test]
 fn trainer_uses_and_refreshes_the_bf16_copy() {
+    let _g = serial();
     let mut cfg = Config::default();
     cfg.train.bf16_trajectory = true;
     cfg.train.batch_size = 1;
@@ -176,16 +232,22 @@ fn lever_and_workload_lists_parse() {
 
 #[test]
 fn tiny_cpu_bench_reports_every_row() {
+    let _g = serial();
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
     let opts = BenchOptions {
         config: BenchConfig::Tiny,
         device: "cpu".into(),
         iters: 1,
-        warmup: 1,
+        warmup: 0,
         ks: vec![1, 3],
-        steps: 6,
-        levers: vec![Lever::Bf16, Lever::ChannelsLast, Lever::CudnnBenchmark, Lever::CudaGraph],
+        steps: 4,
+        levers: vec![
+            Lever::Bf16,
+            Lever::ChannelsLast,
+            Lever::CudnnBenchmark,
+            Lever::CudaGraph,
+        ],
         json: Some(json.clone()),
         ..BenchOptions::default()
     };
@@ -196,7 +258,7 @@ fn tiny_cpu_bench_reports_every_row() {
 
     let workloads = [
         "unet_cfg_step",
-        "sample_ddim6",
+        "sample_ddim4",
         "adt_gd_s0",
         "adt_d_s0",
         "adt_h5_mean",
@@ -208,7 +270,9 @@ fn tiny_cpu_bench_reports_every_row() {
             let r = report
                 .row(w, v)
                 .unwrap_or_else(|| panic!("row {w} / {v} missing"));
-            let ms = r.mean_ms.unwrap_or_else(|| panic!("{w} / {v}: {:?}", r.note));
+            let ms = r
+                .mean_ms
+                .unwrap_or_else(|| panic!("{w} / {v}: {:?}", r.note));
             assert!(ms > 0.0 && ms.is_finite(), "{w} / {v}: {ms}");
             assert!(r.min_ms.unwrap() <= ms + 1e-9);
             assert!(r.peak_bytes.unwrap() > 0, "{w} / {v}: peak memory");
@@ -222,20 +286,49 @@ fn tiny_cpu_bench_reports_every_row() {
         }
     }
     for k in [1, 3] {
-        for name in [format!("adt_gd_s0_k{k}"), format!("adt_gd_s0_k{k}_onegraph")] {
+        for name in [
+            format!("adt_gd_s0_k{k}"),
+            format!("adt_gd_s0_k{k}_onegraph"),
+        ] {
             let r = report.row(&name, "baseline").unwrap();
             assert!(r.mean_ms.unwrap() > 0.0, "{name}: {:?}", r.note);
             assert!(r.peak_bytes.unwrap() > 0);
         }
     }
-    // A 6-step sampling run costs more than one UNet step.
-    let step = report.row("unet_cfg_step", "baseline").unwrap().mean_ms.unwrap();
-    let sample = report.row("sample_ddim6", "baseline").unwrap().mean_ms.unwrap();
-    assert!(sample > 2.0 * step, "sampling {sample} ms vs step {step} ms");
+    // A 4-step sampling run costs more than one UNet step.
+    let step = report
+        .row("unet_cfg_step", "baseline")
+        .unwrap()
+        .mean_ms
+        .unwrap();
+    let sample = report
+        .row("sample_ddim4", "baseline")
+        .unwrap()
+        .mean_ms
+        .unwrap();
+    assert!(
+        sample > 2.0 * step,
+        "sampling {sample} ms vs step {step} ms"
+    );
     assert_eq!(report.summary().len(), workloads.len() + 4);
 
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(v["rows"].as_array().unwrap().len(), report.rows.len());
     assert_eq!(v["config"], "tiny");
+}
+
+/// The full tiny benchmark (50 steps, every lever), printed: run with
+/// `cargo test --release --test bench -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn print_tiny_cpu_bench() {
+    let _g = serial();
+    let opts = BenchOptions {
+        iters: 3,
+        warmup: 1,
+        ..BenchOptions::default()
+    };
+    let report = run_bench(&opts).unwrap();
+    println!("{report}");
 }

@@ -421,3 +421,181 @@ fn demo_style_gap_and_sampling_floor() {
     );
     assert!(gap.fd > floor.fd);
 }
+
+#[test]
+fn dinov2_feature_space_uses_the_cls_output_of_imagenet_normalised_images() {
+    use adt::eval::metrics::FeatureExtractor;
+    use adt::models::dinov2::Dinov2Model;
+    let dir = adt::fixtures::dir("dinov2");
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("discs"), tmp.path().join("noise"));
+    write_discs(&a, 6, 1);
+    write_noise(&b, 6, 2);
+
+    // Without a folder the DINOv2 space is an error that says what is needed.
+    let mut o = EvalOptions::new(&a, &b);
+    o.features = FeatureSpace::Dinov2;
+    o.device = Device::Cpu;
+    let err = format!("{:#}", evaluate(&o).unwrap_err());
+    assert!(err.contains("--features-path"), "{err}");
+
+    // Features at the checkpoint's 56 px (no resize): the CLS token after the final
+    // layernorm of (x - ImageNet mean) / std, computed here by hand.
+    let ex = FeatureExtractor::load(
+        FeatureSpace::Dinov2,
+        Some(&dir),
+        Some(56),
+        false,
+        Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(ex.dim(), 32);
+    let img = Tensor::rand([3, 56, 56], (Kind::Float, Device::Cpu));
+    let got = ex.features(&[img.shallow_clone()]).unwrap();
+    let model = Dinov2Model::load(&dir, Device::Cpu, Kind::Float).unwrap();
+    let mean = Tensor::from_slice(&[0.485f32, 0.456, 0.406]).view([3, 1, 1]);
+    let std = Tensor::from_slice(&[0.229f32, 0.224, 0.225]).view([3, 1, 1]);
+    let x = ((img - mean) / std).unsqueeze(0);
+    let want = tch::no_grad(|| model.model.forward(&x).unwrap().pooler_output);
+    let err = adt::fixtures::max_rel_err(&got, &want);
+    println!("DINOv2 features vs hand-made input: max relative error {err:.3e}");
+    assert!(err <= 1e-4, "{err}");
+
+    // Whole evaluation in this space (random weights: only the basic properties).
+    o.features_path = Some(dir);
+    o.resolution = Some(56);
+    o.kid_subsets = 5;
+    let far = evaluate(&o).unwrap();
+    o.reference = a.clone();
+    let same = evaluate(&o).unwrap();
+    println!(
+        "DINOv2 (random fixture weights): FD same {:.3e}, discs/noise {:.4}",
+        same.fd, far.fd
+    );
+    assert_eq!(far.feature_dim, 32);
+    assert!(same.fd.abs() < 1e-6 * far.fd.max(1e-3), "{}", same.fd);
+    assert!(far.fd > 0.0);
+}
+
+#[test]
+fn efficientnet_features_are_the_pooled_output_of_its_normalised_input() {
+    use adt::eval::metrics::FeatureExtractor;
+    use adt::models::efficientnet::EfficientNet;
+    let Some(weights) = lite1_weights() else {
+        return;
+    };
+    // At resolution 64 a 64 px image is not resized: the input is (255 x - 127) / 128.
+    let ex = FeatureExtractor::load(
+        FeatureSpace::EfficientNetLite1,
+        Some(&weights),
+        Some(64),
+        false,
+        Device::Cpu,
+    )
+    .unwrap();
+    let img = Tensor::rand([3, 64, 64], (Kind::Float, Device::Cpu));
+    let got = ex.features(&[img.shallow_clone(), img.flip([2])]).unwrap();
+    let model = EfficientNet::load(&weights, Device::Cpu, Kind::Float).unwrap();
+    let x = Tensor::stack(&[img.shallow_clone(), img.flip([2])], 0);
+    let want = tch::no_grad(|| model.model.pooled(&((x * 255.0 - 127.0) / 128.0)).unwrap());
+    let err = adt::fixtures::max_rel_err(&got, &want);
+    println!("EfficientNet features vs hand-made input: max relative error {err:.3e}");
+    assert!(err <= 1e-4, "{err}");
+    assert_eq!(got.size(), vec![2, 1280]);
+
+    // A resize (bicubic) gives the network's input size, values within the normalised [0, 1].
+    let small = Tensor::rand([3, 32, 32], (Kind::Float, Device::Cpu));
+    let pre = ex.preprocess(&small).unwrap();
+    assert_eq!(pre.size(), vec![1, 3, 64, 64]);
+    let lo = pre.min().double_value(&[]);
+    let hi = pre.max().double_value(&[]);
+    assert!(lo >= -127.0 / 128.0 - 1e-6 && hi <= 1.0 + 1e-6, "{lo} {hi}");
+    // Lite0 weights are not Lite1: a folder's depth coefficient is checked.
+    let err = FeatureExtractor::load(
+        FeatureSpace::EfficientNetLite0,
+        Some(&weights),
+        None,
+        false,
+        Device::Cpu,
+    );
+    let err = format!("{:#}", err.err().expect("lite1 weights loaded as lite0"));
+    assert!(err.contains("depth_coefficient"), "{err}");
+}
+
+/// The demo datasets written by `scripts/setup_demo_data.sh` (checked when present):
+/// every 64 px image is its source composited on white, every 32 px image the 2x2 box
+/// average of it (both rounded to 8 bits), the held-out split is the same in both
+/// styles, and captions are non-empty.
+#[test]
+fn demo_data_matches_the_package_images() {
+    let cache = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/demo");
+    if !cache.join("data/.complete").is_file() {
+        println!("SKIPPED: no demo data; run scripts/setup_demo_data.sh");
+        return;
+    }
+    let read_meta = |dir: &Path| -> Vec<(String, String)> {
+        std::fs::read_to_string(dir.join("metadata.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (
+                    v["file_name"].as_str().unwrap().to_string(),
+                    v["text"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    for split in ["train", "heldout"] {
+        let tw = read_meta(&cache.join("data/twemoji").join(split));
+        let noto = read_meta(&cache.join("data/noto").join(split));
+        assert_eq!(
+            tw, noto,
+            "{split}: the two styles differ in files or captions"
+        );
+        assert!(tw.iter().all(|(_, t)| !t.is_empty()));
+        println!("{split}: {} images per style", tw.len());
+    }
+    let mut checked = 0;
+    for (style, pkg) in [("twemoji", "twitter"), ("noto", "google")] {
+        for split in ["train", "heldout"] {
+            let meta = read_meta(&cache.join("data").join(style).join(split));
+            // Every 17th image (to keep the test quick), and every source that is not
+            // 8-bit RGBA (palette, 4-bit palette, grey + alpha PNGs).
+            for (i, (name, _)) in meta.iter().enumerate() {
+                let src = cache
+                    .join(format!("emoji-datasource-{pkg}/img/{pkg}/64"))
+                    .join(name);
+                let head = std::fs::read(&src).unwrap();
+                let (depth, colour) = (head[24], head[25]);
+                if i % 17 != 0 && depth == 8 && colour == 6 {
+                    continue;
+                }
+                let want64 = load_image01(&src).unwrap();
+                let got64 =
+                    load_image01(&cache.join("data-64px").join(style).join(split).join(name))
+                        .unwrap();
+                let got32 =
+                    load_image01(&cache.join("data").join(style).join(split).join(name)).unwrap();
+                assert_eq!(got64.size(), vec![3, 64, 64]);
+                assert_eq!(got32.size(), vec![3, 32, 32]);
+                let d64 = (&got64 - &want64).abs().max().double_value(&[]);
+                assert!(
+                    d64 <= 0.51 / 255.0,
+                    "{name} ({style}): 64 px differs by {d64}"
+                );
+                let box32 = got64
+                    .unsqueeze(0)
+                    .avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None::<i64>)
+                    .squeeze_dim(0);
+                let d32 = (&got32 - &box32).abs().max().double_value(&[]);
+                assert!(
+                    d32 <= 0.51 / 255.0,
+                    "{name} ({style}): 32 px differs by {d32}"
+                );
+                checked += 1;
+            }
+        }
+    }
+    println!("checked {checked} images against the package sources");
+}

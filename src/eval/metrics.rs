@@ -417,8 +417,8 @@ pub fn resize_square(x: &Tensor, size: i64) -> Tensor {
 }
 
 enum Network {
-    EfficientNet(LoadedEfficientNet),
-    Dinov2(LoadedDinov2),
+    EfficientNet(Box<LoadedEfficientNet>),
+    Dinov2(Box<LoadedDinov2>),
 }
 
 /// A frozen feature network with its preprocessing, giving one vector per image.
@@ -467,7 +467,7 @@ impl FeatureExtractor {
                     loaded.config.depth_coefficient
                 );
                 let res = loaded.config.image_size;
-                (Network::EfficientNet(loaded), res)
+                (Network::EfficientNet(Box::new(loaded)), res)
             }
             FeatureSpace::Dinov2 => {
                 ensure!(
@@ -476,7 +476,7 @@ impl FeatureExtractor {
                 );
                 let loaded = Dinov2Model::load(&path, device, Kind::Float)
                     .with_context(|| format!("loading DINOv2 from {}", path.display()))?;
-                (Network::Dinov2(loaded), 224)
+                (Network::Dinov2(Box::new(loaded)), 224)
             }
         };
         let resolution = resolution.unwrap_or(default_res);

