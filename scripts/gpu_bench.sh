@@ -122,7 +122,7 @@ run() {
   {
     echo "== $name: $status"
     # The summary block printed last by adt bench.
-    sed -n '/^summary (best variant per workload)/,$p' "$OUT/$name.log"
+    sed -n '/^summary (best variant per workload/,$p' "$OUT/$name.log"
   } >> "$SUMMARY"
 }
 

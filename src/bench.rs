@@ -33,7 +33,7 @@ use crate::disc::features::DinoFeatures;
 use crate::disc::FeatureNetwork;
 use crate::models::clip::ClipTextConfig;
 use crate::models::dinov2::{Dinov2Config, Dinov2Model};
-use crate::models::pipeline::{Pipeline, RandomSpec};
+use crate::models::pipeline::{Pipeline, RandomSpec, UnetSpec};
 use crate::models::unet::{LoadedUNet, UNetConfig};
 use crate::models::vae::VaeConfig;
 use crate::schedule::{Plan, SamplerKind, ScheduleConfig};
@@ -326,9 +326,11 @@ pub struct Row {
     pub levers: Vec<Lever>,
     pub iters: usize,
     pub mean_ms: Option<f64>,
+    /// Median of the timed runs (robust to a run slowed by another process).
+    pub median_ms: Option<f64>,
     pub min_ms: Option<f64>,
     pub max_ms: Option<f64>,
-    /// mean_ms of this variant over mean_ms of the workload's baseline.
+    /// median_ms of this variant over median_ms of the workload's baseline.
     pub ratio: Option<f64>,
     /// Peak bytes during the timed runs (see `BenchReport::peak_memory`).
     pub peak_bytes: Option<i64>,
@@ -382,8 +384,8 @@ impl BenchReport {
                     .rows
                     .iter()
                     .filter(|o| o.workload == r.workload && o.variant != "baseline")
-                    .filter(|o| o.mean_ms.is_some())
-                    .min_by(|a, b| a.mean_ms.partial_cmp(&b.mean_ms).unwrap());
+                    .filter(|o| o.median_ms.is_some())
+                    .min_by(|a, b| a.median_ms.partial_cmp(&b.median_ms).unwrap());
                 out.push((r, best));
             }
         }
@@ -430,16 +432,17 @@ impl fmt::Display for BenchReport {
         )?;
         writeln!(
             f,
-            "{:<26} {:<44} {:>5} {:>10} {:>10} {:>7} {:>9}  note",
-            "workload", "variant", "iters", "mean ms", "min ms", "ratio", "peak GiB"
+            "{:<26} {:<44} {:>5} {:>10} {:>10} {:>10} {:>7} {:>9}  note",
+            "workload", "variant", "iters", "median ms", "mean ms", "min ms", "ratio", "peak GiB"
         )?;
         for r in &self.rows {
             writeln!(
                 f,
-                "{:<26} {:<44} {:>5} {:>10} {:>10} {:>7} {:>9}  {}",
+                "{:<26} {:<44} {:>5} {:>10} {:>10} {:>10} {:>7} {:>9}  {}",
                 r.workload,
                 r.variant,
                 r.iters,
+                fmt_opt(r.median_ms, 2),
                 fmt_opt(r.mean_ms, 2),
                 fmt_opt(r.min_ms, 2),
                 fmt_opt(r.ratio, 3),
@@ -448,7 +451,7 @@ impl fmt::Display for BenchReport {
             )?;
         }
         writeln!(f)?;
-        writeln!(f, "summary (best variant per workload)")?;
+        writeln!(f, "summary (best variant per workload; median times)")?;
         writeln!(
             f,
             "{:<26} {:>11} {:>11} {:>7} {:>9} {:>9}  best variant",
@@ -459,8 +462,8 @@ impl fmt::Display for BenchReport {
                 f,
                 "{:<26} {:>11} {:>11} {:>7} {:>9} {:>9}  {}",
                 b.workload,
-                fmt_opt(b.mean_ms, 2),
-                fmt_opt(best.and_then(|r| r.mean_ms), 2),
+                fmt_opt(b.median_ms, 2),
+                fmt_opt(best.and_then(|r| r.median_ms), 2),
                 fmt_opt(best.and_then(|r| r.ratio), 3),
                 fmt_opt(b.peak_gib(), 3),
                 fmt_opt(best.and_then(|r| r.peak_gib()), 3),
@@ -493,12 +496,12 @@ fn sd15_vae_config() -> Result<VaeConfig> {
 
 /// A randomly initialised SD1.5 pipeline (UNet trainable, the rest frozen).
 pub fn sd15_random_pipeline(device: Device, seed: i64) -> Result<Pipeline> {
-    let spec = RandomSpec {
+    let spec = RandomSpec::Unet(UnetSpec {
         unet: UNetConfig::sd15(),
         clip: ClipTextConfig::sd15(),
         vae: Some(sd15_vae_config()?),
         schedule: ScheduleConfig::sd15(),
-    };
+    });
     Pipeline::random(&spec, device, seed)
 }
 
@@ -692,6 +695,7 @@ impl Bench {
             levers: levers.to_vec(),
             iters: 0,
             mean_ms: None,
+            median_ms: None,
             min_ms: None,
             max_ms: None,
             ratio: None,
@@ -724,6 +728,14 @@ impl Bench {
             Ok(Ok(times)) => {
                 row.iters = times.len();
                 row.mean_ms = Some(times.iter().sum::<f64>() / times.len() as f64);
+                let mut sorted = times.clone();
+                sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                let n = sorted.len();
+                row.median_ms = Some(if n % 2 == 1 {
+                    sorted[n / 2]
+                } else {
+                    0.5 * (sorted[n / 2 - 1] + sorted[n / 2])
+                });
                 row.min_ms = times.iter().cloned().reduce(f64::min);
                 row.max_ms = times.iter().cloned().reduce(f64::max);
                 row.peak_bytes = self.mem.peak();
@@ -735,14 +747,14 @@ impl Bench {
             tch::Cuda::cudnn_set_benchmark(false);
         }
         let base = if levers.is_empty() {
-            row.mean_ms
+            row.median_ms
         } else {
             self.report
                 .row(workload, "baseline")
-                .and_then(|b| b.mean_ms)
+                .and_then(|b| b.median_ms)
         };
         if let Some(base) = base {
-            row.ratio = row.mean_ms.map(|m| m / base);
+            row.ratio = row.median_ms.map(|m| m / base);
         }
         tracing::info!(
             "bench {workload} {variant}: mean {} ms, peak {:?} B {}",
@@ -760,6 +772,7 @@ impl Bench {
             levers: levers.to_vec(),
             iters: 0,
             mean_ms: None,
+            median_ms: None,
             min_ms: None,
             max_ms: None,
             ratio: None,
@@ -852,9 +865,9 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
         disc_res,
     )?;
     let mut params = Params {
-        unet: count(&pipe.unet.vs),
+        unet: count(pipe.backbone_vs()),
         vae: pipe.vae.as_ref().map(|v| count(&v.vs)).unwrap_or(0),
-        text: pipe.text.iter().map(|t| count(&t.encoder.vs)).sum(),
+        text: pipe.text.varstores().into_iter().map(count).sum(),
         features: n_features,
         heads: 0,
     };
@@ -894,7 +907,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
     let (cond, _) = tr.pipe.encode_text(&captions, None)?;
     let (uncond, _) = tr.pipe.encode_text(&[String::new()], None)?;
     let lat = resolution / tr.pipe.vae_scale();
-    let c_in = tr.pipe.unet.config.in_channels;
+    let c_in = tr.pipe.latent_channels();
     let x_t = Tensor::randn([1, c_in, lat, lat], (Kind::Float, device));
     let plan = Plan::new(&tr.pipe.schedule, SamplerKind::Ddim, opts.steps)?;
     let variants = b.variants();
@@ -913,8 +926,8 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
                         b.skip(name, levers, why)?;
                         continue;
                     }
-                    let fast = fast_for(&tr.pipe.unet, levers)?;
-                    let eager = UNetDenoiser(&tr.pipe.unet.model);
+                    let fast = fast_for(tr.pipe.unet()?, levers)?;
+                    let eager = UNetDenoiser(&tr.pipe.unet()?.model);
                     let den: &dyn Denoiser = match &fast {
                         Some(f) => f,
                         None => &eager,
@@ -947,7 +960,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
                         b.skip(name, levers, why)?;
                         continue;
                     }
-                    tr.fast = fast_for(&tr.pipe.unet, levers)?;
+                    tr.fast = fast_for(tr.pipe.unet()?, levers)?;
                     tr.cfg.train.k = 3;
                     tr.cfg.train.decompose = true;
                     let per_call = match w {
@@ -985,15 +998,20 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
                     if per_call == 5 {
                         // Per iteration.
                         if let Some(r) = b.report.rows.last_mut() {
-                            for v in [&mut r.mean_ms, &mut r.min_ms, &mut r.max_ms] {
+                            for v in [
+                                &mut r.mean_ms,
+                                &mut r.median_ms,
+                                &mut r.min_ms,
+                                &mut r.max_ms,
+                            ] {
                                 *v = v.map(|x| x / 5.0);
                             }
                             r.note
                                 .get_or_insert_with(|| "per iteration, H = 5 cycle".into());
                         }
-                        let base = b.report.row(name, "baseline").and_then(|r| r.mean_ms);
+                        let base = b.report.row(name, "baseline").and_then(|r| r.median_ms);
                         if let (Some(r), Some(base)) = (b.report.rows.last_mut(), base) {
-                            r.ratio = r.mean_ms.map(|m| m / base);
+                            r.ratio = r.median_ms.map(|m| m / base);
                         }
                     }
                     tr.fast = None;

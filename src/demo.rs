@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::Device;
 
-use crate::eval::metrics::{compare, select_images, set_stats, EvalOptions, FeatureExtractor, FeatureSpace, SetStats};
+use crate::eval::metrics::{
+    compare, select_images, set_stats, EvalOptions, FeatureExtractor, FeatureSpace, SetStats,
+};
 use crate::models::pipeline::Pipeline;
 use crate::schedule::{Plan, SamplerKind};
 use crate::train::config::Config;
@@ -34,6 +36,12 @@ pub struct DemoOptions {
     /// Config files of the two runs.
     pub ft_config: PathBuf,
     pub adt_config: PathBuf,
+    /// "cpu" or "cuda".
+    pub device: String,
+    /// Evaluate existing runs instead of training: a folder with `samples/<run>/`
+    /// image folders (`base`, `ft-seed<N>`, `adt-seed<N>`) and optionally
+    /// `metrics/<run>.jsonl` (what `scripts/gpu_demo.sh` writes).
+    pub from_samples: Option<PathBuf>,
 }
 
 impl Default for DemoOptions {
@@ -47,6 +55,8 @@ impl Default for DemoOptions {
             eval_images: 478,
             ft_config: PathBuf::from("examples/demo-ft.toml"),
             adt_config: PathBuf::from("examples/demo-adt.toml"),
+            device: "cpu".into(),
+            from_samples: None,
         }
     }
 }
@@ -82,14 +92,23 @@ pub struct DemoReport {
 fn mean_sd(v: &[f64]) -> (f64, f64) {
     let n = v.len() as f64;
     let m = v.iter().sum::<f64>() / n;
-    let sd = if v.len() > 1 { (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)).sqrt() } else { 0.0 };
+    let sd = if v.len() > 1 {
+        (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+    } else {
+        0.0
+    };
     (m, sd)
 }
 
 impl DemoReport {
     /// FD mean and sample standard deviation over seeds for "ft" / "adt".
     pub fn summary(&self, name: &str) -> Option<(f64, f64, usize)> {
-        let v: Vec<f64> = self.models.iter().filter(|m| m.name == name).map(|m| m.fd).collect();
+        let v: Vec<f64> = self
+            .models
+            .iter()
+            .filter(|m| m.name == name)
+            .map(|m| m.fd)
+            .collect();
         if v.is_empty() {
             return None;
         }
@@ -137,7 +156,8 @@ fn captions(dir: &Path) -> Result<Vec<String>> {
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).with_context(|| format!("{}: bad line {l}", p.display()))?;
+            let v: serde_json::Value = serde_json::from_str(l)
+                .with_context(|| format!("{}: bad line {l}", p.display()))?;
             Ok(v["text"].as_str().unwrap_or("").to_string())
         })
         .collect()
@@ -176,10 +196,19 @@ impl Evaluator {
         use sha2::Digest;
         let (files, n) = select_images(dir, self.opts.max_images, self.opts.seed)?;
         let mut h = sha2::Sha256::new();
-        h.update(format!("{}|{}|{}", self.extractor.space().name(), self.extractor.resolution(), self.opts.histogram_bins));
+        h.update(format!(
+            "{}|{}|{}",
+            self.extractor.space().name(),
+            self.extractor.resolution(),
+            self.opts.histogram_bins
+        ));
         for f in &files {
             let m = std::fs::metadata(f)?;
-            let t = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos());
+            let t = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_nanos());
             h.update(format!("{}|{}|{:?}\n", f.display(), m.len(), t));
         }
         let key = format!("{:x}", h.finalize());
@@ -187,16 +216,25 @@ impl Evaluator {
         let meta = cache.join(format!("{}.json", &key[..16]));
         if file.is_file() && meta.is_file() {
             let t: std::collections::HashMap<String, tch::Tensor> =
-                crate::weights::read_safetensors(&file)?.into_iter().collect();
+                crate::weights::read_safetensors(&file)?
+                    .into_iter()
+                    .collect();
             let summary = serde_json::from_str(&std::fs::read_to_string(&meta)?)?;
             if let (Some(f), Some(hist)) = (t.get("features"), t.get("histogram")) {
-                return Ok(SetStats { summary, features: f.shallow_clone(), histogram: hist.shallow_clone() });
+                return Ok(SetStats {
+                    summary,
+                    features: f.shallow_clone(),
+                    histogram: hist.shallow_clone(),
+                });
             }
         }
         let s = set_stats(dir, &files, n, &self.extractor, &self.opts)?;
         std::fs::create_dir_all(cache)?;
         crate::weights::save_safetensors(
-            &[("features".into(), s.features.shallow_clone()), ("histogram".into(), s.histogram.shallow_clone())],
+            &[
+                ("features".into(), s.features.shallow_clone()),
+                ("histogram".into(), s.histogram.shallow_clone()),
+            ],
             &file,
             None,
             None,
@@ -224,7 +262,11 @@ pub fn run_demo(o: &DemoOptions) -> Result<DemoReport> {
         );
     }
     std::fs::create_dir_all(&o.out)?;
-    let device = Device::Cpu;
+    let device = match o.device.as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        d => bail!("--device {d:?}: expected cpu or cuda"),
+    };
     let mut opts = EvalOptions::new(o.out.join("unused"), o.data.join("noto/heldout"));
     opts.features = FeatureSpace::EfficientNetLite1;
     opts.max_images = Some(o.eval_images);
@@ -245,7 +287,11 @@ pub fn run_demo(o: &DemoOptions) -> Result<DemoReport> {
         features: tch::Tensor::zeros([1], (tch::Kind::Float, Device::Cpu)),
         histogram: tch::Tensor::zeros([1], (tch::Kind::Float, Device::Cpu)),
     };
-    let mut ev = Evaluator { extractor, opts, reference: placeholder };
+    let mut ev = Evaluator {
+        extractor,
+        opts,
+        reference: placeholder,
+    };
     ev.reference = ev.cached_stats(&o.data.join("noto/heldout"), &cache)?;
     let fd_of = |stats: &SetStats| compare(stats, &ev.reference, &ev.extractor, &ev.opts);
     let gap = fd_of(&ev.cached_stats(&o.data.join("twemoji/heldout"), &cache)?)?.fd;
@@ -255,28 +301,71 @@ pub fn run_demo(o: &DemoOptions) -> Result<DemoReport> {
     let mut caps = captions(&o.data.join("noto/heldout"))?;
     caps.truncate(o.eval_images);
     let mut models = Vec::new();
-    let eval_model = |name: &str, seed: Option<u64>, dir: &Path, train_s: f64| -> Result<ModelResult> {
-        let pipe = Pipeline::load(dir, device, tch::Kind::Float, tch::Kind::Float)?;
-        let samples = o.out.join("samples").join(match seed {
-            Some(s) => format!("{name}-seed{s}"),
-            None => name.to_string(),
-        });
-        generate_set(&pipe, &caps, &samples, 1234)?;
-        let r = fd_of(&ev.stats(&samples)?)?;
-        tracing::info!("{name} seed {seed:?}: FD {:.1} KID {:.4}", r.fd, r.kid);
-        Ok(ModelResult {
-            name: name.into(),
-            seed,
-            fd: r.fd,
-            kid: r.kid,
-            histogram_l1: r.histogram_l1,
-            mean_rgb: r.generated.mean_rgb,
-            train_seconds: train_s,
-            samples: samples.display().to_string(),
-        })
-    };
-    models.push(eval_model("base", None, &o.base, 0.0)?);
-    for &seed in &o.seeds {
+    let eval_model =
+        |name: &str, seed: Option<u64>, dir: &Path, train_s: f64| -> Result<ModelResult> {
+            let pipe = Pipeline::load(dir, device, tch::Kind::Float, tch::Kind::Float)?;
+            let samples = o.out.join("samples").join(match seed {
+                Some(s) => format!("{name}-seed{s}"),
+                None => name.to_string(),
+            });
+            generate_set(&pipe, &caps, &samples, 1234)?;
+            let r = fd_of(&ev.stats(&samples)?)?;
+            tracing::info!("{name} seed {seed:?}: FD {:.1} KID {:.4}", r.fd, r.kid);
+            Ok(ModelResult {
+                name: name.into(),
+                seed,
+                fd: r.fd,
+                kid: r.kid,
+                histogram_l1: r.histogram_l1,
+                mean_rgb: r.generated.mean_rgb,
+                train_seconds: train_s,
+                samples: samples.display().to_string(),
+            })
+        };
+    if let Some(root) = &o.from_samples {
+        // Images drawn elsewhere (e.g. on a GPU): find each run's image folder.
+        let find = |run: &str| -> Result<PathBuf> {
+            let d = root.join("samples").join(run);
+            let sub = d.join("ddim-10steps-cfg2");
+            let dir = if sub.is_dir() { sub } else { d };
+            if !dir.is_dir() {
+                bail!("{}: no sample folder for run {run}", dir.display());
+            }
+            Ok(dir)
+        };
+        let mut runs = vec![("base".to_string(), None)];
+        for &seed in &o.seeds {
+            runs.push(("ft".to_string(), Some(seed)));
+            runs.push(("adt".to_string(), Some(seed)));
+        }
+        for (name, seed) in runs {
+            let tag = seed
+                .map(|s| format!("{name}-seed{s}"))
+                .unwrap_or_else(|| name.clone());
+            let dir = find(&tag)?;
+            let r = fd_of(&ev.stats(&dir)?)?;
+            tracing::info!("{tag}: FD {:.1} KID {:.4}", r.fd, r.kid);
+            let metrics = root.join("metrics").join(format!("{tag}.jsonl"));
+            if metrics.is_file() {
+                let dst = o.out.join(&tag);
+                std::fs::create_dir_all(&dst)?;
+                std::fs::copy(&metrics, dst.join("metrics.jsonl"))?;
+            }
+            models.push(ModelResult {
+                name,
+                seed,
+                fd: r.fd,
+                kid: r.kid,
+                histogram_l1: r.histogram_l1,
+                mean_rgb: r.generated.mean_rgb,
+                train_seconds: 0.0,
+                samples: dir.display().to_string(),
+            });
+        }
+    } else {
+        models.push(eval_model("base", None, &o.base, 0.0)?);
+    }
+    for &seed in o.seeds.iter().filter(|_| o.from_samples.is_none()) {
         for (name, cfg_path) in [("ft", &o.ft_config), ("adt", &o.adt_config)] {
             let run_dir = o.out.join(format!("{name}-seed{seed}"));
             let cfg = Config::load(
@@ -286,12 +375,22 @@ pub fn run_demo(o: &DemoOptions) -> Result<DemoReport> {
                     format!("train.seed={seed}"),
                     format!("train.iterations={}", o.iterations),
                     format!("output.dir={:?}", run_dir.display().to_string()),
-                    format!("data.path={:?}", o.data.join("noto/train").display().to_string()),
+                    format!(
+                        "data.path={:?}",
+                        o.data.join("noto/train").display().to_string()
+                    ),
+                    format!("train.device={:?}", o.device),
                 ],
             )?;
             let t0 = std::time::Instant::now();
-            let tr = run(cfg, &RunOptions { quiet: false, ..Default::default() })
-                .with_context(|| format!("{name} run, seed {seed}"))?;
+            let tr = run(
+                cfg,
+                &RunOptions {
+                    quiet: false,
+                    ..Default::default()
+                },
+            )
+            .with_context(|| format!("{name} run, seed {seed}"))?;
             drop(tr);
             let secs = t0.elapsed().as_secs_f64();
             models.push(eval_model(name, Some(seed), &run_dir.join("final"), secs)?);
@@ -307,7 +406,10 @@ pub fn run_demo(o: &DemoOptions) -> Result<DemoReport> {
         models,
         wall_seconds: started.elapsed().as_secs_f64(),
     };
-    std::fs::write(o.out.join("report.json"), serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(
+        o.out.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
     std::fs::write(o.out.join("report.md"), report.markdown())?;
     crate::report::write_demo_html(&report, &o.out).context("writing the HTML report")?;
     Ok(report)

@@ -99,12 +99,20 @@ enum Command {
         eval_images: usize,
         #[arg(long, default_value = "runs/demo")]
         out: PathBuf,
+        /// cpu or cuda.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Only evaluate runs made elsewhere (scripts/gpu_demo.sh output folder).
+        #[arg(long)]
+        from_samples: Option<PathBuf>,
     },
+    /// Time the UNet step, sampling and ADT iterations (tiny or real SD1.5 sizes) and measure peak memory.
+    Bench(adt::bench::BenchArgs),
     /// Describe a diffusers pipeline folder, a component folder or a .safetensors file.
     Inspect { path: PathBuf },
     /// Write a pipeline folder with randomly initialised weights (the start of pretraining).
     InitPipeline {
-        /// tiny or demo.
+        /// tiny, tiny-sd3 or demo.
         #[arg(long)]
         preset: String,
         #[arg(long, default_value_t = 0)]
@@ -222,8 +230,7 @@ fn main() -> Result<()> {
                 tch::Kind::Float,
                 tch::Kind::Float,
             )?;
-            let res = resolution
-                .unwrap_or_else(|| pipe.unet.config.sample_size.unwrap_or(64) * pipe.vae_scale());
+            let res = resolution.unwrap_or_else(|| pipe.default_resolution());
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             for &n in &steps {
                 let plan = adt::schedule::Plan::new(&pipe.schedule, kind, n)?;
@@ -248,7 +255,14 @@ fn main() -> Result<()> {
                 }
             }
         }
-        Command::Eval { generated, reference, features, features_path, max_images, json } => {
+        Command::Eval {
+            generated,
+            reference,
+            features,
+            features_path,
+            max_images,
+            json,
+        } => {
             let mut o = adt::eval::metrics::EvalOptions::new(generated, reference);
             o.features = features.parse()?;
             o.features_path = features_path;
@@ -259,18 +273,37 @@ fn main() -> Result<()> {
                 r.save_json(&j)?;
             }
         }
-        Command::Demo { seeds, iterations, eval_images, out } => {
-            let o = adt::demo::DemoOptions { seeds, iterations, eval_images, out, ..Default::default() };
+        Command::Demo {
+            seeds,
+            iterations,
+            eval_images,
+            out,
+            device,
+            from_samples,
+        } => {
+            let o = adt::demo::DemoOptions {
+                seeds,
+                iterations,
+                eval_images,
+                out,
+                device,
+                from_samples,
+                ..Default::default()
+            };
             let r = adt::demo::run_demo(&o)?;
             print!("{}", r.markdown());
             eprintln!("report: {}", o.out.join("report.html").display());
         }
+        Command::Bench(a) => adt::bench::cli(&a)?,
         Command::Inspect { path } => print!("{}", adt::inspect::inspect(&path)?),
         Command::InitPipeline { preset, seed, out } => {
             let spec = adt::models::pipeline::RandomSpec::by_name(&preset)?;
             let pipe = adt::models::pipeline::Pipeline::random(&spec, tch::Device::Cpu, seed)?;
             pipe.save(&out)?;
-            eprintln!("wrote a randomly initialised {preset} pipeline to {}", out.display());
+            eprintln!(
+                "wrote a randomly initialised {preset} pipeline to {}",
+                out.display()
+            );
         }
         Command::InspectData { path, strict } => {
             print!("{}", adt::data::inspect_data(&path, strict)?)

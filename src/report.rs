@@ -10,10 +10,12 @@ pub type Series = (String, Vec<(f64, f64)>);
 
 /// Series of (step, value) for each loss key found in a metrics.jsonl.
 pub fn read_series(metrics: &Path, keys: &[&str]) -> Result<Vec<Series>> {
-    let text = std::fs::read_to_string(metrics).with_context(|| format!("reading {}", metrics.display()))?;
+    let text = std::fs::read_to_string(metrics)
+        .with_context(|| format!("reading {}", metrics.display()))?;
     let mut out: Vec<Series> = keys.iter().map(|k| (k.to_string(), Vec::new())).collect();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}: bad line", metrics.display()))?;
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}: bad line", metrics.display()))?;
         let step = v["step"].as_f64().unwrap_or(0.0);
         for (k, series) in out.iter_mut() {
             if let Some(x) = v.get(k.as_str()).and_then(|x| x.as_f64()) {
@@ -32,7 +34,14 @@ fn smooth(s: &[(f64, f64)], w: usize) -> Vec<(f64, f64)> {
     if w <= 1 || s.len() < w {
         return s.to_vec();
     }
-    s.windows(w).map(|win| (win[w - 1].0, win.iter().map(|p| p.1).sum::<f64>() / w as f64)).collect()
+    s.windows(w)
+        .map(|win| {
+            (
+                win[w - 1].0,
+                win.iter().map(|p| p.1).sum::<f64>() / w as f64,
+            )
+        })
+        .collect()
 }
 
 /// An SVG line plot of several series.
@@ -63,16 +72,27 @@ pub fn line_plot_svg(title: &str, series: &[Series]) -> Result<String> {
             .x_label_area_size(28)
             .y_label_area_size(48)
             .build_cartesian_2d(x0..x1.max(x0 + 1.0), (y0 - pad)..(y1 + pad))?;
-        chart.configure_mesh().x_desc("iteration").light_line_style(WHITE.mix(0.0)).draw()?;
+        chart
+            .configure_mesh()
+            .x_desc("iteration")
+            .light_line_style(WHITE.mix(0.0))
+            .draw()?;
         let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
         for (i, (name, s)) in series.iter().enumerate() {
             let c = colors[i % colors.len()];
             let w = (s.len() / 30).max(1);
-            chart.draw_series(LineSeries::new(smooth(s, w), c.stroke_width(2)))?.label(name.clone()).legend(
-                move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], c.stroke_width(2)),
-            );
+            chart
+                .draw_series(LineSeries::new(smooth(s, w), c.stroke_width(2)))?
+                .label(name.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 16, y)], c.stroke_width(2))
+                });
         }
-        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
         root.present()?;
     }
     Ok(svg)
@@ -115,19 +135,39 @@ pub fn rows_grid(rows: &[&Path], cols: usize, scale: u32, out: &Path) -> Result<
         for f in files.iter().take(cols) {
             let im = image::open(f).with_context(|| format!("reading {}", f.display()))?;
             let im = im.to_rgb8();
-            row.push(image::imageops::resize(&im, im.width() * scale, im.height() * scale, image::imageops::FilterType::Nearest));
+            row.push(image::imageops::resize(
+                &im,
+                im.width() * scale,
+                im.height() * scale,
+                image::imageops::FilterType::Nearest,
+            ));
         }
         imgs.push(row);
     }
-    let (w, h) = imgs.iter().flatten().next().map(|i| i.dimensions()).unwrap_or((1, 1));
+    let (w, h) = imgs
+        .iter()
+        .flatten()
+        .next()
+        .map(|i| i.dimensions())
+        .unwrap_or((1, 1));
     let g = 4;
-    let mut grid = image::RgbImage::from_pixel(cols as u32 * (w + g) + g, rows.len() as u32 * (h + g) + g, image::Rgb([255, 255, 255]));
+    let mut grid = image::RgbImage::from_pixel(
+        cols as u32 * (w + g) + g,
+        rows.len() as u32 * (h + g) + g,
+        image::Rgb([255, 255, 255]),
+    );
     for (r, row) in imgs.iter().enumerate() {
         for (c, im) in row.iter().enumerate() {
-            image::imageops::replace(&mut grid, im, (g + c as u32 * (w + g)) as i64, (g + r as u32 * (h + g)) as i64);
+            image::imageops::replace(
+                &mut grid,
+                im,
+                (g + c as u32 * (w + g)) as i64,
+                (g + r as u32 * (h + g)) as i64,
+            );
         }
     }
-    grid.save(out).with_context(|| format!("writing {}", out.display()))?;
+    grid.save(out)
+        .with_context(|| format!("writing {}", out.display()))?;
     Ok(())
 }
 
@@ -171,10 +211,19 @@ pub fn write_demo_html(r: &crate::demo::DemoReport, out: &Path) -> Result<()> {
     body += &md_table_to_html(&r.markdown());
     // Side-by-side samples of the first seed.
     let seed = r.seeds.first().copied().unwrap_or(0);
-    let find = |name: &str, s: Option<u64>| r.models.iter().find(|m| m.name == name && m.seed == s).map(|m| m.samples.clone());
+    let find = |name: &str, s: Option<u64>| {
+        r.models
+            .iter()
+            .find(|m| m.name == name && m.seed == s)
+            .map(|m| m.samples.clone())
+    };
     let mut rows: Vec<String> = Vec::new();
     let mut labels = Vec::new();
-    for (label, name, s) in [("base", "base", None), ("FT", "ft", Some(seed)), ("ADT", "adt", Some(seed))] {
+    for (label, name, s) in [
+        ("base", "base", None),
+        ("FT", "ft", Some(seed)),
+        ("ADT", "adt", Some(seed)),
+    ] {
         if let Some(p) = find(name, s) {
             rows.push(p);
             labels.push(label);
@@ -192,7 +241,9 @@ pub fn write_demo_html(r: &crate::demo::DemoReport, out: &Path) -> Result<()> {
     }
     body += "<h2>Training curves</h2>";
     for m in r.models.iter().filter(|m| m.name != "base") {
-        let metrics = out.join(format!("{}-seed{}", m.name, m.seed.unwrap_or(0))).join("metrics.jsonl");
+        let metrics = out
+            .join(format!("{}-seed{}", m.name, m.seed.unwrap_or(0)))
+            .join("metrics.jsonl");
         if metrics.is_file() {
             let series = read_series(&metrics, &["loss_d", "loss_g_adv", "loss_diff", "d_acc"])?;
             body += &line_plot_svg(&format!("{} seed {}", m.name, m.seed.unwrap_or(0)), &series)?;
@@ -221,11 +272,19 @@ mod tests {
     fn plots_and_series() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("m.jsonl");
-        std::fs::write(&p, "{\"step\":0,\"loss_d\":2.0}\n{\"step\":1,\"loss_d\":1.5,\"loss_diff\":0.3}\n").unwrap();
+        std::fs::write(
+            &p,
+            "{\"step\":0,\"loss_d\":2.0}\n{\"step\":1,\"loss_d\":1.5,\"loss_diff\":0.3}\n",
+        )
+        .unwrap();
         let s = read_series(&p, &["loss_d", "loss_diff", "absent"]).unwrap();
         assert_eq!(s.len(), 2);
         assert_eq!(s[0].1, vec![(0.0, 2.0), (1.0, 1.5)]);
         let svg = line_plot_svg("t", &s).unwrap();
-        assert!(svg.starts_with("<svg") && svg.contains("loss_d"), "{}", &svg[..100.min(svg.len())]);
+        assert!(
+            svg.starts_with("<svg") && svg.contains("loss_d"),
+            "{}",
+            &svg[..100.min(svg.len())]
+        );
     }
 }

@@ -1,16 +1,18 @@
 //! Image generation with the inference sampler, and image grids.
 
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use std::path::Path;
 use tch::{Kind, Tensor};
 
 use crate::models::pipeline::{Family, Pipeline};
-use crate::schedule::{sample_loop, Plan};
-use crate::train::adt::UNetDenoiser;
+use crate::schedule::{sample_loop, Plan, SamplerKind};
 use crate::train::path::{guided_output, Guidance};
 
 /// Generate one image per prompt at `resolution` pixels with classifier-free
 /// guidance `cfg`; images in [-1, 1], [B, 3, H, W]. Deterministic for a seed.
+/// Works for every backbone: UNet pipelines with the DDIM / DPM-Solver++ samplers,
+/// SD3 with the flow-matching Euler sampler (16-channel latents, pure noise at
+/// sigma = 1).
 pub fn generate(
     pipe: &Pipeline,
     plan: &Plan,
@@ -19,6 +21,24 @@ pub fn generate(
     seed: i64,
     resolution: i64,
 ) -> Result<Tensor> {
+    let flow_plan = plan.kind == SamplerKind::FlowEuler;
+    ensure!(
+        flow_plan == pipe.is_flow(),
+        "sampler {:?} does not fit this {:?} pipeline ({})",
+        plan.kind,
+        pipe.family,
+        if pipe.is_flow() {
+            "a flow-matching model: use the flow sampler"
+        } else {
+            "a DDPM-schedule model: use ddim or dpmpp"
+        }
+    );
+    let lat = resolution / pipe.vae_scale();
+    ensure!(
+        lat > 0 && lat * pipe.vae_scale() == resolution,
+        "resolution {resolution} must be a positive multiple of the VAE downscale {}",
+        pipe.vae_scale()
+    );
     tch::no_grad(|| {
         let b = prompts.len() as i64;
         let r = resolution;
@@ -29,22 +49,19 @@ pub fn generate(
         let (cond, _) = pipe.encode_text(prompts, ids)?;
         let (uncond, _) = pipe.encode_text(&vec![String::new(); prompts.len()], ids)?;
         let g = Guidance::new(&uncond, &cond, cfg);
-        let lat = r / pipe.vae_scale();
-        let c = pipe.unet.config.in_channels;
+        let c = pipe.latent_channels();
         let gen_device = tch::Device::Cpu;
         tch::manual_seed(seed);
         let x_t = Tensor::randn([b, c, lat, lat], (Kind::Float, gen_device)).to_device(pipe.device);
-        let (_, sigma0) = plan.alpha_sigma(0);
-        // DDPM samplers start from pure noise scaled by 1 (x_T ~ N(0, I)); sigma only
-        // matters for flow, where it is 1 too.
-        let _ = sigma0;
-        let den = UNetDenoiser(&pipe.unet.model);
+        // Every sampler starts from unit-scale noise: DDPM x_T ~ N(0, I), and flow
+        // matching at sigma_max = 1 (the shift maps 1 to 1).
+        let den = pipe.denoiser();
         let mut err = None;
         let z = sample_loop(
             plan,
             0,
             x_t,
-            |x, t, _| match guided_output(&den, x, t, &g) {
+            |x, t, _| match guided_output(den, x, t, &g) {
                 Ok((o, _)) => o,
                 Err(e) => {
                     err.get_or_insert(e);

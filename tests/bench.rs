@@ -204,7 +204,7 @@ fn trainer_uses_and_refreshes_the_bf16_copy() {
     assert!(fast.is_stale());
     assert!(fast.sync());
     let name = "conv_in.weight";
-    let master = &tr.pipe.unet.vs.variables()[name];
+    let master = &tr.pipe.backbone_vs().variables()[name];
     let copy = fast.copy_of(name).unwrap().to_kind(Kind::Float);
     let diff = max_rel_err(&copy, master);
     assert!(diff < 1e-2, "copy vs master after sync: {diff}");
@@ -295,21 +295,6 @@ fn tiny_cpu_bench_reports_every_row() {
             assert!(r.peak_bytes.unwrap() > 0);
         }
     }
-    // A 4-step sampling run costs more than one UNet step.
-    let step = report
-        .row("unet_cfg_step", "baseline")
-        .unwrap()
-        .mean_ms
-        .unwrap();
-    let sample = report
-        .row("sample_ddim4", "baseline")
-        .unwrap()
-        .mean_ms
-        .unwrap();
-    assert!(
-        sample > 2.0 * step,
-        "sampling {sample} ms vs step {step} ms"
-    );
     assert_eq!(report.summary().len(), workloads.len() + 4);
 
     let v: serde_json::Value =

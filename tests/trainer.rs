@@ -302,7 +302,7 @@ fn ft_and_ablations_run() {
     let _guard = lock();
     tch::set_num_threads(1);
     for over in [
-        &["train.mode=ft"][..],
+        &["train.mode=ft", "train.grad_accum=2"][..],
         &[
             "train.grad_path=drtune",
             "disc.kind=stylegan_t",
@@ -313,7 +313,7 @@ fn ft_and_ablations_run() {
             "sampler.kind=dpmpp",
             "sampler.steps=5",
         ][..],
-        &["train.ema_decay=0.9", "train.grad_accum=1"][..],
+        &["train.ema_decay=0.9", "train.grad_accum=2"][..],
     ] {
         let dir = tempfile::tempdir().unwrap();
         let mut o = vec![

@@ -1,17 +1,28 @@
-//! Stable Diffusion pipelines in the diffusers folder layout: `model_index.json`,
-//! `unet/`, `vae/`, `text_encoder/` + `tokenizer/` (and `text_encoder_2/` +
-//! `tokenizer_2/` for SDXL), `scheduler/`.
+//! Stable Diffusion pipelines in the diffusers folder layout.
+//!
+//! * SD 1.x / 2.x: `model_index.json`, `unet/`, `vae/`, `text_encoder/` +
+//!   `tokenizer/`, `scheduler/`; SDXL adds `text_encoder_2/` + `tokenizer_2/`.
+//! * SD3 (`StableDiffusion3Pipeline`): `transformer/` (the MMDiT) instead of `unet/`,
+//!   `text_encoder{,_2,_3}/` + `tokenizer{,_2,_3}/` (CLIP-L and CLIP-G with
+//!   projection, T5; T5 may be absent or left out), a 16-channel `vae/` and a
+//!   `FlowMatchEulerDiscreteScheduler` in `scheduler/`.
+//!
+//! The denoising backbone (UNet or MMDiT) is trainable; the VAE and the text
+//! encoders are frozen.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use std::path::{Path, PathBuf};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::models::clip::{ClipTextConfig, ClipTextModel, LoadedClipText};
+use crate::models::mmdit::{LoadedSd3Transformer, Sd3Config};
+use crate::models::sd3_text::{Sd3TextEncoders, Sd3TextOptions};
 use crate::models::tokenizer::{ClipTokenizer, Pad};
 use crate::models::unet::{LoadedUNet, UNetConfig};
 use crate::models::vae::{AutoencoderKL, LoadedVae, VaeConfig};
-use crate::schedule::ScheduleConfig;
-use crate::train::path::Cond;
+use crate::schedule::{BetaSchedule, ScheduleConfig};
+use crate::train::adt::UNetDenoiser;
+use crate::train::path::{Cond, Denoiser};
 
 /// One CLIP text encoder with its tokenizer.
 pub struct TextEncoder {
@@ -30,25 +41,134 @@ pub enum Family {
     /// SDXL: penultimate states of two encoders concatenated, pooled projection of
     /// the second, micro-conditioning time ids.
     Sdxl,
+    /// SD3: MMDiT on flow matching; CLIP-L + CLIP-G (+ T5) context and pooled
+    /// projections (see `sd3_text`).
+    Sd3,
 }
 
-/// A loaded pipeline. The UNet is trainable; the VAE and the text encoders are frozen.
+/// The trainable denoising network.
+pub enum Backbone {
+    /// `UNet2DConditionModel` in `unet/` (SD 1.x / 2.x / XL).
+    Unet(Box<LoadedUNet>),
+    /// `SD3Transformer2DModel` in `transformer/` (SD3).
+    Sd3(Box<LoadedSd3Transformer>),
+}
+
+impl Backbone {
+    /// The variables (trainable, apart from the MMDiT's stored position grid).
+    pub fn vs(&self) -> &nn::VarStore {
+        match self {
+            Backbone::Unet(u) => &u.vs,
+            Backbone::Sd3(t) => &t.vs,
+        }
+    }
+
+    pub fn vs_mut(&mut self) -> &mut nn::VarStore {
+        match self {
+            Backbone::Unet(u) => &mut u.vs,
+            Backbone::Sd3(t) => &mut t.vs,
+        }
+    }
+
+    /// The component folder in a diffusers pipeline (and in checkpoints).
+    pub fn folder(&self) -> &'static str {
+        match self {
+            Backbone::Unet(_) => "unet",
+            Backbone::Sd3(_) => "transformer",
+        }
+    }
+
+    /// Channels of the latents the backbone denoises.
+    pub fn latent_channels(&self) -> i64 {
+        match self {
+            Backbone::Unet(u) => u.config.in_channels,
+            Backbone::Sd3(t) => t.config.in_channels,
+        }
+    }
+
+    /// The configured latent size (`sample_size`), if any.
+    pub fn sample_size(&self) -> Option<i64> {
+        match self {
+            Backbone::Unet(u) => u.config.sample_size,
+            Backbone::Sd3(t) => Some(t.config.sample_size),
+        }
+    }
+
+    /// Write `config.json` and the weights (in `kind`) into `dir`.
+    pub fn save_pretrained(&self, dir: &Path, kind: Kind) -> Result<()> {
+        match self {
+            Backbone::Unet(u) => u.save_pretrained(dir, kind),
+            Backbone::Sd3(t) => t.save_pretrained(dir, kind),
+        }
+    }
+
+    /// The UNet, if this is one.
+    pub fn as_unet(&self) -> Option<&LoadedUNet> {
+        match self {
+            Backbone::Unet(u) => Some(u),
+            Backbone::Sd3(_) => None,
+        }
+    }
+}
+
+impl Denoiser for Backbone {
+    fn predict(&self, x: &Tensor, t: &Tensor, cond: &Cond) -> Result<Tensor> {
+        match self {
+            Backbone::Unet(u) => UNetDenoiser(&u.model).predict(x, t, cond),
+            Backbone::Sd3(m) => m.model.predict(x, t, cond),
+        }
+    }
+}
+
+/// The frozen text side.
+pub enum TextStack {
+    /// One (SD) or two (SDXL) CLIP encoders.
+    Clip(Vec<TextEncoder>),
+    /// The SD3 stack: CLIP-L, CLIP-G and optionally T5.
+    Sd3(Box<Sd3TextEncoders>),
+}
+
+impl TextStack {
+    /// The variables of every text encoder (for parameter counts).
+    pub fn varstores(&self) -> Vec<&nn::VarStore> {
+        match self {
+            TextStack::Clip(v) => v.iter().map(|t| &t.encoder.vs).collect(),
+            TextStack::Sd3(s) => {
+                let mut v = vec![&s.clip_l.encoder.vs, &s.clip_g.encoder.vs];
+                if let Some(t5) = &s.t5 {
+                    v.push(&t5.encoder.vs);
+                }
+                v
+            }
+        }
+    }
+}
+
+/// A loaded pipeline. The backbone is trainable; the VAE and the text encoders are
+/// frozen.
 pub struct Pipeline {
-    /// Source folder (None for the built-in tiny random pipeline).
+    /// Source folder (None for a pipeline built in memory).
     pub dir: Option<PathBuf>,
     pub family: Family,
-    pub unet: LoadedUNet,
+    pub backbone: Backbone,
     /// The autoencoder; None for a pixel-space model (latents are the images).
     pub vae: Option<LoadedVae>,
-    pub text: Vec<TextEncoder>,
+    pub text: TextStack,
     pub schedule: ScheduleConfig,
     pub device: Device,
-    /// dtype of the UNet weights on disk (kept when saving).
-    pub unet_file_kind: Kind,
+    /// dtype of the backbone weights on disk (kept when saving).
+    pub backbone_file_kind: Kind,
+}
+
+/// Options of [`Pipeline::load_with`].
+#[derive(Debug, Clone, Default)]
+pub struct PipelineOptions {
+    /// SD3: whether to run T5 (`text_encoder_3`) and its sequence length.
+    pub sd3_text: Sd3TextOptions,
 }
 
 /// The tokenizer that ships in `tests/fixtures` (the real CLIP BPE vocabulary) is used
-/// by the tiny random pipeline.
+/// by the tiny random pipelines.
 pub fn builtin_tokenizer_dir() -> PathBuf {
     crate::fixtures::dir("tokenizer_clip/tokenizer")
 }
@@ -66,9 +186,27 @@ fn tiny_vae_config() -> Result<VaeConfig> {
     }))
 }
 
-/// What [`Pipeline::random`] builds.
+/// A tiny VAE of the SD3 kind: 16 latent channels, no quant convs, SD3's
+/// `scaling_factor` and `shift_factor`; downscale 2.
+fn tiny_sd3_vae_config() -> Result<VaeConfig> {
+    VaeConfig::from_value(&serde_json::json!({
+        "_class_name": "AutoencoderKL",
+        "block_out_channels": [8, 16],
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        "latent_channels": 16,
+        "layers_per_block": 1,
+        "norm_num_groups": 4,
+        "scaling_factor": 1.5305,
+        "shift_factor": 0.0609,
+        "use_quant_conv": false,
+        "use_post_quant_conv": false
+    }))
+}
+
+/// A UNet pipeline built by [`Pipeline::random`].
 #[derive(Debug, Clone)]
-pub struct RandomSpec {
+pub struct UnetSpec {
     pub unet: UNetConfig,
     pub clip: ClipTextConfig,
     /// None: a pixel-space model.
@@ -76,15 +214,52 @@ pub struct RandomSpec {
     pub schedule: ScheduleConfig,
 }
 
+/// An SD3 pipeline built by [`Pipeline::random`]: the MMDiT of `transformer`, the
+/// tiny SD3 text stack ([`Sd3TextEncoders::tiny_random`]; its widths fit
+/// [`Sd3Config::tiny`]), a 16-channel VAE and the flow-matching schedule.
+#[derive(Debug, Clone)]
+pub struct Sd3Spec {
+    pub transformer: Sd3Config,
+    pub vae: VaeConfig,
+    pub schedule: ScheduleConfig,
+    /// Include a (tiny) T5 encoder.
+    pub with_t5: bool,
+    /// T5 tokens per prompt.
+    pub max_sequence_length: usize,
+}
+
+/// What [`Pipeline::random`] builds.
+// A preset value built once per pipeline: the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub enum RandomSpec {
+    Unet(UnetSpec),
+    Sd3(Sd3Spec),
+}
+
 impl RandomSpec {
     /// Tiny SD1.x-style models for smoke tests.
     pub fn tiny() -> Result<RandomSpec> {
-        Ok(RandomSpec {
+        Ok(RandomSpec::Unet(UnetSpec {
             unet: UNetConfig::tiny_sd15(),
             clip: ClipTextConfig::tiny(),
             vae: Some(tiny_vae_config()?),
             schedule: ScheduleConfig::sd15(),
-        })
+        }))
+    }
+
+    /// Tiny SD3 models for smoke tests: `Sd3Config::tiny()` (2 joint blocks, width
+    /// 32), the tiny CLIP-L / CLIP-G / T5 stack with 32 T5 tokens, a 16-channel VAE
+    /// with downscale 2 (so 32 px images give the 16x16 latents that fill the 8x8
+    /// stored position grid), and SD3's flow-matching schedule (shift 3).
+    pub fn tiny_sd3() -> Result<RandomSpec> {
+        Ok(RandomSpec::Sd3(Sd3Spec {
+            transformer: Sd3Config::tiny(),
+            vae: tiny_sd3_vae_config()?,
+            schedule: ScheduleConfig::sd3(),
+            with_t5: true,
+            max_sequence_length: 32,
+        }))
     }
 
     /// The demo's base model: a small UNet of the SD architecture working in pixel
@@ -99,9 +274,16 @@ impl RandomSpec {
         unet.block_out_channels = vec![32, 64, 64];
         // Attention at 16x16 and 8x8 only: at 32x32 (1024 tokens) it dominates the cost
         // on a CPU for little benefit at this size.
-        unet.down_block_types =
-            ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"].map(String::from).to_vec();
-        unet.up_block_types = ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"].map(String::from).to_vec();
+        unet.down_block_types = [
+            "DownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+        ]
+        .map(String::from)
+        .to_vec();
+        unet.up_block_types = ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
+            .map(String::from)
+            .to_vec();
         unet.layers_per_block = crate::models::unet::PerBlock::One(1);
         unet.attention_head_dim = crate::models::unet::PerBlock::One(4);
         unet.norm_num_groups = Some(8);
@@ -120,26 +302,64 @@ impl RandomSpec {
             set_alpha_to_one: true,
             ..ScheduleConfig::sd15()
         };
-        Ok(RandomSpec { unet, clip, vae: None, schedule })
+        Ok(RandomSpec::Unet(UnetSpec {
+            unet,
+            clip,
+            vae: None,
+            schedule,
+        }))
     }
 
     pub fn by_name(name: &str) -> Result<RandomSpec> {
         match name {
             "tiny" => Self::tiny(),
+            "tiny-sd3" => Self::tiny_sd3(),
             "demo" => Self::demo(),
-            _ => bail!("unknown model preset {name:?}: expected tiny or demo"),
+            _ => bail!("unknown model preset {name:?}: expected tiny, tiny-sd3 or demo"),
         }
     }
 }
 
+/// Whether `model_index.json` lists a component (a non-null `[library, class]`).
+fn index_has(mi: &serde_json::Value, name: &str) -> bool {
+    mi.get(name)
+        .and_then(|v| v.as_array())
+        .is_some_and(|a| a.first().is_some_and(|x| x.is_string()))
+}
+
+/// dtype of a diffusers component's weights on disk.
+fn component_file_kind(dir: &Path) -> Result<Kind> {
+    let stem = ["diffusion_pytorch_model"];
+    let weights = crate::weights::find_weight_files(dir, &stem, None)
+        .or_else(|_| crate::weights::find_weight_files(dir, &stem, Some("fp16")))?;
+    crate::weights::file_float_kind(&weights[0])
+}
+
 impl Pipeline {
-    /// Load a diffusers pipeline folder. The UNet is loaded in `unet_kind` (float32 for
-    /// training on CPU); the frozen parts in `frozen_kind`.
+    /// Load a diffusers pipeline folder. The backbone is loaded in `unet_kind`
+    /// (float32 for training on CPU); the frozen parts in `frozen_kind`.
     pub fn load(
         dir: &Path,
         device: Device,
         unet_kind: Kind,
         frozen_kind: Kind,
+    ) -> Result<Pipeline> {
+        Self::load_with(
+            dir,
+            device,
+            unet_kind,
+            frozen_kind,
+            &PipelineOptions::default(),
+        )
+    }
+
+    /// [`Pipeline::load`] with options (SD3: T5 or not, T5 sequence length).
+    pub fn load_with(
+        dir: &Path,
+        device: Device,
+        unet_kind: Kind,
+        frozen_kind: Kind,
+        opts: &PipelineOptions,
     ) -> Result<Pipeline> {
         let index = dir.join("model_index.json");
         if !index.is_file() {
@@ -150,46 +370,29 @@ impl Pipeline {
         }
         let mi = crate::models::config::read_json(&index)?;
         let class = mi["_class_name"].as_str().unwrap_or("");
-        if class.contains("StableDiffusion3") {
-            bail!(
-                "{}: {class} pipelines (SD3) are not supported yet",
-                dir.display()
-            );
+        if class.contains("StableDiffusion3") || index_has(&mi, "transformer") {
+            return Self::load_sd3(dir, &mi, device, unet_kind, frozen_kind, opts);
         }
-        let family = if mi
-            .get("text_encoder_2")
-            .map(|v| !v.is_null() && v[0].is_string())
-            .unwrap_or(false)
-        {
+        let family = if index_has(&mi, "text_encoder_2") {
             Family::Sdxl
         } else {
             Family::Sd
         };
         let unet_dir = dir.join("unet");
-        let weights =
-            crate::weights::find_weight_files(&unet_dir, &["diffusion_pytorch_model"], None)
-                .or_else(|_| {
-                    crate::weights::find_weight_files(
-                        &unet_dir,
-                        &["diffusion_pytorch_model"],
-                        Some("fp16"),
-                    )
-                })?;
-        let unet_file_kind = crate::weights::file_float_kind(&weights[0])?;
+        let backbone_file_kind = component_file_kind(&unet_dir).context("unet/")?;
         let unet = LoadedUNet::load(&unet_dir, device, unet_kind).context("loading unet/")?;
-        let has_vae = mi.get("vae").map(|v| v[0].is_string()).unwrap_or(false);
-        let vae = if has_vae {
+        let vae = if index_has(&mi, "vae") {
             Some(LoadedVae::load(&dir.join("vae"), device, frozen_kind).context("loading vae/")?)
         } else {
             None
         };
         let mut text = Vec::new();
         let pairs: &[(&str, &str)] = match family {
-            Family::Sd => &[("text_encoder", "tokenizer")],
             Family::Sdxl => &[
                 ("text_encoder", "tokenizer"),
                 ("text_encoder_2", "tokenizer_2"),
             ],
+            _ => &[("text_encoder", "tokenizer")],
         };
         for (enc, tok) in pairs {
             let tokenizer = ClipTokenizer::from_dir(&dir.join(tok))
@@ -214,16 +417,123 @@ impl Pipeline {
             );
             ScheduleConfig::sd15()
         };
+        if schedule.beta_schedule == BetaSchedule::FlowMatching {
+            bail!(
+                "{}: a flow-matching scheduler with a UNet is not supported \
+                 (flow matching is supported for SD3 transformer pipelines)",
+                sched_file.display()
+            );
+        }
         Ok(Pipeline {
             dir: Some(dir.to_path_buf()),
             family,
-            unet,
+            backbone: Backbone::Unet(Box::new(unet)),
             vae,
-            text,
+            text: TextStack::Clip(text),
             schedule,
             device,
-            unet_file_kind,
+            backbone_file_kind,
         })
+    }
+
+    fn load_sd3(
+        dir: &Path,
+        mi: &serde_json::Value,
+        device: Device,
+        kind: Kind,
+        frozen_kind: Kind,
+        opts: &PipelineOptions,
+    ) -> Result<Pipeline> {
+        for name in [
+            "transformer",
+            "vae",
+            "text_encoder",
+            "text_encoder_2",
+            "tokenizer",
+            "tokenizer_2",
+        ] {
+            ensure!(
+                index_has(mi, name),
+                "{}: an SD3 pipeline needs {name} in model_index.json",
+                dir.display()
+            );
+        }
+        let tdir = dir.join("transformer");
+        let backbone_file_kind = component_file_kind(&tdir).context("transformer/")?;
+        let transformer =
+            LoadedSd3Transformer::load(&tdir, device, kind).context("loading transformer/")?;
+        let vae = LoadedVae::load(&dir.join("vae"), device, frozen_kind).context("loading vae/")?;
+        let text = Sd3TextEncoders::load(dir, device, frozen_kind, &opts.sd3_text)?;
+        if !opts.sd3_text.use_t5 {
+            tracing::info!("{}: running without T5 (text_encoder_3)", dir.display());
+        } else if text.t5.is_none() {
+            tracing::info!(
+                "{}: no text_encoder_3 in the pipeline, running without T5",
+                dir.display()
+            );
+        }
+        let sched_file = dir.join("scheduler").join("scheduler_config.json");
+        ensure!(
+            sched_file.is_file(),
+            "{}: an SD3 pipeline needs a FlowMatchEulerDiscreteScheduler config",
+            sched_file.display()
+        );
+        let sv = crate::models::config::read_json(&sched_file)?;
+        let sclass = sv["_class_name"].as_str().unwrap_or("");
+        ensure!(
+            sclass.starts_with("FlowMatch"),
+            "{}: _class_name = {sclass:?}; an SD3 pipeline needs FlowMatchEulerDiscreteScheduler",
+            sched_file.display()
+        );
+        let schedule = ScheduleConfig::from_json(&sv)
+            .with_context(|| format!("{}: unsupported scheduler config", sched_file.display()))?;
+        let pipe = Pipeline {
+            dir: Some(dir.to_path_buf()),
+            family: Family::Sd3,
+            backbone: Backbone::Sd3(Box::new(transformer)),
+            vae: Some(vae),
+            text: TextStack::Sd3(Box::new(text)),
+            schedule,
+            device,
+            backbone_file_kind,
+        };
+        pipe.check_sd3_widths()
+            .with_context(|| format!("{}: components do not fit", dir.display()))?;
+        Ok(pipe)
+    }
+
+    /// The SD3 components must agree: VAE latent channels = transformer input
+    /// channels, text context width = `joint_attention_dim`, pooled CLIP projections
+    /// = `pooled_projection_dim`.
+    fn check_sd3_widths(&self) -> Result<()> {
+        let (Backbone::Sd3(t), TextStack::Sd3(text)) = (&self.backbone, &self.text) else {
+            return Ok(());
+        };
+        let c = &t.config;
+        if let Some(v) = &self.vae {
+            ensure!(
+                v.config.latent_channels == c.in_channels,
+                "vae latent_channels = {} but transformer in_channels = {}",
+                v.config.latent_channels,
+                c.in_channels
+            );
+        }
+        ensure!(
+            text.context_dim == c.joint_attention_dim,
+            "text context width {} (T5 d_model, or 4096 without T5) but transformer \
+             joint_attention_dim = {}",
+            text.context_dim,
+            c.joint_attention_dim
+        );
+        let pooled =
+            text.clip_l.encoder.config.projection_dim + text.clip_g.encoder.config.projection_dim;
+        ensure!(
+            pooled == c.pooled_projection_dim,
+            "text_encoder + text_encoder_2 projection_dim = {pooled} but transformer \
+             pooled_projection_dim = {}",
+            c.pooled_projection_dim
+        );
+        Ok(())
     }
 
     /// Randomly initialised tiny models of the real SD1.x architectures (UNet, VAE,
@@ -232,26 +542,48 @@ impl Pipeline {
         Self::random(&RandomSpec::tiny()?, device, seed)
     }
 
+    /// Randomly initialised tiny SD3 models (see [`RandomSpec::tiny_sd3`]).
+    pub fn tiny_random_sd3(device: Device, seed: i64) -> Result<Pipeline> {
+        Self::random(&RandomSpec::tiny_sd3()?, device, seed)
+    }
+
     /// A pipeline with randomly initialised weights for `spec` (the starting point of
     /// pretraining from scratch) and the real CLIP tokenizer.
     pub fn random(spec: &RandomSpec, device: Device, seed: i64) -> Result<Pipeline> {
+        match spec {
+            RandomSpec::Unet(s) => Self::random_unet(s, device, seed),
+            RandomSpec::Sd3(s) => Self::random_sd3(s, device, seed),
+        }
+    }
+
+    fn random_vae(cfg: &VaeConfig, device: Device) -> Result<LoadedVae> {
+        let mut vs = nn::VarStore::new(device);
+        let model = AutoencoderKL::new(&vs.root(), cfg)?;
+        vs.freeze();
+        Ok(LoadedVae {
+            vs,
+            model,
+            config: cfg.clone(),
+        })
+    }
+
+    fn random_unet(spec: &UnetSpec, device: Device, seed: i64) -> Result<Pipeline> {
         tch::manual_seed(seed);
         let mut ucfg = spec.unet.clone();
         ucfg.cross_attention_dim = crate::models::unet::PerBlock::One(spec.clip.hidden_size);
         let unet = LoadedUNet::from_config(&ucfg, device, Kind::Float)?;
         let vae = match &spec.vae {
-            Some(vcfg) => {
-                let mut vs = nn::VarStore::new(device);
-                let model = AutoencoderKL::new(&vs.root(), vcfg)?;
-                vs.freeze();
-                Some(LoadedVae { vs, model, config: vcfg.clone() })
-            }
+            Some(vcfg) => Some(Self::random_vae(vcfg, device)?),
             None => None,
         };
         let mut tvs = nn::VarStore::new(device);
         let model = ClipTextModel::new(&tvs.root(), &spec.clip, false)?;
         tvs.freeze();
-        let encoder = LoadedClipText { vs: tvs, model, config: spec.clip.clone() };
+        let encoder = LoadedClipText {
+            vs: tvs,
+            model,
+            config: spec.clip.clone(),
+        };
         let tokenizer = ClipTokenizer::from_dir(&builtin_tokenizer_dir())?;
         let text = vec![TextEncoder {
             tokenizer,
@@ -262,13 +594,80 @@ impl Pipeline {
         Ok(Pipeline {
             dir: None,
             family: Family::Sd,
-            unet,
+            backbone: Backbone::Unet(Box::new(unet)),
             vae,
-            text,
+            text: TextStack::Clip(text),
             schedule: spec.schedule.clone(),
             device,
-            unet_file_kind: Kind::Float,
+            backbone_file_kind: Kind::Float,
         })
+    }
+
+    fn random_sd3(spec: &Sd3Spec, device: Device, seed: i64) -> Result<Pipeline> {
+        ensure!(
+            spec.schedule.beta_schedule == BetaSchedule::FlowMatching,
+            "an SD3 pipeline needs a flow-matching schedule, got {:?}",
+            spec.schedule.beta_schedule
+        );
+        tch::manual_seed(seed);
+        let transformer =
+            LoadedSd3Transformer::from_config(&spec.transformer, device, Kind::Float)?;
+        let vae = Self::random_vae(&spec.vae, device)?;
+        let text = Sd3TextEncoders::tiny_random(
+            device,
+            seed.wrapping_add(1),
+            spec.with_t5,
+            spec.max_sequence_length,
+        )?;
+        let pipe = Pipeline {
+            dir: None,
+            family: Family::Sd3,
+            backbone: Backbone::Sd3(Box::new(transformer)),
+            vae: Some(vae),
+            text: TextStack::Sd3(Box::new(text)),
+            schedule: spec.schedule.clone(),
+            device,
+            backbone_file_kind: Kind::Float,
+        };
+        pipe.check_sd3_widths()
+            .context("the SD3 spec's transformer does not fit the tiny text stack")?;
+        Ok(pipe)
+    }
+
+    /// The trainable variables of the backbone.
+    pub fn backbone_vs(&self) -> &nn::VarStore {
+        self.backbone.vs()
+    }
+
+    pub fn backbone_vs_mut(&mut self) -> &mut nn::VarStore {
+        self.backbone.vs_mut()
+    }
+
+    /// The backbone as a denoiser (UNet: epsilon / v; SD3: flow velocity at
+    /// `sigma * 1000`).
+    pub fn denoiser(&self) -> &dyn Denoiser {
+        &self.backbone
+    }
+
+    /// The UNet; an error naming the backbone for other pipelines.
+    pub fn unet(&self) -> Result<&LoadedUNet> {
+        self.backbone.as_unet().with_context(|| {
+            format!(
+                "this {:?} pipeline has a {} backbone, not a UNet",
+                self.family,
+                self.backbone.folder()
+            )
+        })
+    }
+
+    /// Whether the model is trained with flow matching (SD3).
+    pub fn is_flow(&self) -> bool {
+        self.schedule.beta_schedule == BetaSchedule::FlowMatching
+    }
+
+    /// Channels of the latents.
+    pub fn latent_channels(&self) -> i64 {
+        self.backbone.latent_channels()
     }
 
     /// Pixel size of one latent cell.
@@ -276,8 +675,14 @@ impl Pipeline {
         self.vae.as_ref().map(|v| v.model.downscale()).unwrap_or(1)
     }
 
-    /// Images in [-1, 1] to the (scaled) latents the UNet works on; identity for a
-    /// pixel-space model. Differentiable.
+    /// The image size the model was configured for (`sample_size` latents; 64 when
+    /// a UNet config has none).
+    pub fn default_resolution(&self) -> i64 {
+        self.backbone.sample_size().unwrap_or(64) * self.vae_scale()
+    }
+
+    /// Images in [-1, 1] to the (scaled) latents the backbone works on; identity for
+    /// a pixel-space model. Differentiable.
     pub fn to_latents(&self, images: &Tensor) -> Result<Tensor> {
         match &self.vae {
             Some(v) => v.model.latents_from_image(images, false),
@@ -293,40 +698,42 @@ impl Pipeline {
         }
     }
 
-    /// Encode captions into the UNet conditioning (no gradient: the encoders are
-    /// frozen). `time_ids` [B, 6] is used by SDXL only. Returns the conditioning and
-    /// the number of captions truncated to the tokenizer window.
+    /// Encode captions into the backbone's conditioning (no gradient: the encoders
+    /// are frozen). `time_ids` [B, 6] is used by SDXL only. Returns the conditioning
+    /// and the number of captions truncated to a tokenizer window.
     pub fn encode_text(
         &self,
         captions: &[String],
         time_ids: Option<&Tensor>,
     ) -> Result<(Cond, usize)> {
+        let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
+        let encoders = match &self.text {
+            TextStack::Sd3(s) => return s.encode_with_truncation(&refs),
+            TextStack::Clip(v) => v,
+        };
         tch::no_grad(|| {
-            let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
             let mut states = Vec::new();
             let mut pooled = None;
             let mut truncated = 0;
-            for te in &self.text {
+            for te in encoders {
                 let (ids, n) = te.tokenizer.encode_padded(&refs, te.pad)?;
                 truncated = truncated.max(n);
                 let out = te
                     .encoder
                     .model
                     .forward(&ids.to_device(self.device), None)?;
-                match self.family {
-                    Family::Sd => states.push(out.last_hidden_state.shallow_clone()),
-                    Family::Sdxl => {
-                        states.push(out.penultimate().shallow_clone());
-                        if let Some(p) = &out.text_embeds {
-                            pooled = Some(p.shallow_clone());
-                        }
+                if self.family == Family::Sdxl {
+                    states.push(out.penultimate().shallow_clone());
+                    if let Some(p) = &out.text_embeds {
+                        pooled = Some(p.shallow_clone());
                     }
+                } else {
+                    states.push(out.last_hidden_state.shallow_clone());
                 }
             }
             let context = Tensor::cat(&states, 2).to_kind(Kind::Float);
             let mut cond = Cond::new(context);
             if self.family == Family::Sdxl {
-                let b = captions.len() as i64;
                 cond.pooled = Some(
                     pooled
                         .context("SDXL: text_encoder_2 has no projection")?
@@ -336,17 +743,18 @@ impl Pipeline {
                     Some(t) => t.to_device(self.device).to_kind(Kind::Float),
                     None => bail!("SDXL conditioning needs time ids"),
                 });
-                let _ = b;
             }
             Ok((cond, truncated))
         })
     }
 
-    /// Write the pipeline to `out` in the diffusers layout: the (tuned) UNet in the
-    /// dtype it was read in, every other component copied unchanged from the source
-    /// folder (or, for the tiny random pipeline, written from memory).
+    /// Write the pipeline to `out` in the diffusers layout: the (tuned) backbone in
+    /// the dtype it was read in (under `unet/` or `transformer/`), every other
+    /// component copied unchanged from the source folder (or, for a pipeline built
+    /// in memory, written from memory).
     pub fn save(&self, out: &Path) -> Result<()> {
         std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        let folder = self.backbone.folder();
         match &self.dir {
             Some(src) => {
                 for entry in
@@ -354,57 +762,162 @@ impl Pipeline {
                 {
                     let entry = entry?;
                     let name = entry.file_name();
-                    if name == "unet" {
+                    if name == folder {
                         continue;
                     }
                     copy_recursive(&entry.path(), &out.join(&name))?;
                 }
             }
-            None => {
-                let mut v = serde_json::json!({
-                    "_class_name": "StableDiffusionPipeline",
-                    "_diffusers_version": "0.42.1",
-                    "unet": ["diffusers", "UNet2DConditionModel"],
-                    "vae": [null, null],
-                    "text_encoder": ["transformers", "CLIPTextModel"],
-                    "tokenizer": ["transformers", "CLIPTokenizer"],
-                    "scheduler": ["diffusers", "DDIMScheduler"],
-                    "safety_checker": [null, null],
-                    "feature_extractor": [null, null],
-                    "requires_safety_checker": false
-                });
-                if let Some(vae) = &self.vae {
-                    v["vae"] = serde_json::json!(["diffusers", "AutoencoderKL"]);
-                    let vae_dir = out.join("vae");
-                    std::fs::create_dir_all(&vae_dir)?;
-                    let mut vcfg = serde_json::to_value(&vae.config)?;
-                    vcfg["_class_name"] = "AutoencoderKL".into();
-                    crate::weights::atomic_write(&vae_dir.join("config.json"), serde_json::to_string_pretty(&vcfg)?.as_bytes())?;
-                    crate::weights::save_varstore(&vae.vs, &vae_dir.join("diffusion_pytorch_model.safetensors"), None)?;
+            None => match &self.text {
+                TextStack::Clip(encoders) => self.write_unet_components(out, encoders)?,
+                TextStack::Sd3(text) => self.write_sd3_components(out, text)?,
+            },
+        }
+        self.backbone
+            .save_pretrained(&out.join(folder), self.backbone_file_kind)
+    }
+
+    fn write_vae(&self, out: &Path) -> Result<()> {
+        if let Some(vae) = &self.vae {
+            let vae_dir = out.join("vae");
+            std::fs::create_dir_all(&vae_dir)?;
+            let mut vcfg = serde_json::to_value(&vae.config)?;
+            vcfg["_class_name"] = "AutoencoderKL".into();
+            write_json(&vae_dir.join("config.json"), &vcfg)?;
+            crate::weights::save_varstore(
+                &vae.vs,
+                &vae_dir.join("diffusion_pytorch_model.safetensors"),
+                None,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn write_scheduler(&self, out: &Path, class: &str) -> Result<()> {
+        let sched_dir = out.join("scheduler");
+        std::fs::create_dir_all(&sched_dir)?;
+        let mut sc = serde_json::to_value(&self.schedule)?;
+        sc["_class_name"] = class.into();
+        write_json(&sched_dir.join("scheduler_config.json"), &sc)
+    }
+
+    fn write_unet_components(&self, out: &Path, encoders: &[TextEncoder]) -> Result<()> {
+        let mut v = serde_json::json!({
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": "0.42.1",
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": [null, null],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "DDIMScheduler"],
+            "safety_checker": [null, null],
+            "feature_extractor": [null, null],
+            "requires_safety_checker": false
+        });
+        if self.vae.is_some() {
+            v["vae"] = serde_json::json!(["diffusers", "AutoencoderKL"]);
+            self.write_vae(out)?;
+        }
+        write_json(&out.join("model_index.json"), &v)?;
+        let te = encoders
+            .first()
+            .context("the pipeline has no text encoder")?;
+        write_clip(&te.encoder, &out.join("text_encoder"), "CLIPTextModel")?;
+        copy_recursive(&builtin_tokenizer_dir(), &out.join("tokenizer"))?;
+        self.write_scheduler(out, "DDIMScheduler")
+    }
+
+    fn write_sd3_components(&self, out: &Path, text: &Sd3TextEncoders) -> Result<()> {
+        let mut v = serde_json::json!({
+            "_class_name": "StableDiffusion3Pipeline",
+            "_diffusers_version": "0.42.1",
+            "transformer": ["diffusers", "SD3Transformer2DModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "text_encoder_3": [null, null],
+            "tokenizer_3": [null, null],
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            "image_encoder": [null, null],
+            "feature_extractor": [null, null]
+        });
+        self.write_vae(out)?;
+        let proj = "CLIPTextModelWithProjection";
+        write_clip(&text.clip_l.encoder, &out.join("text_encoder"), proj)?;
+        write_clip(&text.clip_g.encoder, &out.join("text_encoder_2"), proj)?;
+        for (branch, name) in [(&text.clip_l, "tokenizer"), (&text.clip_g, "tokenizer_2")] {
+            let dir = out.join(name);
+            copy_recursive(&builtin_tokenizer_dir(), &dir)?;
+            // The padding of each branch goes into its tokenizer config (SD3's
+            // tokenizer pads with <|endoftext|>, tokenizer_2 with "!").
+            let pad = match branch.pad {
+                Pad::Zero => "!",
+                _ => "<|endoftext|>",
+            };
+            for file in ["tokenizer_config.json", "special_tokens_map.json"] {
+                let p = dir.join(file);
+                if p.is_file() {
+                    let mut c = crate::models::config::read_json(&p)?;
+                    c["pad_token"] = pad.into();
+                    write_json(&p, &c)?;
                 }
-                crate::weights::atomic_write(&out.join("model_index.json"), serde_json::to_string_pretty(&v)?.as_bytes())?;
-                let te = &self.text[0];
-                let te_dir = out.join("text_encoder");
-                std::fs::create_dir_all(&te_dir)?;
-                let mut tcfg = serde_json::to_value(&te.encoder.config)?;
-                tcfg["architectures"] = serde_json::json!(["CLIPTextModel"]);
-                tcfg["model_type"] = "clip_text_model".into();
-                crate::weights::atomic_write(&te_dir.join("config.json"), serde_json::to_string_pretty(&tcfg)?.as_bytes())?;
-                let mut named: Vec<(String, Tensor)> =
-                    te.encoder.vs.variables().into_iter().collect();
-                named.sort_by(|a, b| a.0.cmp(&b.0));
-                crate::weights::save_safetensors(&named, &te_dir.join("model.safetensors"), None, None)?;
-                copy_recursive(&builtin_tokenizer_dir(), &out.join("tokenizer"))?;
-                let sched_dir = out.join("scheduler");
-                std::fs::create_dir_all(&sched_dir)?;
-                let mut sc = serde_json::to_value(&self.schedule)?;
-                sc["_class_name"] = "DDIMScheduler".into();
-                crate::weights::atomic_write(&sched_dir.join("scheduler_config.json"), serde_json::to_string_pretty(&sc)?.as_bytes())?;
             }
         }
-        self.unet
-            .save_pretrained(&out.join("unet"), self.unet_file_kind)
+        if let Some(t5) = &text.t5 {
+            v["text_encoder_3"] = serde_json::json!(["transformers", "T5EncoderModel"]);
+            v["tokenizer_3"] = serde_json::json!(["transformers", "T5TokenizerFast"]);
+            let te_dir = out.join("text_encoder_3");
+            std::fs::create_dir_all(&te_dir)?;
+            let mut tcfg = serde_json::to_value(&t5.encoder.config)?;
+            tcfg["architectures"] = serde_json::json!(["T5EncoderModel"]);
+            tcfg["model_type"] = "t5".into();
+            write_json(&te_dir.join("config.json"), &tcfg)?;
+            save_sorted(&t5.encoder.vs, &te_dir.join("model.safetensors"))?;
+            let tok_dir = out.join("tokenizer_3");
+            std::fs::create_dir_all(&tok_dir)?;
+            let json = tok_dir.join("tokenizer.json");
+            t5.tokenizer
+                .inner()
+                .save(&json, true)
+                .map_err(|e| anyhow::anyhow!("writing {}: {e}", json.display()))?;
+            write_json(
+                &tok_dir.join("tokenizer_config.json"),
+                &serde_json::json!({
+                    "tokenizer_class": "T5Tokenizer",
+                    "pad_token": "<pad>",
+                    "eos_token": "</s>",
+                    "unk_token": "<unk>",
+                    "model_max_length": t5.tokenizer.max_length()
+                }),
+            )?;
+        }
+        write_json(&out.join("model_index.json"), &v)?;
+        self.write_scheduler(out, "FlowMatchEulerDiscreteScheduler")
     }
+}
+
+fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(v)?;
+    text.push('\n');
+    crate::weights::atomic_write(path, text.as_bytes())
+}
+
+fn save_sorted(vs: &nn::VarStore, path: &Path) -> Result<()> {
+    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    crate::weights::save_safetensors(&named, path, None, None)
+}
+
+/// A CLIP text encoder as transformers writes it (`architectures` = `arch`).
+fn write_clip(enc: &LoadedClipText, dir: &Path, arch: &str) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut tcfg = serde_json::to_value(&enc.config)?;
+    tcfg["architectures"] = serde_json::json!([arch]);
+    tcfg["model_type"] = "clip_text_model".into();
+    write_json(&dir.join("config.json"), &tcfg)?;
+    save_sorted(&enc.vs, &dir.join("model.safetensors"))
 }
 
 fn copy_recursive(src: &Path, dst: &Path) -> Result<()> {

@@ -27,9 +27,11 @@ use crate::disc::siamese::{DiscConfig, DiscVariant, Discriminator};
 use crate::disc::FeatureNetwork;
 use crate::models::dinov2::{Dinov2Config, Dinov2Model};
 use crate::models::efficientnet::EfficientNet;
-use crate::models::pipeline::{Family, Pipeline};
+use crate::models::pipeline::{Family, Pipeline, PipelineOptions, RandomSpec};
+use crate::models::sd3_text::Sd3TextOptions;
 use crate::models::unet::UNet2DConditionModel;
 use crate::schedule::Plan;
+use crate::schedule::{SamplerKind, ScheduleConfig};
 use crate::train::config::{Config, DiscKind, FeatureNet, Mode};
 use crate::train::fast::{FastDenoiser, FastOptions};
 use crate::train::logging::{EventWriter, JsonlWriter};
@@ -48,6 +50,30 @@ impl Denoiser for UNetDenoiser<'_> {
             _ => None,
         };
         self.0.forward(x, t, &cond.context, added)
+    }
+}
+
+/// `model.path` of the built-in tiny random SD1.x-style pipeline.
+pub const TINY_RANDOM: &str = "tiny-random";
+/// `model.path` of the built-in tiny random SD3 pipeline.
+pub const TINY_RANDOM_SD3: &str = "tiny-random-sd3";
+
+/// Sigma of training timestep index `i` (0-based, of `num_train_timesteps` T) of a
+/// flow-matching scheduler: diffusers' `FlowMatchEulerDiscreteScheduler` training
+/// table, (i + 1) / T shifted by `shift`: `shift s / (1 + (shift - 1) s)`, in float32
+/// as diffusers computes it.
+pub fn flow_training_sigma(schedule: &ScheduleConfig, i: usize) -> f64 {
+    let s = (i + 1) as f32 / schedule.num_train_timesteps as f32;
+    let shift = schedule.shift as f32;
+    (shift * s / (1.0 + (shift - 1.0) * s)) as f64
+}
+
+/// A conditioning sharing the tensors of `c`.
+fn shallow(c: &Cond) -> Cond {
+    Cond {
+        context: c.context.shallow_clone(),
+        pooled: c.pooled.as_ref().map(Tensor::shallow_clone),
+        time_ids: c.time_ids.as_ref().map(Tensor::shallow_clone),
     }
 }
 
@@ -189,11 +215,28 @@ pub struct Trainer {
 impl Trainer {
     pub fn new(cfg: Config) -> Result<Trainer> {
         let device = cfg.device();
-        let tiny = cfg.model.path == "tiny-random";
-        let pipe = if tiny {
-            Pipeline::tiny_random(device, cfg.train.seed as i64)?
-        } else {
-            Pipeline::load(Path::new(&cfg.model.path), device, Kind::Float, Kind::Float)?
+        let seed = cfg.train.seed as i64;
+        let (pipe, tiny) = match cfg.model.path.as_str() {
+            TINY_RANDOM => (Pipeline::tiny_random(device, seed)?, true),
+            TINY_RANDOM_SD3 => {
+                let mut spec = RandomSpec::tiny_sd3()?;
+                if let RandomSpec::Sd3(s) = &mut spec {
+                    s.with_t5 = cfg.model.use_t5;
+                }
+                (Pipeline::random(&spec, device, seed)?, true)
+            }
+            path => {
+                let opts = PipelineOptions {
+                    sd3_text: Sd3TextOptions {
+                        use_t5: cfg.model.use_t5,
+                        max_sequence_length: cfg.model.max_sequence_length,
+                    },
+                };
+                let pipe =
+                    Pipeline::load_with(Path::new(path), device, Kind::Float, Kind::Float, &opts)
+                        .with_context(|| format!("model.path = {path:?}"))?;
+                (pipe, false)
+            }
         };
         let mut data_cfg: DataConfig = toml::Value::Table(cfg.data.clone())
             .try_into()
@@ -204,11 +247,16 @@ impl Trainer {
         data_cfg.resolution = crate::data::Resolution::Square(cfg.train.resolution as u32);
         let loader = DataLoader::new(&data_cfg, cfg.train.batch_size)
             .context("opening the dataset ([data] section)")?;
-        let features = if cfg.train.mode == Mode::Adt { Some(build_features(&cfg, device, tiny)?) } else { None };
+        let features = if cfg.train.mode == Mode::Adt {
+            Some(build_features(&cfg, device, tiny)?)
+        } else {
+            None
+        };
         let mut tr = Trainer::with_parts(cfg, pipe, features)?;
         tr.loader = Some(loader);
         let out_dir = tr.out_dir.clone();
-        std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+        std::fs::create_dir_all(&out_dir)
+            .with_context(|| format!("creating {}", out_dir.display()))?;
         std::fs::write(out_dir.join("config.toml"), tr.cfg.to_toml()?)?;
         tr.metrics = Some(JsonlWriter::open(&out_dir.join("metrics.jsonl"))?);
         tr.events = Some(EventWriter::create(&out_dir.join("tensorboard"))?);
@@ -217,10 +265,33 @@ impl Trainer {
 
     /// A trainer over given models, without data or logs: feed it with
     /// [`Trainer::iteration_on`] (used by the benchmark).
-    pub fn with_parts(cfg: Config, pipe: Pipeline, features: Option<Box<dyn FeatureNetwork>>) -> Result<Trainer> {
+    pub fn with_parts(
+        cfg: Config,
+        pipe: Pipeline,
+        features: Option<Box<dyn FeatureNetwork>>,
+    ) -> Result<Trainer> {
         let device = pipe.device;
-        let plan = Plan::new(&pipe.schedule, cfg.sampler.kind, cfg.sampler.steps)
-            .context("sampler settings do not fit the model's schedule")?;
+        let kind_name = serde_json::to_string(&cfg.sampler.kind).unwrap_or_default();
+        let flow_sampler = cfg.sampler.kind == SamplerKind::FlowEuler;
+        if flow_sampler != pipe.is_flow() {
+            bail!(
+                "sampler.kind = {kind_name} does not fit this {:?} model: {}",
+                pipe.family,
+                if pipe.is_flow() {
+                    "it is trained with flow matching; set sampler.kind = \"flow\""
+                } else {
+                    "it has a DDPM noise schedule; set sampler.kind = \"ddim\" or \"dpmpp\""
+                }
+            );
+        }
+        let plan =
+            Plan::new(&pipe.schedule, cfg.sampler.kind, cfg.sampler.steps).with_context(|| {
+                format!(
+                    "sampler.kind = {kind_name}, sampler.steps = {}: the sampler does not fit \
+                     the model's schedule",
+                    cfg.sampler.steps
+                )
+            })?;
         let (disc, opt_d) = match (&features, cfg.train.mode) {
             (Some(f), Mode::Adt) => {
                 let dcfg = DiscConfig {
@@ -233,18 +304,29 @@ impl Trainer {
                 };
                 let disc = Discriminator::new(device, &f.channels(), &dcfg)?;
                 let t = &cfg.train;
-                let opt_d = AdamW::new(&disc.vs, t.lr_d, t.adam_beta1, t.adam_beta2, t.weight_decay_d);
+                let opt_d = AdamW::new(
+                    &disc.vs,
+                    t.lr_d,
+                    t.adam_beta1,
+                    t.adam_beta2,
+                    t.weight_decay_d,
+                );
                 (Some(disc), Some(opt_d))
             }
             (None, Mode::Adt) => bail!("ADT needs a feature network for its discriminator"),
             _ => (None, None),
         };
         let t = &cfg.train;
-        let opt_g = AdamW::new(&pipe.unet.vs, t.lr_g, t.adam_beta1, t.adam_beta2, t.weight_decay_g);
+        let opt_g = AdamW::new(
+            pipe.backbone_vs(),
+            t.lr_g,
+            t.adam_beta1,
+            t.adam_beta2,
+            t.weight_decay_g,
+        );
         let ema = t.ema_decay.map(|_| {
             let mut v: Vec<(String, Tensor)> = pipe
-                .unet
-                .vs
+                .backbone_vs()
                 .variables()
                 .into_iter()
                 .filter(|(_, t)| t.requires_grad())
@@ -255,7 +337,14 @@ impl Trainer {
         });
         let policy = Policy::parse(&cfg.disc.diffaug)?;
         let fast = if cfg.train.bf16_trajectory {
-            Some(FastDenoiser::new(&pipe.unet.vs, &pipe.unet.config, FastOptions::bf16())?)
+            let unet = pipe
+                .unet()
+                .context("train.bf16_trajectory = true is supported for UNet models only")?;
+            Some(FastDenoiser::new(
+                &unet.vs,
+                &unet.config,
+                FastOptions::bf16(),
+            )?)
         } else {
             None
         };
@@ -286,29 +375,19 @@ impl Trainer {
         self.pipe.device
     }
 
-    /// Empty-caption conditioning for CFG, cached per batch size.
+    /// Empty-caption conditioning for CFG, cached per batch size (except for SDXL,
+    /// whose time ids change with the batch).
     fn uncond(&mut self, b: usize, time_ids: Option<&Tensor>) -> Result<Cond> {
         if self.pipe.family == Family::Sdxl {
             return Ok(self.pipe.encode_text(&vec![String::new(); b], time_ids)?.0);
         }
         if let Some((n, c)) = &self.uncond_cache {
             if *n == b {
-                return Ok(Cond {
-                    context: c.context.shallow_clone(),
-                    pooled: None,
-                    time_ids: None,
-                });
+                return Ok(shallow(c));
             }
         }
         let (c, _) = self.pipe.encode_text(&vec![String::new(); b], None)?;
-        self.uncond_cache = Some((
-            b,
-            Cond {
-                context: c.context.shallow_clone(),
-                pooled: None,
-                time_ids: None,
-            },
-        ));
+        self.uncond_cache = Some((b, shallow(&c)));
         Ok(c)
     }
 
@@ -321,14 +400,41 @@ impl Trainer {
 
     /// Run one training iteration (Algorithm 1, lines 3-21, or one FT step).
     pub fn iteration(&mut self) -> Result<StepLog> {
-        let batch = self.loader.as_mut().context("this trainer has no data loader")?.next_batch()?;
-        let time_ids = batch.add_time_ids();
-        self.iteration_on(&batch.images, &batch.captions, &time_ids)
+        let accum = self.cfg.train.grad_accum.max(1);
+        let loader = self
+            .loader
+            .as_mut()
+            .context("this trainer has no data loader")?;
+        let mut batches = Vec::with_capacity(accum);
+        for _ in 0..accum {
+            let b = loader.next_batch()?;
+            let ids = b.add_time_ids();
+            batches.push((b.images, b.captions, ids));
+        }
+        self.iteration_on_micro(&batches)
     }
 
     /// One iteration on given images ([B, 3, H, W] in [-1, 1]), captions and SDXL
     /// time ids ([B, 6]).
-    pub fn iteration_on(&mut self, images: &Tensor, captions: &[String], time_ids: &Tensor) -> Result<StepLog> {
+    pub fn iteration_on(
+        &mut self,
+        images: &Tensor,
+        captions: &[String],
+        time_ids: &Tensor,
+    ) -> Result<StepLog> {
+        self.iteration_on_micro(&[(
+            images.shallow_clone(),
+            captions.to_vec(),
+            time_ids.shallow_clone(),
+        )])
+    }
+
+    /// One iteration over micro-batches whose gradients are accumulated
+    /// (`train.grad_accum`): one optimiser step for D (and G) on their union.
+    pub fn iteration_on_micro(
+        &mut self,
+        micro: &[(Tensor, Vec<String>, Tensor)],
+    ) -> Result<StepLog> {
         let started = std::time::Instant::now();
         let step = self.step;
         // Randomness is a function of (seed, step): a resumed run is bit-identical.
@@ -337,7 +443,10 @@ impl Trainer {
             (seed.wrapping_mul(1_000_003).wrapping_add(step as u64) & 0x7fff_ffff_ffff) as i64,
         );
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ ((step as u64) << 20) ^ 0xad7);
-        let prepared = self.prepare(images, captions, time_ids, &mut rng)?;
+        let mut prepared = Vec::with_capacity(micro.len());
+        for (images, captions, time_ids) in micro {
+            prepared.push(self.prepare(images, captions, time_ids, &mut rng)?);
+        }
         let mut log = match self.cfg.train.mode {
             Mode::Adt => self.adt_iteration(step, prepared, &mut rng)?,
             Mode::Ft => self.ft_iteration(step, prepared, &mut rng)?,
@@ -377,46 +486,53 @@ impl Trainer {
     fn adt_iteration(
         &mut self,
         step: usize,
-        (x0, z0, cond, uncond): (Tensor, Tensor, Cond, Cond),
+        micro: Vec<(Tensor, Tensor, Cond, Cond)>,
         rng: &mut impl Rng,
     ) -> Result<StepLog> {
         let t = self.cfg.train.clone();
         let n = self.plan.len();
-        // Lines 3-5: start index, noised start, kept steps.
-        let s = match self.force_start {
-            Some(s) if s >= n => bail!("force_start = {s}, but the sampler has {n} steps"),
-            Some(s) => s,
-            None => rng.gen_range(0..n),
-        };
-        let eps = z0.randn_like();
-        let x_s = self.plan.add_noise(&z0, &eps, s);
-        let kept = choose_kept(rng, s, n, t.k);
-        let guidance = Guidance::new(&uncond, &cond, self.cfg.sampler.cfg);
+        // Gradient accumulation: losses are batch means, so each micro-batch's loss is
+        // scaled by 1 / A and the gradients add up to those of the whole batch.
+        let a = micro.len() as f64;
         // The trajectory copy follows the master weights (refreshed after a G step).
         if let Some(f) = &mut self.fast {
             f.sync();
         }
-        let denoiser = UNetDenoiser(&self.pipe.unet.model);
-        let traj: &dyn Denoiser = match &self.fast {
-            Some(f) => f,
-            None => &denoiser,
-        };
-        // Lines 6-14, without a graph (Eq. 11 decides only the gradient, not values).
-        let r = rollout(
-            traj,
-            &self.plan,
-            s,
-            &x_s,
-            &kept,
-            &guidance,
-            t.grad_path,
-        )?;
-        let fake =
-            tch::no_grad(|| self.pipe.to_images(&r.final_x))?.clamp(-1.0, 1.0);
-
-        // Lines 16-18: discriminator step on DiffAugment-ed real / fake images.
+        struct Micro {
+            x0: Tensor,
+            z0: Tensor,
+            eps: Tensor,
+            s: usize,
+            x_s: Tensor,
+            kept: Vec<usize>,
+            final_x: Tensor,
+            kept_steps: Vec<crate::train::path::KeptStep>,
+            cond: Cond,
+            uncond: Cond,
+        }
+        let mut mbs = Vec::with_capacity(micro.len());
         let lr_d = warmup_lr(t.lr_d, step, t.warmup_d);
-        let (loss_d, dstats) = {
+        self.opt_d.as_mut().unwrap().zero_grad();
+        let (mut loss_d, mut acc, mut real_s, mut fake_s) = (0.0, 0.0, 0.0, 0.0);
+        for (x0, z0, cond, uncond) in micro {
+            // Lines 3-5: start index, noised start, kept steps.
+            let s = match self.force_start {
+                Some(s) if s >= n => bail!("force_start = {s}, but the sampler has {n} steps"),
+                Some(s) => s,
+                None => rng.gen_range(0..n),
+            };
+            let eps = z0.randn_like();
+            let x_s = self.plan.add_noise(&z0, &eps, s);
+            let kept = choose_kept(rng, s, n, t.k);
+            let guidance = Guidance::new(&uncond, &cond, self.cfg.sampler.cfg);
+            let traj: &dyn Denoiser = match &self.fast {
+                Some(f) => f,
+                None => self.pipe.denoiser(),
+            };
+            // Lines 6-14, without a graph (Eq. 11 decides only the gradient, not values).
+            let r = rollout(traj, &self.plan, s, &x_s, &kept, &guidance, t.grad_path)?;
+            let fake = tch::no_grad(|| self.pipe.to_images(&r.final_x))?.clamp(-1.0, 1.0);
+            // Lines 16-18: discriminator loss on DiffAugment-ed real / fake images.
             let real_ref = tch::no_grad(|| diff_augment(&x0, &self.policy))?;
             let real = tch::no_grad(|| diff_augment(&x0, &self.policy))?;
             let fake_aug = tch::no_grad(|| diff_augment(&fake, &self.policy))?;
@@ -427,78 +543,103 @@ impl Trainer {
                     self.features(&fake_aug),
                 )
             });
-            let disc = self.disc.as_ref().unwrap();
-            let (loss, stats) = disc.d_loss(&f_ref, &f_real, &f_fake)?;
+            let (loss, stats) = self
+                .disc
+                .as_ref()
+                .unwrap()
+                .d_loss(&f_ref, &f_real, &f_fake)?;
             check_finite(step, "loss_d", stats.loss)?;
+            (loss / a).backward();
+            loss_d += stats.loss / a;
+            acc += stats.accuracy / a;
+            real_s += stats.real_score / a;
+            fake_s += stats.fake_score / a;
+            mbs.push(Micro {
+                x0,
+                z0,
+                eps,
+                s,
+                x_s,
+                kept,
+                final_x: r.final_x,
+                kept_steps: r.kept,
+                cond,
+                uncond,
+            });
+        }
+        {
             let opt = self.opt_d.as_mut().unwrap();
-            opt.zero_grad();
-            loss.backward();
             opt.lr = lr_d;
             opt.step();
-            disc.ema_update(t.tau)?;
-            (stats.loss, stats)
-        };
-
+            self.disc.as_ref().unwrap().ema_update(t.tau)?;
+        }
         let mut log = StepLog {
             step,
             loss_d: Some(loss_d),
-            d_acc: Some(dstats.accuracy),
-            real_score: Some(dstats.real_score),
-            fake_score: Some(dstats.fake_score),
+            d_acc: Some(acc),
+            real_score: Some(real_s),
+            fake_score: Some(fake_s),
             lr_d,
             lr_g: warmup_lr(t.lr_g, self.g_steps, t.warmup_g),
-            t_start: s as i64,
-            kept: kept.len(),
+            t_start: mbs[0].s as i64,
+            kept: mbs[0].kept.len(),
             ..Default::default()
         };
 
         // Lines 19-21: generator step every H iterations.
         if (step + 1).is_multiple_of(t.h) && step >= t.d_only_iterations {
-            let target = self.plan.target(&z0, &eps, s);
-            let feats_ref = tch::no_grad(|| -> Result<Vec<Tensor>> {
-                Ok(self.features(&diff_augment(&x0, &self.policy)?))
-            })?;
             self.opt_g.zero_grad();
-            let (adv, diff) = if t.decompose {
-                // g = dL_adv / dx_hat0 through decoder, DiffAugment, F and the heads.
-                let leaf = r.final_x.detach().set_requires_grad(true);
-                let img = self.pipe.to_images(&leaf)?;
-                let feats = self.features(&diff_augment(&img, &self.policy)?);
-                let (loss_adv, _) = self.disc.as_ref().unwrap().g_loss(&feats_ref, &feats)?;
-                let adv = loss_adv.double_value(&[]);
-                check_finite(step, "loss_g_adv", adv)?;
-                loss_adv.backward();
-                let g = leaf.grad();
-                // Eq. 12: one kept step at a time.
-                let diff = backprop_kept(
-                    &denoiser,
-                    &self.plan,
-                    &r.kept,
-                    &g,
-                    &guidance,
-                    Some((s, &target, t.lambda)),
-                )?;
-                (adv, diff.unwrap_or(0.0))
-            } else {
-                let (xf, start_cond) = rollout_graph(
-                    &denoiser,
-                    &self.plan,
-                    s,
-                    &x_s,
-                    &kept,
-                    &guidance,
-                    t.grad_path,
-                )?;
-                let img = self.pipe.to_images(&xf)?;
-                let feats = self.features(&diff_augment(&img, &self.policy)?);
-                let (loss_adv, _) = self.disc.as_ref().unwrap().g_loss(&feats_ref, &feats)?;
-                let diff = (start_cond.unwrap() - &target).square().mean(Kind::Float);
-                let (adv, dv) = (loss_adv.double_value(&[]), diff.double_value(&[]));
-                check_finite(step, "loss_g_adv", adv)?;
-                (loss_adv + diff * t.lambda).backward();
-                (adv, dv)
-            };
-            check_finite(step, "loss_diff", diff)?;
+            let denoiser = self.pipe.denoiser();
+            let (mut adv, mut diff) = (0.0, 0.0);
+            for mb in &mbs {
+                let guidance = Guidance::new(&mb.uncond, &mb.cond, self.cfg.sampler.cfg);
+                let target = self.plan.target(&mb.z0, &mb.eps, mb.s);
+                let feats_ref = tch::no_grad(|| -> Result<Vec<Tensor>> {
+                    Ok(self.features(&diff_augment(&mb.x0, &self.policy)?))
+                })?;
+                let (av, dv) = if t.decompose {
+                    // g = dL_adv / dx_hat0 through decoder, DiffAugment, F and the heads.
+                    let leaf = mb.final_x.detach().set_requires_grad(true);
+                    let img = self.pipe.to_images(&leaf)?;
+                    let feats = self.features(&diff_augment(&img, &self.policy)?);
+                    let (loss_adv, _) = self.disc.as_ref().unwrap().g_loss(&feats_ref, &feats)?;
+                    let av = loss_adv.double_value(&[]);
+                    check_finite(step, "loss_g_adv", av)?;
+                    (loss_adv / a).backward();
+                    let g = leaf.grad();
+                    // Eq. 12: one kept step at a time.
+                    let dv = backprop_kept(
+                        denoiser,
+                        &self.plan,
+                        &mb.kept_steps,
+                        &g,
+                        &guidance,
+                        Some((mb.s, &target, t.lambda / a)),
+                    )?;
+                    (av, dv.unwrap_or(0.0))
+                } else {
+                    let (xf, start_cond) = rollout_graph(
+                        denoiser,
+                        &self.plan,
+                        mb.s,
+                        &mb.x_s,
+                        &mb.kept,
+                        &guidance,
+                        t.grad_path,
+                    )?;
+                    let img = self.pipe.to_images(&xf)?;
+                    let feats = self.features(&diff_augment(&img, &self.policy)?);
+                    let (loss_adv, _) = self.disc.as_ref().unwrap().g_loss(&feats_ref, &feats)?;
+                    let d = (start_cond.unwrap() - &target).square().mean(Kind::Float);
+                    let (av, dv) = (loss_adv.double_value(&[]), d.double_value(&[]));
+                    check_finite(step, "loss_g_adv", av)?;
+                    ((loss_adv + d * t.lambda) / a).backward();
+                    (av, dv)
+                };
+                check_finite(step, "loss_diff", dv)?;
+                adv += av / a;
+                diff += dv / a;
+            }
             // The discriminator's gradients from the generator loss are discarded.
             self.opt_d.as_mut().unwrap().zero_grad();
             let norm = self.opt_g.clip_grad_norm(t.grad_clip);
@@ -515,39 +656,66 @@ impl Trainer {
     }
 
     /// The FT baseline: the diffusion loss at a uniformly drawn training timestep.
+    ///
+    /// DDPM schedules: t ~ U{0..T-1}, x_t = sqrt(ac_t) z0 + sqrt(1 - ac_t) eps, target
+    /// eps or v. Flow matching (SD3): sigma drawn uniformly from the scheduler's
+    /// shifted training sigmas ([`flow_training_sigma`], i.e. the "uniform" timestep
+    /// weighting of diffusers' SD3 training scripts, no loss weighting),
+    /// x_t = (1 - sigma) z0 + sigma eps, model timestep sigma * T, target eps - z0.
     fn ft_iteration(
         &mut self,
         step: usize,
-        (_x0, z0, cond, _uncond): (Tensor, Tensor, Cond, Cond),
+        micro: Vec<(Tensor, Tensor, Cond, Cond)>,
         rng: &mut impl Rng,
     ) -> Result<StepLog> {
         let t = self.cfg.train.clone();
-        let b = z0.size()[0];
-        let n_train = self.pipe.schedule.num_train_timesteps;
-        let ac = &self.plan.alphas_cumprod;
-        let ts: Vec<usize> = (0..b).map(|_| rng.gen_range(0..n_train)).collect();
-        let (sa, sb): (Vec<f32>, Vec<f32>) = ts
-            .iter()
-            .map(|&i| ((ac[i] as f32).sqrt(), (1.0 - ac[i] as f32).sqrt()))
-            .unzip();
-        let dev = self.device();
-        let sa = Tensor::from_slice(&sa).to_device(dev).view([-1, 1, 1, 1]);
-        let sb = Tensor::from_slice(&sb).to_device(dev).view([-1, 1, 1, 1]);
-        let eps = z0.randn_like();
-        let x_t = &z0 * &sa + &eps * &sb;
-        let target = match self.plan.prediction() {
-            crate::schedule::Prediction::Epsilon => eps.shallow_clone(),
-            crate::schedule::Prediction::VPrediction => &eps * &sa - &z0 * &sb,
-            crate::schedule::Prediction::Flow => &eps - &z0,
-        };
-        let tt =
-            Tensor::from_slice(&ts.iter().map(|&i| i as f32).collect::<Vec<_>>()).to_device(dev);
+        let a = micro.len() as f64;
         self.opt_g.zero_grad();
-        let out = UNetDenoiser(&self.pipe.unet.model).predict(&x_t, &tt, &cond)?;
-        let loss = (out - target).square().mean(Kind::Float);
-        let lv = loss.double_value(&[]);
-        check_finite(step, "loss_diff", lv)?;
-        loss.backward();
+        let (mut lv, mut t0) = (0.0, 0);
+        for (k, (_x0, z0, cond, _uncond)) in micro.into_iter().enumerate() {
+            let b = z0.size()[0];
+            let n_train = self.pipe.schedule.num_train_timesteps;
+            let ts: Vec<usize> = (0..b).map(|_| rng.gen_range(0..n_train)).collect();
+            let dev = self.device();
+            let eps = z0.randn_like();
+            let col = |v: Vec<f32>| Tensor::from_slice(&v).to_device(dev).view([-1, 1, 1, 1]);
+            let (x_t, target, model_t) = if self.pipe.is_flow() {
+                let sig: Vec<f32> = ts
+                    .iter()
+                    .map(|&i| flow_training_sigma(&self.pipe.schedule, i) as f32)
+                    .collect();
+                let model_t: Vec<f32> = sig.iter().map(|s| s * n_train as f32).collect();
+                let s = col(sig);
+                let x_t = &z0 * (1.0 - &s) + &eps * &s;
+                (x_t, &eps - &z0, model_t)
+            } else {
+                let ac = &self.plan.alphas_cumprod;
+                let (sa, sb): (Vec<f32>, Vec<f32>) = ts
+                    .iter()
+                    .map(|&i| ((ac[i] as f32).sqrt(), (1.0 - ac[i] as f32).sqrt()))
+                    .unzip();
+                let (sa, sb) = (col(sa), col(sb));
+                let x_t = &z0 * &sa + &eps * &sb;
+                let target = match self.pipe.schedule.prediction_type {
+                    crate::schedule::Prediction::Epsilon => eps.shallow_clone(),
+                    crate::schedule::Prediction::VPrediction => &eps * &sa - &z0 * &sb,
+                    crate::schedule::Prediction::Flow => {
+                        bail!("prediction_type flow needs a flow-matching schedule")
+                    }
+                };
+                (x_t, target, ts.iter().map(|&i| i as f32).collect())
+            };
+            let tt = Tensor::from_slice(&model_t).to_device(dev);
+            let out = self.pipe.denoiser().predict(&x_t, &tt, &cond)?;
+            let loss = (out - target).square().mean(Kind::Float);
+            let v = loss.double_value(&[]);
+            check_finite(step, "loss_diff", v)?;
+            (loss / a).backward();
+            lv += v / a;
+            if k == 0 {
+                t0 = ts[0];
+            }
+        }
         let norm = self.opt_g.clip_grad_norm(t.grad_clip);
         check_finite(step, "generator gradient norm", norm)?;
         let lr = warmup_lr(t.lr_g, self.g_steps, t.warmup_g);
@@ -560,7 +728,7 @@ impl Trainer {
             loss_diff: Some(lv),
             grad_norm_g: Some(norm),
             lr_g: lr,
-            t_start: ts[0] as i64,
+            t_start: t0 as i64,
             ..Default::default()
         })
     }
@@ -572,7 +740,7 @@ impl Trainer {
         if let (Some(ema), Some(d)) = (&mut self.ema, self.cfg.train.ema_decay) {
             let n = self.g_steps as f64;
             let d = d.min((1.0 + n) / (10.0 + n));
-            let vars = self.pipe.unet.vs.variables();
+            let vars = self.pipe.backbone_vs().variables();
             tch::no_grad(|| {
                 for (name, e) in ema.iter_mut() {
                     let _ = e.lerp_(&vars[name].detach(), 1.0 - d);
@@ -607,7 +775,7 @@ impl Trainer {
         Ok(())
     }
 
-    /// The tuned UNet weights (EMA weights when generator EMA is on).
+    /// The tuned backbone weights (EMA weights when generator EMA is on).
     pub fn final_unet_weights(&self) -> Option<&Vec<(String, Tensor)>> {
         self.ema.as_ref()
     }
@@ -616,7 +784,7 @@ impl Trainer {
     pub fn save_final(&self, out: &Path) -> Result<()> {
         if let Some(ema) = &self.ema {
             // Swap the EMA weights in for saving, then restore.
-            let vars = self.pipe.unet.vs.variables();
+            let vars = self.pipe.backbone_vs().variables();
             let backup: Vec<(String, Tensor)> = ema
                 .iter()
                 .map(|(k, _)| (k.clone(), vars[k].detach().copy()))

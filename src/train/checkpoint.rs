@@ -1,5 +1,5 @@
-//! Checkpoints: the UNet in the diffusers layout plus the whole trainer state
-//! (both optimisers, discriminator heads with their BatchNorm statistics and EMA
+//! Checkpoints: the backbone (UNet or SD3 transformer) in the diffusers layout plus
+//! the whole trainer state (both optimisers, discriminator heads with their BatchNorm statistics and EMA
 //! duals, generator EMA, data position, step counters).
 //!
 //! A checkpoint is written into a temporary folder and renamed into place, then the
@@ -40,9 +40,8 @@ pub fn save(tr: &Trainer) -> Result<PathBuf> {
         std::fs::remove_dir_all(&tmp)?;
     }
     std::fs::create_dir_all(&tmp)?;
-    tr.pipe
-        .unet
-        .save_pretrained(&tmp.join("unet"), tch::Kind::Float)?;
+    let backbone = &tr.pipe.backbone;
+    backbone.save_pretrained(&tmp.join(backbone.folder()), tch::Kind::Float)?;
     let mut tensors: Vec<(String, Tensor)> = tr.opt_g.state("opt_g");
     if let Some(o) = &tr.opt_d {
         tensors.extend(o.state("opt_d"));
@@ -60,7 +59,11 @@ pub fn save(tr: &Trainer) -> Result<PathBuf> {
     let state = TrainerState {
         step: tr.step,
         g_steps: tr.g_steps,
-        data: tr.loader.as_ref().context("checkpointing a trainer without data")?.state(),
+        data: tr
+            .loader
+            .as_ref()
+            .context("checkpointing a trainer without data")?
+            .state(),
         config: tr.cfg.to_toml()?,
     };
     atomic_write(
@@ -118,9 +121,10 @@ pub fn restore(tr: &mut Trainer, dir: &Path) -> Result<()> {
         .with_context(|| format!("reading {}", dir.join("state.json").display()))?;
     let state: TrainerState = serde_json::from_str(&text)
         .with_context(|| format!("parsing {}/state.json", dir.display()))?;
-    // The UNet weights.
-    let files = vec![dir.join("unet").join("diffusion_pytorch_model.safetensors")];
-    crate::weights::load_into(&mut tr.pipe.unet.vs, &files, &Default::default())?;
+    // The backbone weights (`unet/` or `transformer/`).
+    let folder = tr.pipe.backbone.folder();
+    let files = vec![dir.join(folder).join("diffusion_pytorch_model.safetensors")];
+    crate::weights::load_into(tr.pipe.backbone_vs_mut(), &files, &Default::default())?;
     let opt: HashMap<String, Tensor> = read_safetensors(&dir.join("optimizer.safetensors"))?
         .into_iter()
         .collect();
@@ -142,7 +146,10 @@ pub fn restore(tr: &mut Trainer, dir: &Path) -> Result<()> {
     if let Some(d) = &mut tr.disc {
         d.load_state(&dir.join("discriminator"))?;
     }
-    tr.loader.as_mut().context("restoring a trainer without data")?.restore(&state.data)?;
+    tr.loader
+        .as_mut()
+        .context("restoring a trainer without data")?
+        .restore(&state.data)?;
     tr.step = state.step;
     tr.g_steps = state.g_steps;
     Ok(())

@@ -47,13 +47,17 @@ pub enum FeatureNet {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelSection {
-    /// A diffusers pipeline folder, or "tiny-random" for randomly initialised tiny
-    /// models of the real architectures (smoke tests).
+    /// A diffusers pipeline folder, or "tiny-random" / "tiny-random-sd3" for
+    /// randomly initialised tiny models of the real architectures (smoke tests).
     pub path: String,
     /// Weight variant to prefer, e.g. "fp16".
     pub variant: Option<String>,
     /// Where the tuned pipeline is written (default: `<output.dir>/final`).
     pub save_to: Option<PathBuf>,
+    /// SD3: run the T5 encoder (`text_encoder_3`) when the pipeline has one.
+    pub use_t5: bool,
+    /// SD3: T5 tokens per prompt.
+    pub max_sequence_length: usize,
 }
 
 impl Default for ModelSection {
@@ -62,6 +66,8 @@ impl Default for ModelSection {
             path: "tiny-random".into(),
             variant: None,
             save_to: None,
+            use_t5: true,
+            max_sequence_length: 256,
         }
     }
 }

@@ -459,10 +459,10 @@ impl FastDenoiser {
             // Warm-up on the side stream (lazy initialisation, cuDNN / cuBLAS
             // algorithm choice), then capture.
             for _ in 0..2 {
-                let _ = graph.on_side_stream(&run)??;
+                let _ = graph.on_side_stream(run)??;
             }
             tch::Cuda::synchronize(index as i64);
-            let out = graph.capture(&run)??;
+            let out = graph.capture(run)??;
             *slot = Some(Captured {
                 key,
                 x: sx,

@@ -78,7 +78,10 @@ impl AdamW {
         if norms.is_empty() {
             return 0.0;
         }
-        Tensor::stack(&norms, 0).sum(Kind::Double).double_value(&[]).sqrt()
+        Tensor::stack(&norms, 0)
+            .sum(Kind::Double)
+            .double_value(&[])
+            .sqrt()
     }
 
     /// Scale gradients so that their norm is at most `max_norm`; returns the norm before.

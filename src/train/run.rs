@@ -87,7 +87,10 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
     while tr.step < total {
         if let Some(limit) = cfg.train.time_limit_minutes {
             if started.elapsed().as_secs_f64() > limit * 60.0 {
-                tracing::warn!("train.time_limit_minutes = {limit} reached at step {}", tr.step);
+                tracing::warn!(
+                    "train.time_limit_minutes = {limit} reached at step {}",
+                    tr.step
+                );
                 out_of_time = true;
                 break;
             }

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The demo's FT and ADT runs on a CUDA machine (prepared script: builds nothing).
+# Trains FT and ADT from assets/demo-base for each seed and draws one image per
+# held-out Noto caption with every model; the evaluation (FD on held-out Noto) is
+# then done anywhere with `adt eval`. Needs: the GPU-linked binary ($ADT_BIN), the
+# EfficientNet-Lite0 weights ($EFF), the Noto training images and the held-out
+# captions (one per line). Usage: scripts/gpu_demo.sh ITERATIONS "SEEDS" OUTDIR
+set -uo pipefail
+ITERS=${1:-200}
+SEEDS=${2:-"0 1 2"}
+OUTDIR=${3:-runs/gpu-demo-out}
+TORCH_LIB=${TORCH_LIB:-/opt/torch/.venv/lib/python3.12/site-packages/torch/lib}
+export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+ADT=${ADT_BIN:-gpu-carry/adt}
+EFF=${EFF:-gpu-carry/efficientnet-lite0}
+CAPS=${CAPS:-gpu-carry/heldout_captions.txt}
+W=runs/gpu-demo
+mkdir -p "$OUTDIR" "$W/samples"
+table="$OUTDIR/table.txt"
+echo "run iterations train_s" > "$table"
+sample() { # model out
+  $ADT sample --model "$1" --prompts "$CAPS" --steps 10 --cfg 2 --seed 1234 --batch-size 128 --out "$2" >> "$OUTDIR/sample.log" 2>&1
+}
+sample assets/demo-base "$W/samples/base"
+for s in $SEEDS; do
+  for m in ft adt; do
+    lim=0.5; [ "$m" = adt ] && lim=1.2
+    t0=$(date +%s)
+    $ADT train --config examples/demo-$m.toml --set train.device=cuda --set train.seed="$s" \
+      --set train.iterations="$ITERS" --set output.dir="$W/$m-seed$s" --set disc.features_path="$EFF" \
+      --set data.num_workers=4 --set train.time_limit_minutes="$lim" > "$OUTDIR/$m-seed$s.log" 2>&1
+    t1=$(date +%s)
+    n=$(wc -l < "$W/$m-seed$s/metrics.jsonl" 2>/dev/null || echo 0)
+    echo "$m-seed$s $n $((t1-t0))" >> "$table"
+    sample "$W/$m-seed$s/final" "$W/samples/$m-seed$s"
+    mkdir -p "$W/metrics"; cp "$W/$m-seed$s/metrics.jsonl" "$W/metrics/$m-seed$s.jsonl" 2>/dev/null
+  done
+  tar czf "$OUTDIR/demo-runs.tgz" -C "$W" samples metrics
+done
+cat "$table"
