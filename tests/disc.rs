@@ -682,9 +682,12 @@ fn diffaugment_gradcheck() {
     let x = (Tensor::rand([2, 3, 8, 8], (Kind::Double, Device::Cpu)) * 2.0 - 1.0)
         .set_requires_grad(true);
     let weights = Tensor::randn([2, 3, 8, 8], (Kind::Double, Device::Cpu));
+    // The random parameters are drawn once: other tests running in parallel share
+    // libtorch's global generator, so re-seeding it per evaluation would race.
+    tch::manual_seed(21);
+    let params = diffaug::AugParams::sample(&policy, 2, 8, 8);
     let f = |x: &Tensor| -> Tensor {
-        tch::manual_seed(21);
-        (diffaug::diff_augment(x, &policy).unwrap() * &weights).sum(Kind::Double)
+        (diffaug::apply(x, &params).unwrap() * &weights).sum(Kind::Double)
     };
     f(&x).backward();
     let grad = vals(&x.grad());
