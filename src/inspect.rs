@@ -16,25 +16,9 @@ pub struct WeightsSummary {
 }
 
 pub fn summarize_safetensors(path: &Path) -> Result<WeightsSummary> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len)
-        .with_context(|| format!("{}: too short for a safetensors file", path.display()))?;
-    let n = u64::from_le_bytes(len);
-    let size = f.metadata()?.len();
-    if n > 100_000_000 || n + 8 > size {
-        bail!(
-            "{}: corrupt safetensors header (header length {n}, file size {size})",
-            path.display()
-        );
-    }
-    let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header)?;
-    let v: serde_json::Value = serde_json::from_slice(&header)
-        .with_context(|| format!("{}: safetensors header is not valid JSON", path.display()))?;
+    let v = crate::weights::read_header(path)?;
     let mut s = WeightsSummary::default();
-    for (name, info) in v.as_object().into_iter().flatten() {
+    for (name, info) in &v {
         if name == "__metadata__" {
             continue;
         }

@@ -45,6 +45,42 @@ fn dtype_of(kind: Kind) -> Result<safetensors::Dtype> {
     })
 }
 
+/// The JSON header of a safetensors file (tensor names -> dtype, shape, offsets),
+/// read without loading the data.
+pub fn read_header(path: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .with_context(|| format!("{}: too short for a safetensors file", path.display()))?;
+    let n = u64::from_le_bytes(len);
+    let size = f.metadata()?.len();
+    if n > 100_000_000 || n + 8 > size {
+        bail!(
+            "{}: corrupt safetensors header (header length {n}, file size {size})",
+            path.display()
+        );
+    }
+    let mut buf = vec![0u8; n as usize];
+    f.read_exact(&mut buf)
+        .with_context(|| format!("{}: reading safetensors header", path.display()))?;
+    let v: serde_json::Value = serde_json::from_slice(&buf)
+        .with_context(|| format!("{}: safetensors header is not valid JSON", path.display()))?;
+    match v {
+        serde_json::Value::Object(m) => Ok(m),
+        _ => bail!("{}: safetensors header is not an object", path.display()),
+    }
+}
+
+/// Names of the tensors in a safetensors file, from its header only.
+pub fn tensor_names(path: &Path) -> Result<Vec<String>> {
+    Ok(read_header(path)?
+        .keys()
+        .filter(|k| *k != "__metadata__")
+        .cloned()
+        .collect())
+}
+
 /// Parse a safetensors buffer into named CPU tensors (copied out of the buffer).
 pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;

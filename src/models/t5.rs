@@ -473,34 +473,6 @@ pub struct LoadedT5 {
     pub config: T5Config,
 }
 
-/// Names of the tensors in a safetensors file, read from its header only.
-fn tensor_names(path: &Path) -> Result<Vec<String>> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len)
-        .with_context(|| format!("{}: reading safetensors header", path.display()))?;
-    let n = u64::from_le_bytes(len);
-    ensure!(
-        n < 100_000_000,
-        "{}: implausible safetensors header length {n}",
-        path.display()
-    );
-    let mut buf = vec![0u8; n as usize];
-    f.read_exact(&mut buf)
-        .with_context(|| format!("{}: reading safetensors header", path.display()))?;
-    let v: serde_json::Value = serde_json::from_slice(&buf)
-        .with_context(|| format!("{}: parsing safetensors header", path.display()))?;
-    let obj = v
-        .as_object()
-        .with_context(|| format!("{}: safetensors header is not an object", path.display()))?;
-    Ok(obj
-        .keys()
-        .filter(|k| *k != "__metadata__")
-        .cloned()
-        .collect())
-}
-
 impl T5EncoderModel {
     /// Load `config.json` + `model*.safetensors` (plain, fp16 variant or sharded) from
     /// `dir`, converting the weights to `kind` (with `wo` kept in float32 for half).
@@ -513,7 +485,7 @@ impl T5EncoderModel {
         })?;
         let mut names = Vec::new();
         for f in &files {
-            names.extend(tensor_names(f)?);
+            names.extend(weights::tensor_names(f)?);
         }
         let has = |n: &str| names.iter().any(|x| x == n);
         let mut opts = weights::LoadOptions::default();
