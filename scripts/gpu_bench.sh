@@ -22,7 +22,7 @@
 #
 # Environment: ADT_BIN (default gpu-bin/adt if present, else target/release/adt),
 # TORCH_DIR (default
-# /opt/torch/.venv/lib/python3.12/site-packages/torch), OUT (default ./bench-out),
+# the torch package of the machine's python3), OUT (default ./bench-out),
 # BENCH_TIMEOUT_SCALE (multiplies every time limit, default 1), BENCH_ONLY (space-
 # separated names of the runs to do, default all: probe unet sample adt memory tiny),
 # BENCH_BUDGET (seconds for the whole run, default 540).
@@ -68,7 +68,7 @@ if [ -z "${ADT_BIN:-}" ]; then
   ADT_BIN="$ROOT/target/release/adt"
   [ -x "$ROOT/gpu-bin/adt" ] && ADT_BIN="$ROOT/gpu-bin/adt"
 fi
-TORCH_DIR="${TORCH_DIR:-/opt/torch/.venv/lib/python3.12/site-packages/torch}"
+TORCH_DIR="${TORCH_DIR:-$(python3 -c "import os, torch; print(os.path.dirname(torch.__file__))" 2>/dev/null)}"
 OUT="${OUT:-$ROOT/bench-out}"
 SCALE="${BENCH_TIMEOUT_SCALE:-1}"
 ONLY="${BENCH_ONLY:-probe unet sample adt memory tiny}"

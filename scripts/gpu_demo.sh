@@ -9,7 +9,8 @@ set -uo pipefail
 ITERS=${1:-200}
 SEEDS=${2:-"0 1 2"}
 OUTDIR=${3:-runs/gpu-demo-out}
-TORCH_LIB=${TORCH_LIB:-/opt/torch/.venv/lib/python3.12/site-packages/torch/lib}
+TORCH_LIB=${TORCH_LIB:-$(python3 -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))" 2>/dev/null)}
+[ -n "$TORCH_LIB" ] || { echo "set TORCH_LIB to the lib folder of a PyTorch 2.11 install" >&2; exit 1; }
 export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 ADT=${ADT_BIN:-gpu-carry/adt}
 EFF=${EFF:-gpu-carry/efficientnet-lite0}
