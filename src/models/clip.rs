@@ -9,6 +9,7 @@
 //! the config's `eos_token_id` is 2 (legacy OpenAI configs, where end-of-text is the
 //! largest id), otherwise the first position holding `eos_token_id`.
 
+use crate::models::forward_input as required;
 use crate::weights;
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -445,16 +446,6 @@ impl ClipTextModel {
         weights::load_into(&mut vs, &files, &opts)?;
         Ok(LoadedClipText { vs, model, config })
     }
-}
-
-fn required<'a>(
-    inputs: &'a HashMap<String, Tensor>,
-    name: &str,
-    component: &str,
-) -> Result<&'a Tensor> {
-    inputs
-        .get(name)
-        .with_context(|| format!("{component}: missing input tensor {name:?}"))
 }
 
 /// `adt forward` for `clip-text` (outputs `last_hidden_state`, `pooler_output`,

@@ -9,6 +9,7 @@
 //! (`align_corners = false`, no antialias), unless the input is square and has as
 //! many patches as the stored grid, exactly as transformers 5.x does.
 
+use crate::models::forward_input as input;
 use anyhow::{bail, ensure, Context, Result};
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -489,16 +490,6 @@ impl Dinov2Model {
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }
-}
-
-fn input<'a>(
-    inputs: &'a HashMap<String, Tensor>,
-    name: &str,
-    component: &str,
-) -> Result<&'a Tensor> {
-    inputs
-        .get(name)
-        .with_context(|| format!("{component}: missing input tensor {name:?}"))
 }
 
 /// Developer entry point of `adt forward`.

@@ -24,6 +24,7 @@
 //! The timestep is a float `[B]` tensor of `sigma * 1000` (flow matching).
 
 use crate::models::blocks::{linear, timestep_embedding, TimestepEmbedding};
+use crate::models::forward_input as input;
 use crate::train::path::{Cond, Denoiser};
 use crate::weights;
 use anyhow::{bail, ensure, Context, Result};
@@ -798,16 +799,6 @@ impl LoadedSd3Transformer {
             Some(HashMap::from([("format".to_string(), "pt".to_string())])),
         )
     }
-}
-
-fn input<'a>(
-    inputs: &'a HashMap<String, Tensor>,
-    name: &str,
-    component: &str,
-) -> Result<&'a Tensor> {
-    inputs
-        .get(name)
-        .with_context(|| format!("{component}: missing input tensor {name:?}"))
 }
 
 /// `adt forward sd3-transformer`: inputs `hidden_states`, `encoder_hidden_states`,

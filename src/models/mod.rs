@@ -11,3 +11,15 @@ pub mod t5;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
+
+/// A named input of `adt forward`; a missing one is an error naming it.
+pub fn forward_input<'a>(
+    inputs: &'a std::collections::HashMap<String, tch::Tensor>,
+    name: &str,
+    component: &str,
+) -> anyhow::Result<&'a tch::Tensor> {
+    use anyhow::Context;
+    inputs.get(name).with_context(|| {
+        format!("{component}: missing input {name} (no tensor named \"{name}\" in the inputs file)")
+    })
+}

@@ -10,6 +10,7 @@ use crate::models::blocks::{
     conv2d, group_norm, layer_norm, linear, timestep_embedding, Attention, Downsample2D,
     GegluFeedForward, ResnetBlock2D, TimestepEmbedding, Upsample2D,
 };
+use crate::models::forward_input as input;
 use crate::weights;
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -1064,16 +1065,6 @@ impl LoadedUNet {
             Some(kind),
         )
     }
-}
-
-fn input<'a>(
-    inputs: &'a HashMap<String, Tensor>,
-    name: &str,
-    component: &str,
-) -> Result<&'a Tensor> {
-    inputs
-        .get(name)
-        .with_context(|| format!("{component}: missing input {name}"))
 }
 
 /// `adt forward unet`: inputs `sample`, `timestep`, `encoder_hidden_states` (and
