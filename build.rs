@@ -65,9 +65,36 @@ fn build_shim() {
     println!("cargo:rustc-cfg=adt_cuda_shim");
 }
 
+// The fused-AdamW binding (csrc/optim_shim.cpp) is compiled in every build whose
+// libtorch folder is known (LIBTORCH, as scripts/env.sh sets it); without it the
+// optimiser falls back to its per-tensor loop.
+fn build_optim_shim() {
+    println!("cargo:rerun-if-changed=csrc/optim_shim.cpp");
+    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    let Ok(libtorch) = std::env::var("LIBTORCH") else {
+        return;
+    };
+    let inc = PathBuf::from(libtorch).join("include");
+    if !inc.join("ATen").join("ops").join("_fused_adamw.h").is_file() {
+        return;
+    }
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .file("csrc/optim_shim.cpp")
+        .include(&inc)
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .flag_if_supported("-Wno-unused-parameter")
+        .warnings(false)
+        .compile("adt_optim_shim");
+    println!("cargo:rustc-cfg=adt_optim_shim");
+}
+
 fn main() {
     println!("cargo:rerun-if-env-changed=ADT_CUDA_LINK");
     println!("cargo::rustc-check-cfg=cfg(adt_cuda_shim)");
+    println!("cargo::rustc-check-cfg=cfg(adt_optim_shim)");
+    build_optim_shim();
     let cuda = std::env::var("CARGO_FEATURE_CUDA").is_ok()
         || std::env::var("ADT_CUDA_LINK")
             .map(|v| v == "1")

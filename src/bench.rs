@@ -16,6 +16,13 @@
 //!   the per-step gradient decomposition and with the whole trajectory in one graph
 //!   (peak memory against K).
 //!
+//! SD3 configurations (`tiny-sd3`, `sd3-medium`) run the same workloads on the
+//! MMDiT with SD3's flow-matching schedule and the flow Euler sampler (28 steps by
+//! default): `transformer_cfg_step`, `sample_flow28`, and the ADT rows, whose
+//! trajectory follows the flow path of the trainer. The UNet-only levers
+//! (channels-last, CUDA graph) are reported as unsupported there; `bf16` runs the
+//! trajectory on a bfloat16 copy of the transformer.
+//!
 //! Clocks are synchronised with the device before and after every timed run. Peak
 //! memory is the CUDA caching allocator's maximum allocated bytes (reset before the
 //! timed runs; needs a binary with the CUDA shim) or, on CPU, the process's peak
@@ -32,25 +39,60 @@ use tch::{nn, Device, Kind, Tensor};
 use crate::disc::features::DinoFeatures;
 use crate::disc::FeatureNetwork;
 use crate::models::clip::ClipTextConfig;
+use crate::models::clip::{ClipTextModel, LoadedClipText};
 use crate::models::dinov2::{Dinov2Config, Dinov2Model};
-use crate::models::pipeline::{Pipeline, RandomSpec, UnetSpec};
+use crate::models::mmdit::{LoadedSd3Transformer, Sd3Config, Sd3TrajectoryCopy};
+use crate::models::pipeline::{
+    builtin_tokenizer_dir, Backbone, Family, Pipeline, RandomSpec, TextStack, UnetSpec,
+};
+use crate::models::sd3_text::{ClipBranch, Sd3TextEncoders, T5Branch, T5Tokenizer};
+use crate::models::t5::{LoadedT5, T5Config, T5EncoderModel};
+use crate::models::tokenizer::{ClipTokenizer, Pad};
 use crate::models::unet::{LoadedUNet, UNetConfig};
-use crate::models::vae::VaeConfig;
+use crate::models::vae::{AutoencoderKL, LoadedVae, VaeConfig};
 use crate::schedule::{Plan, SamplerKind, ScheduleConfig};
-use crate::train::adt::{Trainer, UNetDenoiser};
+use crate::train::adt::Trainer;
 use crate::train::config::{Config, GradPath};
 use crate::train::fast::{gpu, FastDenoiser, FastOptions};
 use crate::train::path::{guided_output, rollout, Denoiser, Guidance};
 
 /// Model sizes to benchmark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "kebab-case")]
 pub enum BenchConfig {
     /// The tiny random pipeline (32 px images), tiny DINOv2 at 56 px.
     Tiny,
     /// SD1.5 sizes: UNet 859.5M, VAE 83.7M, CLIP ViT-L/14 text, DINOv2 ViT-S/14 at
     /// 224 px; 512 px images.
     Sd15,
+    /// The tiny random SD3 pipeline (`Sd3Config::tiny`, 16-channel VAE with
+    /// downscale 2, tiny CLIP-L / CLIP-G / T5; 32 px images), tiny DINOv2 at 56 px.
+    TinySd3,
+    /// SD3-medium sizes: the MMDiT of `Sd3Config::medium` (24 joint blocks of width
+    /// 1536: 2028.3M trainable parameters, plus the stored 192x192 position grid of
+    /// 56.6M values, both counted in `params.unet`), SD3's 16-channel VAE (83.8M;
+    /// scaling 1.5305, shift 0.0609), DINOv2 ViT-S/14 at 224 px; 1024 px images.
+    /// Float32 master weights with AdamW take 16 bytes per trainable parameter
+    /// (32.5 GB) before activations. The text encoders are a
+    /// stand-in of negligible size with the real output widths
+    /// ([`sd3_stand_in_text`]): conditioning [B, 154, 4096], pooled [B, 2048].
+    Sd3Medium,
+}
+
+impl BenchConfig {
+    /// Whether this is an SD3 (MMDiT, flow matching) configuration.
+    pub fn is_sd3(self) -> bool {
+        matches!(self, BenchConfig::TinySd3 | BenchConfig::Sd3Medium)
+    }
+
+    /// Default sampler steps: 50 DDIM steps, 28 flow Euler steps for SD3.
+    pub fn default_steps(self) -> usize {
+        if self.is_sd3() {
+            28
+        } else {
+            50
+        }
+    }
 }
 
 impl std::str::FromStr for BenchConfig {
@@ -59,7 +101,9 @@ impl std::str::FromStr for BenchConfig {
         match s {
             "tiny" => Ok(BenchConfig::Tiny),
             "sd15" => Ok(BenchConfig::Sd15),
-            _ => bail!("--config {s:?}: expected tiny or sd15"),
+            "tiny-sd3" | "tiny_sd3" => Ok(BenchConfig::TinySd3),
+            "sd3-medium" | "sd3_medium" => Ok(BenchConfig::Sd3Medium),
+            _ => bail!("--config {s:?}: expected tiny, sd15, tiny-sd3 or sd3-medium"),
         }
     }
 }
@@ -77,14 +121,21 @@ pub enum Lever {
     ChannelsLast,
     /// CUDA-graph capture and replay of the guided UNet call (CUDA only).
     CudaGraph,
+    /// TF32 tensor cores for the float32 matmuls and convolutions (CUDA only).
+    Tf32,
+    /// The whole workload under CUDA bfloat16 autocast, as the PyTorch reference
+    /// runs (CUDA only).
+    Autocast,
 }
 
 impl Lever {
-    pub const ALL: [Lever; 4] = [
+    pub const ALL: [Lever; 6] = [
         Lever::Bf16,
         Lever::CudnnBenchmark,
         Lever::ChannelsLast,
         Lever::CudaGraph,
+        Lever::Tf32,
+        Lever::Autocast,
     ];
 
     pub fn name(self) -> &'static str {
@@ -93,11 +144,16 @@ impl Lever {
             Lever::CudnnBenchmark => "cudnn_benchmark",
             Lever::ChannelsLast => "channels_last",
             Lever::CudaGraph => "cuda_graph",
+            Lever::Tf32 => "tf32",
+            Lever::Autocast => "autocast",
         }
     }
 
     fn needs_cuda(self) -> bool {
-        matches!(self, Lever::CudnnBenchmark | Lever::CudaGraph)
+        matches!(
+            self,
+            Lever::CudnnBenchmark | Lever::CudaGraph | Lever::Tf32 | Lever::Autocast
+        )
     }
 
     /// Parse a comma-separated list ("bf16,cudnn,channels-last,graph", "all", "none").
@@ -114,8 +170,10 @@ impl Lever {
                 "cudnn" | "cudnn_benchmark" => Lever::CudnnBenchmark,
                 "channels_last" => Lever::ChannelsLast,
                 "graph" | "cuda_graph" => Lever::CudaGraph,
+                "tf32" => Lever::Tf32,
+                "autocast" | "amp" => Lever::Autocast,
                 other => bail!(
-                    "--levers: unknown lever {other:?} (bf16, cudnn_benchmark, channels_last, cuda_graph, all, none)"
+                    "--levers: unknown lever {other:?} (bf16, cudnn_benchmark, channels_last, cuda_graph, tf32, autocast, all, none)"
                 ),
             };
             out.push(l);
@@ -155,14 +213,16 @@ impl Workload {
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             match part {
                 "all" => out.extend(Workload::ALL),
-                "unet" | "unet_cfg_step" => out.push(Workload::UnetCfgStep),
-                "sample" | "sample_ddim" => out.push(Workload::Sample),
+                "unet" | "unet_cfg_step" | "step" | "transformer_cfg_step" => {
+                    out.push(Workload::UnetCfgStep)
+                }
+                "sample" | "sample_ddim" | "sample_flow" => out.push(Workload::Sample),
                 "gd" | "adt_gd_s0" => out.push(Workload::AdtGd),
                 "d" | "adt_d_s0" => out.push(Workload::AdtD),
                 "h5" | "adt_h5_mean" => out.push(Workload::AdtH5),
                 "memory" | "k" => out.push(Workload::Memory),
                 other => bail!(
-                    "--workloads: unknown workload {other:?} (unet, sample, gd, d, h5, memory, all)"
+                    "--workloads: unknown workload {other:?} (unet or step, sample, gd, d, h5, memory, all)"
                 ),
             }
         }
@@ -237,7 +297,7 @@ impl BenchOptions {
 /// `Bench(adt::bench::BenchArgs)`, then call [`cli`]).
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// Model sizes: tiny or sd15.
+    /// Model sizes: tiny, sd15, tiny-sd3 or sd3-medium.
     #[arg(long, default_value = "tiny")]
     pub config: String,
     /// cpu, cuda or cuda:N.
@@ -263,12 +323,14 @@ pub struct BenchArgs {
     /// default: every lever that can run on the device, together).
     #[arg(long)]
     pub combo: Vec<String>,
-    /// Workloads: unet, sample, gd, d, h5, memory or all (comma-separated).
+    /// Workloads: unet (or step: the guided backbone call), sample, gd, d, h5,
+    /// memory or all (comma-separated).
     #[arg(long, default_value = "all")]
     pub workloads: String,
-    /// DDIM steps of the trajectory and of sampling.
-    #[arg(long, default_value_t = 50)]
-    pub steps: usize,
+    /// Sampler steps of the trajectory and of sampling (default: 50 DDIM steps, or 28
+    /// flow Euler steps for the SD3 configurations).
+    #[arg(long)]
+    pub steps: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -280,8 +342,9 @@ impl BenchArgs {
             .iter()
             .map(|c| Lever::parse_list(&c.replace('+', ",")))
             .collect::<Result<Vec<_>>>()?;
+        let config: BenchConfig = self.config.parse()?;
         Ok(BenchOptions {
-            config: self.config.parse()?,
+            config,
             device: self.device.clone(),
             iters: self.iters,
             warmup: self.warmup,
@@ -289,7 +352,7 @@ impl BenchArgs {
             levers: Lever::parse_list(&self.levers)?,
             combos,
             workloads: Workload::parse_list(&self.workloads)?,
-            steps: self.steps,
+            steps: self.steps.unwrap_or(config.default_steps()),
             json: self.json.clone(),
             seed: self.seed,
         })
@@ -505,6 +568,112 @@ pub fn sd15_random_pipeline(device: Device, seed: i64) -> Result<Pipeline> {
     Pipeline::random(&spec, device, seed)
 }
 
+/// SD3's VAE (`vae/config.json` of the SD3 pipelines): 16 latent channels, no
+/// quant convs, scaling 1.5305 and shift 0.0609.
+fn sd3_vae_config() -> Result<VaeConfig> {
+    VaeConfig::from_value(&serde_json::json!({
+        "_class_name": "AutoencoderKL",
+        "act_fn": "silu",
+        "block_out_channels": [128, 256, 512, 512],
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 16,
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "sample_size": 1024,
+        "scaling_factor": 1.5305,
+        "shift_factor": 0.0609,
+        "use_quant_conv": false,
+        "use_post_quant_conv": false
+    }))
+}
+
+/// A stand-in for SD3's frozen text encoders with the real output widths: tiny
+/// random CLIP-L / CLIP-G towers (widths 8 and 16) projecting to the real pooled
+/// widths 768 + 1280 = 2048, and a one-layer random T5 of the real width 4096 over
+/// 77 tokens. The conditioning has the shapes of the real stack with 77 T5 tokens
+/// (context [B, 77 + 77, 4096], pooled [B, 2048]) at a negligible cost: the bench
+/// measures the transformer, the VAE and the discriminator, not the text encoders.
+pub fn sd3_stand_in_text(device: Device, seed: i64) -> Result<Sd3TextEncoders> {
+    tch::manual_seed(seed);
+    let clip = |hidden: i64, proj: i64, act: &str, pad: Pad| -> Result<ClipBranch> {
+        let config = ClipTextConfig {
+            hidden_size: hidden,
+            intermediate_size: 2 * hidden,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            hidden_act: act.to_string(),
+            projection_dim: proj,
+            ..ClipTextConfig::tiny()
+        };
+        let mut vs = nn::VarStore::new(device);
+        let model = ClipTextModel::new(&vs.root(), &config, true)?;
+        vs.freeze();
+        Ok(ClipBranch {
+            tokenizer: ClipTokenizer::from_dir(&builtin_tokenizer_dir())?,
+            pad,
+            encoder: LoadedClipText { vs, model, config },
+        })
+    };
+    let clip_l = clip(8, 768, "quick_gelu", Pad::Eos)?;
+    let clip_g = clip(16, 1280, "gelu", Pad::Zero)?;
+    let t5_cfg = T5Config {
+        d_model: 4096,
+        d_kv: 8,
+        d_ff: 16,
+        num_layers: 1,
+        num_heads: 2,
+        ..T5Config::tiny()
+    };
+    let mut vs = nn::VarStore::new(device);
+    let model = T5EncoderModel::new(&vs.root(), &t5_cfg)?;
+    vs.freeze();
+    let t5 = T5Branch {
+        tokenizer: T5Tokenizer::tiny(77)?,
+        encoder: LoadedT5 {
+            vs,
+            model,
+            config: t5_cfg,
+        },
+    };
+    Ok(Sd3TextEncoders {
+        clip_l,
+        clip_g,
+        t5: Some(t5),
+        context_dim: 4096,
+        device,
+    })
+}
+
+/// A randomly initialised SD3-medium pipeline (transformer trainable, the rest
+/// frozen) with the stand-in text encoders of [`sd3_stand_in_text`].
+pub fn sd3_medium_random_pipeline(device: Device, seed: i64) -> Result<Pipeline> {
+    tch::manual_seed(seed);
+    let transformer = LoadedSd3Transformer::from_config(&Sd3Config::medium(), device, Kind::Float)?;
+    let vcfg = sd3_vae_config()?;
+    let mut vs = nn::VarStore::new(device);
+    let model = AutoencoderKL::new(&vs.root(), &vcfg)?;
+    vs.freeze();
+    let vae = LoadedVae {
+        vs,
+        model,
+        config: vcfg,
+    };
+    let text = sd3_stand_in_text(device, seed.wrapping_add(1))?;
+    Ok(Pipeline {
+        dir: None,
+        family: Family::Sd3,
+        backbone: Backbone::Sd3(Box::new(transformer)),
+        vae: Some(vae),
+        text: TextStack::Sd3(Box::new(text)),
+        schedule: ScheduleConfig::sd3(),
+        device,
+        backbone_file_kind: Kind::Float,
+    })
+}
+
 /// Randomly initialised, frozen DINOv2 features at `resolution` px tapping the
 /// default blocks 2, 5, 8, 11 (clamped to the last layer of a smaller model), and
 /// the parameter count.
@@ -669,13 +838,21 @@ impl Bench {
     /// Why a lever set cannot run here (None if it can).
     fn unsupported(&self, levers: &[Lever]) -> Option<String> {
         for l in levers {
+            if self.opts.config.is_sd3() && matches!(l, Lever::ChannelsLast | Lever::CudaGraph) {
+                return Some(format!(
+                    "unsupported: {} belongs to the UNet fast path, not to the SD3 transformer",
+                    l.name()
+                ));
+            }
             if l.needs_cuda() && !self.device.is_cuda() {
                 return Some(format!("skipped: {} needs a CUDA device", l.name()));
             }
-            if *l == Lever::CudaGraph && !gpu::available() {
-                return Some(
-                    "skipped: cuda_graph needs a binary built with --features cuda".into(),
-                );
+            if matches!(l, Lever::CudaGraph | Lever::Tf32 | Lever::Autocast) && !gpu::available()
+            {
+                return Some(format!(
+                    "skipped: {} needs a binary built with --features cuda",
+                    l.name()
+                ));
             }
         }
         None
@@ -707,7 +884,18 @@ impl Bench {
         let mem = &self.mem;
         if self.device.is_cuda() {
             tch::Cuda::cudnn_set_benchmark(levers.contains(&Lever::CudnnBenchmark));
+            if gpu::available() {
+                gpu::set_tf32(levers.contains(&Lever::Tf32))?;
+            }
         }
+        let amp = levers.contains(&Lever::Autocast);
+        let mut f = move || -> Result<()> {
+            if amp {
+                gpu::autocast_bf16(&mut f)?
+            } else {
+                f()
+            }
+        };
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<Vec<f64>> {
             for _ in 0..warmup {
                 f()?;
@@ -745,6 +933,9 @@ impl Bench {
         }
         if self.device.is_cuda() {
             tch::Cuda::cudnn_set_benchmark(false);
+            if gpu::available() {
+                gpu::set_tf32(false)?;
+            }
         }
         let base = if levers.is_empty() {
             row.median_ms
@@ -793,6 +984,22 @@ impl Bench {
     }
 }
 
+/// The trajectory denoisers of a lever set: the UNet's fast copy ([`fast_for`]) or,
+/// for SD3 with `bf16`, a bfloat16 copy of the transformer; None for the float32
+/// eager backbone.
+fn trajectory_for(
+    pipe: &Pipeline,
+    levers: &[Lever],
+) -> Result<(Option<FastDenoiser>, Option<Sd3TrajectoryCopy>)> {
+    match &pipe.backbone {
+        Backbone::Unet(u) => Ok((fast_for(u, levers)?, None)),
+        Backbone::Sd3(t) if levers.contains(&Lever::Bf16) => {
+            Ok((None, Some(Sd3TrajectoryCopy::new(t, Kind::BFloat16)?)))
+        }
+        Backbone::Sd3(_) => Ok((None, None)),
+    }
+}
+
 /// The trajectory denoiser of a lever set: None for the float32 eager UNet.
 fn fast_for(tr_unet: &LoadedUNet, levers: &[Lever]) -> Result<Option<FastDenoiser>> {
     let bf16 = levers.contains(&Lever::Bf16);
@@ -833,8 +1040,18 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
             bail!("--k: K must be at least 1");
         }
     }
-    let tiny = opts.config == BenchConfig::Tiny;
-    let (resolution, disc_res) = if tiny { (32, 56) } else { (512, 224) };
+    let tiny = matches!(opts.config, BenchConfig::Tiny | BenchConfig::TinySd3);
+    let sd3 = opts.config.is_sd3();
+    let (resolution, disc_res) = match opts.config {
+        BenchConfig::Tiny | BenchConfig::TinySd3 => (32, 56),
+        BenchConfig::Sd15 => (512, 224),
+        BenchConfig::Sd3Medium => (1024, 224),
+    };
+    let sampler = if sd3 {
+        SamplerKind::FlowEuler
+    } else {
+        SamplerKind::Ddim
+    };
     let mut cfg = Config::default();
     cfg.model.path = "tiny-random".into();
     cfg.train.device = opts.device.clone();
@@ -845,15 +1062,17 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
     cfg.train.h = 1;
     cfg.train.warmup_g = 0;
     cfg.train.warmup_d = 0;
-    cfg.sampler.kind = SamplerKind::Ddim;
+    cfg.sampler.kind = sampler;
     cfg.sampler.steps = opts.steps;
     cfg.sampler.cfg = 7.0;
     cfg.disc.resolution = disc_res;
 
-    let pipe = if tiny {
-        Pipeline::tiny_random(device, opts.seed as i64)?
-    } else {
-        sd15_random_pipeline(device, opts.seed as i64)?
+    let seed = opts.seed as i64;
+    let pipe = match opts.config {
+        BenchConfig::Tiny => Pipeline::tiny_random(device, seed)?,
+        BenchConfig::Sd15 => sd15_random_pipeline(device, seed)?,
+        BenchConfig::TinySd3 => Pipeline::tiny_random_sd3(device, seed)?,
+        BenchConfig::Sd3Medium => sd3_medium_random_pipeline(device, seed)?,
     };
     let (features, n_features) = dino_features(
         device,
@@ -909,16 +1128,17 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
     let lat = resolution / tr.pipe.vae_scale();
     let c_in = tr.pipe.latent_channels();
     let x_t = Tensor::randn([1, c_in, lat, lat], (Kind::Float, device));
-    let plan = Plan::new(&tr.pipe.schedule, SamplerKind::Ddim, opts.steps)?;
+    let plan = Plan::new(&tr.pipe.schedule, sampler, opts.steps)?;
     let variants = b.variants();
 
     for &w in &opts.workloads.clone() {
         match w {
             Workload::UnetCfgStep | Workload::Sample => {
-                let name = if w == Workload::UnetCfgStep {
-                    "unet_cfg_step".to_string()
-                } else {
-                    format!("sample_ddim{}", opts.steps)
+                let name = match (w == Workload::UnetCfgStep, sd3) {
+                    (true, false) => "unet_cfg_step".to_string(),
+                    (true, true) => "transformer_cfg_step".to_string(),
+                    (false, false) => format!("sample_ddim{}", opts.steps),
+                    (false, true) => format!("sample_flow{}", opts.steps),
                 };
                 let name = name.as_str();
                 for levers in &variants {
@@ -926,11 +1146,11 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
                         b.skip(name, levers, why)?;
                         continue;
                     }
-                    let fast = fast_for(tr.pipe.unet()?, levers)?;
-                    let eager = UNetDenoiser(&tr.pipe.unet()?.model);
-                    let den: &dyn Denoiser = match &fast {
-                        Some(f) => f,
-                        None => &eager,
+                    let (fast, fast_sd3) = trajectory_for(&tr.pipe, levers)?;
+                    let den: &dyn Denoiser = match (&fast, &fast_sd3) {
+                        (Some(f), _) => f,
+                        (None, Some(f)) => f,
+                        (None, None) => tr.pipe.denoiser(),
                     };
                     let g = Guidance::new(&uncond, &cond, cfg.sampler.cfg);
                     let pipe = &tr.pipe;
@@ -960,7 +1180,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
                         b.skip(name, levers, why)?;
                         continue;
                     }
-                    tr.fast = fast_for(tr.pipe.unet()?, levers)?;
+                    (tr.fast, tr.fast_sd3) = trajectory_for(&tr.pipe, levers)?;
                     tr.cfg.train.k = 3;
                     tr.cfg.train.decompose = true;
                     let per_call = match w {
@@ -987,14 +1207,31 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
                             tr.iteration_on(&images, &captions, &time_ids)?;
                         }
                     }
+                    // Phase times of the last timed G+D (or D-only) iteration.
+                    tr.cfg.train.profile_phases = true;
+                    let mut phases = None;
                     let trr = &mut tr;
                     let (images, captions, time_ids) = (&images, &captions, &time_ids);
                     b.measure(name, levers, || {
                         for _ in 0..per_call {
-                            trr.iteration_on(images, captions, time_ids)?;
+                            let log = trr.iteration_on(images, captions, time_ids)?;
+                            if log.phases_ms.is_some() {
+                                phases = log.phases_ms;
+                            }
                         }
                         Ok(())
                     })?;
+                    tr.cfg.train.profile_phases = false;
+                    if let (Some(ph), Some(r)) = (phases, b.report.rows.last_mut()) {
+                        if r.median_ms.is_some() {
+                            let text = ph
+                                .iter()
+                                .map(|(k, v)| format!("{k} {v:.0}"))
+                                .collect::<Vec<_>>()
+                                .join(", ");
+                            r.note = Some(format!("last iteration, ms: {text}"));
+                        }
+                    }
                     if per_call == 5 {
                         // Per iteration.
                         if let Some(r) = b.report.rows.last_mut() {
@@ -1006,8 +1243,10 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
                             ] {
                                 *v = v.map(|x| x / 5.0);
                             }
-                            r.note
-                                .get_or_insert_with(|| "per iteration, H = 5 cycle".into());
+                            r.note = Some(match r.note.take() {
+                                Some(n) => format!("per iteration, H = 5 cycle; {n}"),
+                                None => "per iteration, H = 5 cycle".into(),
+                            });
                         }
                         let base = b.report.row(name, "baseline").and_then(|r| r.median_ms);
                         if let (Some(r), Some(base)) = (b.report.rows.last_mut(), base) {
@@ -1015,10 +1254,12 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
                         }
                     }
                     tr.fast = None;
+                    tr.fast_sd3 = None;
                 }
             }
             Workload::Memory => {
                 tr.fast = None;
+                tr.fast_sd3 = None;
                 tr.force_start = Some(0);
                 tr.cfg.train.h = 1;
                 for &k in &opts.ks {

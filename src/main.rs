@@ -66,7 +66,7 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Distribution distance between generated and reference images (FD, KID, colour).
+    /// Distribution distance between generated and reference images (FD, KID, colour; CLIP score with --clip).
     Eval {
         /// Folder of generated images.
         #[arg(long)]
@@ -74,7 +74,7 @@ enum Command {
         /// Folder (or imagefolder dataset) of reference images.
         #[arg(long)]
         reference: PathBuf,
-        /// efficientnet-lite1 (default, offline), efficientnet-lite0 or dinov2.
+        /// efficientnet-lite1 (default, offline), efficientnet-lite0, dinov2 or inception-v3 (FID; weights from scripts/convert_inception.py).
         #[arg(long, default_value = "efficientnet-lite1")]
         features: String,
         /// Weights folder of the feature network (required for dinov2).
@@ -85,6 +85,10 @@ enum Command {
         max_images: Option<usize>,
         #[arg(long)]
         json: Option<PathBuf>,
+        /// A transformers CLIPModel folder: also report the CLIP score of the generated
+        /// images against their prompts (prompts.jsonl or metadata.jsonl).
+        #[arg(long)]
+        clip: Option<PathBuf>,
     },
     /// The toy reproduction of the paper's claim: FT vs ADT from a Twemoji base towards Noto emoji.
     Demo {
@@ -129,7 +133,7 @@ enum Command {
     },
     /// Run one component on named inputs and write named outputs (parity checks).
     Forward {
-        /// unet, vae-encode, vae-decode, clip-text, clip-text-proj, dinov2, dinov2-grad, efficientnet, sd3-transformer, t5
+        /// unet, vae-encode, vae-decode, clip-text, clip-text-proj, dinov2, dinov2-grad, efficientnet, inception, sd3-transformer, t5
         #[arg(long)]
         component: String,
         #[arg(long)]
@@ -243,12 +247,7 @@ fn main() -> Result<()> {
                         imgs.push(x);
                     }
                     let x = tch::Tensor::cat(&imgs, 0);
-                    for (i, im) in adt::sample::to_rgb8(&x)?.iter().enumerate() {
-                        let p = out.join(&tag).join(format!("{i:05}.png"));
-                        std::fs::create_dir_all(p.parent().unwrap())?;
-                        im.save(&p)
-                            .with_context(|| format!("writing {}", p.display()))?;
-                    }
+                    adt::sample::save_images(&x, &out.join(&tag), &all)?;
                     let grid = out.join(format!("grid-{tag}.png"));
                     adt::sample::save_grid(&x, &grid, 4)?;
                     eprintln!("wrote {} images and {}", all.len(), grid.display());
@@ -262,11 +261,13 @@ fn main() -> Result<()> {
             features_path,
             max_images,
             json,
+            clip,
         } => {
             let mut o = adt::eval::metrics::EvalOptions::new(generated, reference);
             o.features = features.parse()?;
             o.features_path = features_path;
             o.max_images = max_images;
+            o.clip = clip;
             let r = adt::eval::metrics::evaluate(&o)?;
             print!("{r}");
             if let Some(j) = json {
@@ -324,10 +325,11 @@ fn main() -> Result<()> {
                 "clip-text" | "clip-text-proj" => clip::run_forward(&component, &model, &ins)?,
                 "dinov2" | "dinov2-grad" => dinov2::run_forward(&component, &model, &ins)?,
                 "efficientnet" => efficientnet::run_forward(&component, &model, &ins)?,
+                "inception" => inception::run_forward(&component, &model, &ins)?,
                 "sd3-transformer" => mmdit::run_forward(&component, &model, &ins)?,
                 "t5" => t5::run_forward(&component, &model, &ins)?,
                 c => bail!(
-                    "unknown component {c:?}: expected unet, vae-encode, vae-decode, clip-text, clip-text-proj, dinov2, dinov2-grad, efficientnet, sd3-transformer, t5"
+                    "unknown component {c:?}: expected unet, vae-encode, vae-decode, clip-text, clip-text-proj, dinov2, dinov2-grad, efficientnet, inception, sd3-transformer, t5"
                 ),
             };
             let mut named: Vec<(String, tch::Tensor)> = outs.into_iter().collect();

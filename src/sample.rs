@@ -103,6 +103,30 @@ pub fn to_rgb8(images: &Tensor) -> Result<Vec<image::RgbImage>> {
     Ok(out)
 }
 
+/// Save images as `dir/00000.png`, `dir/00001.png`, ... and write `dir/prompts.jsonl`,
+/// one line `{"file": "00000.png", "prompt": "..."}` per image (the index that
+/// `adt eval --clip` reads); `prompts[i]` is the prompt of image i.
+pub fn save_images(images: &Tensor, dir: &Path, prompts: &[String]) -> Result<()> {
+    let imgs = to_rgb8(images)?;
+    ensure!(
+        imgs.len() == prompts.len(),
+        "{} images but {} prompts",
+        imgs.len(),
+        prompts.len()
+    );
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut index = String::new();
+    for (i, (im, prompt)) in imgs.iter().zip(prompts).enumerate() {
+        let name = format!("{i:05}.png");
+        let p = dir.join(&name);
+        im.save(&p)
+            .with_context(|| format!("writing {}", p.display()))?;
+        index.push_str(&serde_json::json!({ "file": name, "prompt": prompt }).to_string());
+        index.push('\n');
+    }
+    crate::weights::atomic_write(&dir.join("prompts.jsonl"), index.as_bytes())
+}
+
 /// Save images as a grid PNG with `cols` columns (2 px white gutters).
 pub fn save_grid(images: &Tensor, path: &Path, cols: usize) -> Result<()> {
     let imgs = to_rgb8(images)?;

@@ -317,3 +317,174 @@ fn print_tiny_cpu_bench() {
     let report = run_bench(&opts).unwrap();
     println!("{report}");
 }
+
+/// `adt bench --config tiny-sd3` (the command-line binary) on CPU: the SD3 rows
+/// (guided transformer step, flow sampling, ADT iterations, the K sweep) are
+/// measured for the baseline and the bf16 trajectory copy, the UNet fast-path levers
+/// are reported as unsupported, and the JSON report is written.
+#[test]
+fn tiny_sd3_cpu_bench_cli_writes_json() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("sd3.json");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_adt"))
+        .args([
+            "bench",
+            "--config",
+            "tiny-sd3",
+            "--device",
+            "cpu",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--steps",
+            "3",
+            "--k",
+            "1",
+            "--workloads",
+            "step,sample,gd,d,memory",
+            "--levers",
+            "bf16,channels_last,cuda_graph",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "adt bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("transformer_cfg_step"), "{stdout}");
+
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["config"], "tiny-sd3");
+    assert_eq!(v["steps"], 3);
+    assert_eq!(v["resolution"], 32);
+    // The backbone is the tiny SD3 transformer (its parameter count, the stored
+    // position grid included).
+    tch::manual_seed(0);
+    let tiny = adt::models::mmdit::LoadedSd3Transformer::from_config(
+        &adt::models::mmdit::Sd3Config::tiny(),
+        Device::Cpu,
+        Kind::Float,
+    )
+    .unwrap();
+    let n: i64 = tiny.vs.variables().values().map(|t| t.numel() as i64).sum();
+    assert_eq!(v["params"]["unet"].as_i64().unwrap(), n);
+    for k in ["vae", "text", "features", "heads"] {
+        assert!(v["params"][k].as_i64().unwrap() > 0, "params.{k}");
+    }
+    let rows = v["rows"].as_array().unwrap();
+    let row = |w: &str, variant: &str| {
+        rows.iter()
+            .find(|r| r["workload"] == w && r["variant"] == variant)
+            .unwrap_or_else(|| panic!("row {w} / {variant} missing"))
+    };
+    for w in [
+        "transformer_cfg_step",
+        "sample_flow3",
+        "adt_gd_s0",
+        "adt_d_s0",
+    ] {
+        for variant in ["baseline", "bf16"] {
+            let r = row(w, variant);
+            let ms = r["mean_ms"]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{w} / {variant}: {}", r["note"]));
+            assert!(ms > 0.0 && ms.is_finite(), "{w} / {variant}: {ms}");
+            assert!(r["peak_bytes"].as_i64().unwrap() > 0, "{w} / {variant}");
+        }
+        for variant in ["channels_last", "cuda_graph"] {
+            let r = row(w, variant);
+            assert!(r["mean_ms"].is_null());
+            assert!(
+                r["note"].as_str().unwrap().starts_with("unsupported"),
+                "{w} / {variant}: {}",
+                r["note"]
+            );
+        }
+    }
+    for name in ["adt_gd_s0_k1", "adt_gd_s0_k1_onegraph"] {
+        let r = row(name, "baseline");
+        assert!(
+            r["mean_ms"].as_f64().unwrap() > 0.0,
+            "{name}: {}",
+            r["note"]
+        );
+    }
+    assert!(rows
+        .iter()
+        .all(|r| r["workload"] != "unet_cfg_step" && r["workload"] != "sample_ddim3"));
+}
+
+/// The reduced-precision trajectory copy of the SD3 transformer: exact as a float32
+/// copy; in bfloat16 its error against the float32 model is the dtype's (about 8x the
+/// float16 copy's: 3 fewer mantissa bits), with the output in float32 and no graph;
+/// and it follows in-place weight changes of the master through `sync`.
+#[test]
+fn sd3_trajectory_copy_is_exact_in_fp32_and_follows_the_master() {
+    use adt::models::mmdit::{LoadedSd3Transformer, Sd3Config, Sd3TrajectoryCopy};
+    let _g = serial();
+    let cfg = Sd3Config::tiny();
+    let opts = (Kind::Float, Device::Cpu);
+    for seed in 21..24 {
+        tch::manual_seed(seed);
+        let m = LoadedSd3Transformer::from_config(&cfg, Device::Cpu, Kind::Float).unwrap();
+        let x = Tensor::randn([2, 16, 16, 16], opts);
+        let t = Tensor::from_slice(&[900.0f32, 300.0]);
+        let cond = Cond {
+            context: Tensor::randn([2, 7, cfg.joint_attention_dim], opts),
+            pooled: Some(Tensor::randn([2, cfg.pooled_projection_dim], opts)),
+            time_ids: None,
+        };
+        let want = tch::no_grad(|| m.model.predict(&x, &t, &cond)).unwrap();
+        let err = |kind: Kind| {
+            let copy = Sd3TrajectoryCopy::new(&m, kind).unwrap();
+            assert_eq!(copy.kind(), kind);
+            assert_eq!(copy.copy_of("proj_out.weight").unwrap().kind(), kind);
+            let got = copy.predict(&x, &t, &cond).unwrap();
+            assert_eq!(got.kind(), Kind::Float, "output in the input's dtype");
+            assert!(!got.requires_grad());
+            max_rel_err(&got, &want)
+        };
+        let (f32e, f16e, bf16e) = (err(Kind::Float), err(Kind::Half), err(Kind::BFloat16));
+        println!("seed {seed}: SD3 copy vs fp32 model: fp32 {f32e:.1e}, fp16 {f16e:.3e}, bf16 {bf16e:.3e}");
+        assert!(f32e < 1e-6, "{f32e}");
+        assert!(bf16e < 0.2, "{bf16e}");
+        assert!(
+            bf16e > 2.0 * f16e && bf16e < 16.0 * f16e,
+            "bf16 / fp16 error ratio {} is not the dtype's",
+            bf16e / f16e
+        );
+        if seed != 21 {
+            continue;
+        }
+        // Staleness, with an exact (float32) copy.
+        let mut copy = Sd3TrajectoryCopy::new(&m, Kind::Float).unwrap();
+        assert_eq!(copy.refreshes(), 1);
+        assert!(!copy.is_stale());
+        tch::no_grad(|| {
+            for (name, mut v) in m.vs.variables() {
+                if name != "pos_embed.pos_embed" {
+                    let noise = v.randn_like() * 0.05;
+                    let _ = v.g_add_(&noise);
+                }
+            }
+        });
+        assert!(copy.is_stale(), "an in-place update marks the copy stale");
+        let want2 = tch::no_grad(|| m.model.predict(&x, &t, &cond)).unwrap();
+        let e_stale = max_rel_err(&copy.predict(&x, &t, &cond).unwrap(), &want2);
+        assert!(copy.sync());
+        assert!(!copy.sync(), "nothing changed since");
+        assert_eq!(copy.refreshes(), 2);
+        let e_fresh = max_rel_err(&copy.predict(&x, &t, &cond).unwrap(), &want2);
+        println!("after a weight change: stale copy {e_stale:.3e}, refreshed {e_fresh:.1e}");
+        assert!(e_fresh < 1e-6, "{e_fresh}");
+        assert!(e_stale > 1e-3, "{e_stale}");
+    }
+}

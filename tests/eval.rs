@@ -280,8 +280,14 @@ fn eval_errors_name_the_folder_or_file() {
         "efficientnet-lite0".parse::<FeatureSpace>().unwrap(),
         FeatureSpace::EfficientNetLite0
     );
-    let err = format!("{:#}", "inception".parse::<FeatureSpace>().unwrap_err());
-    assert!(err.contains("not implemented"), "{err}");
+    assert_eq!(
+        "inception".parse::<FeatureSpace>().unwrap(),
+        FeatureSpace::InceptionV3
+    );
+    assert_eq!(
+        "fid".parse::<FeatureSpace>().unwrap(),
+        FeatureSpace::InceptionV3
+    );
     let err = format!("{:#}", "clip".parse::<FeatureSpace>().unwrap_err());
     assert!(err.contains("unknown feature space"), "{err}");
 }

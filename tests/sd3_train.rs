@@ -396,3 +396,286 @@ fn tiny_sd3_pipeline_on_disk_loads_and_samples() {
         .to_string();
     assert!(err.contains("flow"), "{err}");
 }
+
+// ---------------------------------------------------------------------------
+// Logit-normal timesteps and the bfloat16 trajectory on SD3
+
+/// `logit_normal_sigma`: sigma = shift(sigmoid(n)), n ~ N(mean, std^2). Undoing the
+/// shift (u = sigma / (shift - (shift - 1) sigma)) and the sigmoid gives back normal
+/// samples with the requested mean and standard deviation (and about 68.3 % of them
+/// within one standard deviation); all sigmas lie in (0, 1); the median is the
+/// shifted sigmoid of the mean. The shift is the one of the uniform draw's table.
+#[test]
+fn logit_normal_sigmas_have_the_requested_statistics() {
+    use adt::train::adt::logit_normal_sigma;
+    use rand::SeedableRng;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let n = 200_000;
+    for (mean, std, shift) in [
+        (0.0, 1.0, 1.0),
+        (0.0, 1.0, 3.0),
+        (-0.5, 1.5, 3.0),
+        (1.0, 0.5, 3.0),
+    ] {
+        let sig: Vec<f64> = (0..n)
+            .map(|_| logit_normal_sigma(&mut rng, mean, std, shift))
+            .collect();
+        assert!(
+            sig.iter().all(|&s| s > 0.0 && s < 1.0),
+            "a sigma outside (0, 1)"
+        );
+        let logits: Vec<f64> = sig
+            .iter()
+            .map(|&s| {
+                let u = s / (shift - (shift - 1.0) * s);
+                (u / (1.0 - u)).ln()
+            })
+            .collect();
+        let m = logits.iter().sum::<f64>() / n as f64;
+        let sd = (logits.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt();
+        let within = logits.iter().filter(|x| (*x - mean).abs() < std).count() as f64 / n as f64;
+        let mut sorted = sig.clone();
+        sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let median = sorted[n / 2];
+        let u_med = 1.0 / (1.0 + (-mean).exp());
+        let want_median = shift * u_med / (1.0 + (shift - 1.0) * u_med);
+        let (lo, hi) = (sorted[0], sorted[n - 1]);
+        println!(
+            "mean {mean}, std {std}, shift {shift}: logit mean {m:.4}, std {sd:.4}, within 1 sd \
+             {within:.4}; sigma median {median:.4} (want {want_median:.4}), range [{lo:.2e}, {hi:.6}]"
+        );
+        // Standard errors: std / sqrt(n) = 2.2e-3 std for the mean, 1.6e-3 std for the sd.
+        assert!((m - mean).abs() < 0.012 * std, "mean {m} vs {mean}");
+        assert!((sd - std).abs() < 0.01 * std, "std {sd} vs {std}");
+        assert!((within - 0.6827).abs() < 0.005, "{within}");
+        assert!(
+            (median - want_median).abs() < 0.005,
+            "{median} vs {want_median}"
+        );
+    }
+    // With a vanishing spread the draw is the shift of sigmoid(mean): at u = (i + 1) / T
+    // it equals the uniform draw's training sigma.
+    let s = ScheduleConfig::sd3();
+    for i in [0usize, 99, 499, 998] {
+        let u = (i + 1) as f64 / s.num_train_timesteps as f64;
+        let logit = (u / (1.0 - u)).ln();
+        let got = logit_normal_sigma(&mut rng, logit, 1e-12, s.shift);
+        let want = flow_training_sigma(&s, i);
+        assert!((got - want).abs() < 1e-6, "i {i}: {got} vs {want}");
+    }
+}
+
+/// FT on the tiny SD3 pipeline with `train.flow_timestep = "logit_normal"`: finite
+/// losses, the transformer moves, and the logged timesteps (round(sigma * 1000))
+/// are not those of the uniform draw. On a UNet model the key is refused by name.
+#[test]
+fn sd3_ft_with_logit_normal_timesteps() {
+    let _guard = lock();
+    tch::set_num_threads(1);
+    let over = [
+        "train.mode=\"ft\"",
+        "train.iterations=4",
+        "train.warmup_g=0",
+        "output.checkpoint_every=0",
+    ];
+    let mut ts = Vec::new();
+    for mode in ["uniform", "logit_normal"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = over.to_vec();
+        let key = format!("train.flow_timestep=\"{mode}\"");
+        o.push(&key);
+        o.push("train.logit_mean=0.3");
+        let cfg = sd3_config(dir.path(), &o);
+        let initial = {
+            let p = Pipeline::tiny_random_sd3(Device::Cpu, cfg.train.seed as i64).unwrap();
+            sorted_vars(p.backbone_vs())
+                .into_iter()
+                .map(|(k, t)| (k, t.detach().copy()))
+                .collect::<Vec<_>>()
+        };
+        let tr = run(
+            cfg,
+            &RunOptions {
+                quiet: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(tr.step, 4);
+        let moved = sorted_vars(tr.pipe.backbone_vs())
+            .iter()
+            .zip(&initial)
+            .filter(|((_, a), (_, b))| max_abs_diff(a, b) > 0.0)
+            .count();
+        assert!(moved > initial.len() / 2, "{mode}: {moved} tensors moved");
+        let m = read_metrics(dir.path());
+        let mut t_mode = Vec::new();
+        for line in &m {
+            let v = line["loss_diff"].as_f64().unwrap();
+            assert!(v.is_finite() && v > 0.0, "{mode}: {line}");
+            let t = line["t_start"].as_i64().unwrap();
+            assert!((0..=1000).contains(&t), "{mode}: t_start {t}");
+            println!("FT {mode} step {}: t {t}, loss_diff {v:.4}", line["step"]);
+            t_mode.push(t);
+        }
+        ts.push(t_mode);
+    }
+    assert_ne!(
+        ts[0], ts[1],
+        "the logit-normal draw gave the uniform timesteps"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = sd3_config(
+        dir.path(),
+        &[
+            "train.mode=\"ft\"",
+            "model.path=\"tiny-random\"",
+            "sampler.kind=\"ddim\"",
+            "train.flow_timestep=\"logit_normal\"",
+        ],
+    );
+    let err = match Trainer::with_parts(cfg, Pipeline::tiny_random(Device::Cpu, 0).unwrap(), None) {
+        Ok(_) => panic!("logit-normal timesteps on a DDPM model must be refused"),
+        Err(e) => e.to_string(),
+    };
+    println!("{err}");
+    assert!(err.contains("train.flow_timestep"), "{err}");
+}
+
+/// One ADT iteration (G + D, K = 1) on the tiny SD3 pipeline from `overrides`; the
+/// log and the generator's gradients.
+fn adt_sd3_step(overrides: &[&str]) -> (adt::train::adt::StepLog, Vec<(String, Tensor)>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = vec![
+        "train.h=1",
+        "train.k=1",
+        "train.warmup_g=0",
+        "train.warmup_d=0",
+        "train.batch_size=1",
+    ];
+    o.extend_from_slice(overrides);
+    let cfg = sd3_config(dir.path(), &o);
+    let pipe = Pipeline::tiny_random_sd3(Device::Cpu, 3).unwrap();
+    let features = adt::train::adt::build_features(&cfg, Device::Cpu, true).unwrap();
+    let mut tr = Trainer::with_parts(cfg, pipe, Some(features)).unwrap();
+    tr.force_start = Some(1);
+    tch::manual_seed(9);
+    let images = Tensor::rand([1, 3, 32, 32], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
+    let ids = Tensor::zeros([1, 6], (Kind::Float, Device::Cpu));
+    let log = tr
+        .iteration_on(&images, &["a red circle".to_string()], &ids)
+        .unwrap();
+    let grads = sorted_vars(tr.pipe.backbone_vs())
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .map(|(k, t)| {
+            let g = t.grad();
+            (
+                k,
+                if g.defined() {
+                    g.copy()
+                } else {
+                    t.zeros_like()
+                },
+            )
+        })
+        .collect();
+    (log, grads)
+}
+
+fn worst_rel(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|((ka, x), (kb, y))| {
+            assert_eq!(ka, kb);
+            adt::fixtures::max_rel_err(y, x)
+        })
+        .fold(0.0, f64::max)
+}
+
+/// ADT's diffusion-loss term with logit-normal noise levels: the per-step gradient
+/// decomposition gives the gradient of the whole graph (the term is added the same
+/// way in both), the term contributes to the gradient (lambda = 0 differs), and its
+/// value is not the start-step loss of the uniform setting.
+#[test]
+fn sd3_adt_logit_normal_diffusion_term() {
+    let _guard = lock();
+    tch::set_num_threads(1);
+    let ln = "train.flow_timestep=\"logit_normal\"";
+    let (dec_log, dec) = adt_sd3_step(&[ln, "train.lambda=2.0"]);
+    let (full_log, full) = adt_sd3_step(&[ln, "train.lambda=2.0", "train.decompose=false"]);
+    let (_, no_term) = adt_sd3_step(&[ln, "train.lambda=0"]);
+    let (uni_log, _) = adt_sd3_step(&["train.lambda=2.0"]);
+    let (dd, fd, ud) = (
+        dec_log.loss_diff.unwrap(),
+        full_log.loss_diff.unwrap(),
+        uni_log.loss_diff.unwrap(),
+    );
+    let e_dec = worst_rel(&full, &dec);
+    let e_term = worst_rel(&dec, &no_term);
+    println!(
+        "loss_diff: decomposed {dd:.6}, one graph {fd:.6}, uniform (at t_s) {ud:.6}; \
+         gradient decomposed vs one graph {e_dec:.2e}, lambda 2 vs 0 {e_term:.2e}"
+    );
+    assert!(dd.is_finite() && dd > 0.0);
+    assert!((dd - fd).abs() <= 1e-6 * dd, "{dd} vs {fd}");
+    assert!(
+        (dec_log.loss_g_adv.unwrap() - full_log.loss_g_adv.unwrap()).abs() < 1e-5,
+        "adversarial loss differs"
+    );
+    assert!(e_dec < 1e-3, "decomposed vs one-graph gradient: {e_dec}");
+    assert!(
+        e_term > 1e-2,
+        "the diffusion term does not reach the gradient: {e_term}"
+    );
+    assert!(
+        (dd - ud).abs() > 1e-4 * ud,
+        "logit-normal term equals the t_s loss"
+    );
+}
+
+/// `train.bf16_trajectory` on an SD3 pipeline: the trainer runs the trajectory on a
+/// bfloat16 copy of the transformer, refreshed after each generator step.
+#[test]
+fn sd3_trainer_uses_and_refreshes_the_bf16_copy() {
+    let _guard = lock();
+    tch::set_num_threads(1);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = sd3_config(
+        dir.path(),
+        &[
+            "train.bf16_trajectory=true",
+            "train.h=1",
+            "train.k=1",
+            "train.warmup_g=0",
+            "train.lr_g=1e-3",
+            "train.batch_size=1",
+        ],
+    );
+    let pipe = Pipeline::tiny_random_sd3(Device::Cpu, 0).unwrap();
+    let features = adt::train::adt::build_features(&cfg, Device::Cpu, true).unwrap();
+    let mut tr = Trainer::with_parts(cfg, pipe, Some(features)).unwrap();
+    assert!(tr.fast.is_none());
+    let copy = tr.fast_sd3.as_ref().expect("an SD3 trajectory copy");
+    assert_eq!(copy.kind(), Kind::BFloat16);
+    assert_eq!(copy.refreshes(), 1);
+    tch::manual_seed(1);
+    let images = Tensor::rand([1, 3, 32, 32], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
+    let captions = vec!["a red square".to_string()];
+    let ids = Tensor::zeros([1, 6], (Kind::Float, Device::Cpu));
+    let log = tr.iteration_on(&images, &captions, &ids).unwrap();
+    assert!(log.loss_g_adv.unwrap().is_finite() && log.loss_d.unwrap().is_finite());
+    assert!(
+        tr.fast_sd3.as_ref().unwrap().is_stale(),
+        "the G step moved the master"
+    );
+    tr.iteration_on(&images, &captions, &ids).unwrap();
+    assert_eq!(tr.fast_sd3.as_ref().unwrap().refreshes(), 2);
+    let copy = tr.fast_sd3.as_mut().unwrap();
+    assert!(copy.sync());
+    let name = "proj_out.weight";
+    let master = &tr.pipe.backbone_vs().variables()[name];
+    let e = adt::fixtures::max_rel_err(&copy.copy_of(name).unwrap().to_kind(Kind::Float), master);
+    assert!(e < 1e-2, "copy vs master after sync: {e}");
+}

@@ -11,16 +11,16 @@
 //!   output (after the final layernorm) of a user-supplied DINOv2 transformers folder.
 //!   Each image is resized to the network's square input (bicubic, antialiased when
 //!   shrinking; the whole image, no crop unless [`EvalOptions::center_crop`]) and
-//!   normalised as the network was trained.
+//!   normalised as the network was trained. Or the standard FID space: the 2048-d pool3
+//!   features of pytorch-fid's FID Inception-v3 (user-supplied weights converted by
+//!   `scripts/convert_inception.py`), with pytorch-fid's own input transform (bilinear
+//!   resize to 299 x 299 without antialiasing, then `2 x - 1`).
 //! * A colour-histogram distance: L1 between the sets' normalised 3-D RGB histograms
 //!   (`bins` per channel; every image weighs the same), in [0, 2]; and each set's mean
 //!   colour. These catch global colour drift that the feature distances may
 //!   underweight.
-//!
-//! Not implemented: the pytorch-fid Inception-v3 feature space (a port of its
-//! FID-specific Inception weights and graph; no such weights can be obtained here), and
-//! CLIP score (this crate has only the CLIP text tower; the vision tower and its
-//! projection are not ported, and no reference outputs exist to verify a port).
+//! * With a CLIP model ([`EvalOptions::clip`]), the CLIP score of the generated
+//!   images against their prompts (see [`super::clip_score`]).
 
 use anyhow::{bail, ensure, Context, Result};
 use rand::SeedableRng;
@@ -35,6 +35,7 @@ use super::fd;
 use crate::disc::features::imagenet_normalize;
 use crate::models::dinov2::{Dinov2Model, LoadedDinov2};
 use crate::models::efficientnet::{self, EfficientNet, LoadedEfficientNet};
+use crate::models::inception::{self, InceptionV3, LoadedInception};
 
 /// Image file extensions read from a plain folder.
 pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp"];
@@ -48,13 +49,17 @@ pub enum FeatureSpace {
     EfficientNetLite0,
     #[serde(rename = "dinov2")]
     Dinov2,
+    /// pytorch-fid's FID Inception-v3 (pool3): the standard FID.
+    #[serde(rename = "inception-v3")]
+    InceptionV3,
 }
 
 impl FeatureSpace {
-    pub const ALL: [FeatureSpace; 3] = [
+    pub const ALL: [FeatureSpace; 4] = [
         FeatureSpace::EfficientNetLite1,
         FeatureSpace::EfficientNetLite0,
         FeatureSpace::Dinov2,
+        FeatureSpace::InceptionV3,
     ];
 
     pub fn name(&self) -> &'static str {
@@ -62,6 +67,7 @@ impl FeatureSpace {
             FeatureSpace::EfficientNetLite1 => "efficientnet-lite1",
             FeatureSpace::EfficientNetLite0 => "efficientnet-lite0",
             FeatureSpace::Dinov2 => "dinov2",
+            FeatureSpace::InceptionV3 => "inception-v3",
         }
     }
 
@@ -71,7 +77,7 @@ impl FeatureSpace {
         let sub = match self {
             FeatureSpace::EfficientNetLite1 => "efficientnet-lite1",
             FeatureSpace::EfficientNetLite0 => "efficientnet-lite0",
-            FeatureSpace::Dinov2 => return None,
+            FeatureSpace::Dinov2 | FeatureSpace::InceptionV3 => return None,
         };
         let local = Path::new(".cache").join("weights").join(sub);
         if local.is_dir() {
@@ -102,11 +108,9 @@ impl FromStr for FeatureSpace {
         match lower.as_str() {
             "lite1" | "efficientnet" => Ok(FeatureSpace::EfficientNetLite1),
             "lite0" => Ok(FeatureSpace::EfficientNetLite0),
-            "inception" | "inception-v3" | "fid" => bail!(
-                "feature space {s:?} is not implemented (the pytorch-fid Inception-v3 port is missing); use efficientnet-lite1, efficientnet-lite0 or dinov2"
-            ),
+            "inception" | "fid" => Ok(FeatureSpace::InceptionV3),
             _ => bail!(
-                "unknown feature space {s:?}: expected one of efficientnet-lite1, efficientnet-lite0, dinov2"
+                "unknown feature space {s:?}: expected one of efficientnet-lite1, efficientnet-lite0, dinov2, inception-v3"
             ),
         }
     }
@@ -142,6 +146,9 @@ pub struct EvalOptions {
     pub histogram_bins: i64,
     /// Seed of the subset selection and of KID's subsets.
     pub seed: u64,
+    /// A transformers `CLIPModel` folder: also compute the CLIP score of the
+    /// generated images against their prompts.
+    pub clip: Option<PathBuf>,
 }
 
 impl EvalOptions {
@@ -160,6 +167,7 @@ impl EvalOptions {
             kid_subset_size: 1000,
             histogram_bins: 8,
             seed: 0,
+            clip: None,
         }
     }
 }
@@ -202,6 +210,10 @@ pub struct EvalReport {
     pub histogram_bins: i64,
     pub seed: u64,
     pub seconds: f64,
+    /// Mean CLIP score (100 * max(cos, 0)) of the generated images, when a CLIP
+    /// model was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_score: Option<f64>,
 }
 
 impl EvalReport {
@@ -280,6 +292,12 @@ impl fmt::Display for EvalReport {
             "colour histogram L1    {:.4}  ({} bins per channel; 0 = same, 2 = disjoint)",
             self.histogram_l1, self.histogram_bins
         )?;
+        if let Some(c) = self.clip_score {
+            writeln!(
+                f,
+                "CLIP score             {c:.4}  (mean of 100 * max(cos, 0))"
+            )?;
+        }
         write!(f, "seed {}, {:.1} s", self.seed, self.seconds)
     }
 }
@@ -419,6 +437,7 @@ pub fn resize_square(x: &Tensor, size: i64) -> Tensor {
 enum Network {
     EfficientNet(Box<LoadedEfficientNet>),
     Dinov2(Box<LoadedDinov2>),
+    Inception(Box<LoadedInception>),
 }
 
 /// A frozen feature network with its preprocessing, giving one vector per image.
@@ -442,8 +461,12 @@ impl FeatureExtractor {
     ) -> Result<Self> {
         let path = match path {
             Some(p) => p.to_path_buf(),
-            None => space.default_path().with_context(|| {
-                format!("the {space} feature space needs a weights folder (--features-path): a transformers DINOv2 checkpoint")
+            None => space.default_path().with_context(|| match space {
+                FeatureSpace::InceptionV3 => format!(
+                    "the {space} feature space needs a weights folder (--features-path): convert pytorch-fid's \
+                     pt_inception-2015-12-05-6726825d.pth with `python3 scripts/convert_inception.py FILE.pth DIR`"
+                ),
+                _ => format!("the {space} feature space needs a weights folder (--features-path): a transformers DINOv2 checkpoint"),
             })?,
         };
         let (network, default_res) = match space {
@@ -477,6 +500,20 @@ impl FeatureExtractor {
                 let loaded = Dinov2Model::load(&path, device, Kind::Float)
                     .with_context(|| format!("loading DINOv2 from {}", path.display()))?;
                 (Network::Dinov2(Box::new(loaded)), 224)
+            }
+            FeatureSpace::InceptionV3 => {
+                ensure!(
+                    !center_crop,
+                    "center_crop is only supported for the EfficientNet feature spaces"
+                );
+                ensure!(
+                    resolution.is_none_or(|r| r == inception::INPUT_SIZE),
+                    "the {space} features take {0}x{0} inputs (pytorch-fid); resolution {resolution:?} is not supported",
+                    inception::INPUT_SIZE
+                );
+                let loaded = InceptionV3::load(&path, device, Kind::Float)
+                    .with_context(|| format!("loading {space} from {}", path.display()))?;
+                (Network::Inception(Box::new(loaded)), inception::INPUT_SIZE)
             }
         };
         let resolution = resolution.unwrap_or(default_res);
@@ -518,6 +555,7 @@ impl FeatureExtractor {
         match &self.network {
             Network::EfficientNet(_) => efficientnet::HEAD_CHANNELS,
             Network::Dinov2(d) => d.config.hidden_size,
+            Network::Inception(_) => inception::FEATURE_DIM,
         }
     }
 
@@ -537,6 +575,7 @@ impl FeatureExtractor {
                 &x.unsqueeze(0),
                 self.resolution,
             ))),
+            Network::Inception(_) => inception::preprocess(&x.unsqueeze(0)),
             Network::Dinov2(_) => Ok(imagenet_normalize(
                 &(resize_square(&x.unsqueeze(0), self.resolution) * 2.0 - 1.0),
             )),
@@ -556,6 +595,7 @@ impl FeatureExtractor {
         tch::no_grad(|| match &self.network {
             Network::EfficientNet(e) => e.model.pooled(&x),
             Network::Dinov2(d) => Ok(d.model.forward(&x)?.pooler_output),
+            Network::Inception(m) => m.model.pool3(&x),
         })
     }
 }
@@ -683,6 +723,19 @@ pub fn evaluate(opts: &EvalOptions) -> Result<EvalReport> {
     // Both folders are listed before the network is loaded, so that a wrong path fails fast.
     let (gen_files, gen_found) = select_images(&opts.generated, opts.max_images, opts.seed)?;
     let (ref_files, ref_found) = select_images(&opts.reference, opts.max_images, opts.seed)?;
+    let clip_score = match &opts.clip {
+        Some(c) => Some(
+            super::clip_score::clip_score_files(
+                c,
+                &opts.generated,
+                &gen_files,
+                opts.device,
+                opts.batch_size,
+            )?
+            .mean,
+        ),
+        None => None,
+    };
     let extractor = FeatureExtractor::load(
         opts.features,
         opts.features_path.as_deref(),
@@ -693,6 +746,7 @@ pub fn evaluate(opts: &EvalOptions) -> Result<EvalReport> {
     let gen = set_stats(&opts.generated, &gen_files, gen_found, &extractor, opts)?;
     let reference = set_stats(&opts.reference, &ref_files, ref_found, &extractor, opts)?;
     let mut report = compare(&gen, &reference, &extractor, opts)?;
+    report.clip_score = clip_score;
     report.seconds = start.elapsed().as_secs_f64();
     Ok(report)
 }
@@ -736,5 +790,6 @@ pub fn compare(
         histogram_bins: opts.histogram_bins,
         seed: opts.seed,
         seconds: 0.0,
+        clip_score: None,
     })
 }

@@ -1,5 +1,6 @@
 //! Evaluation metrics.
 
+pub mod clip_score;
 pub mod fd;
 pub mod metrics;
 

@@ -85,7 +85,7 @@ impl Activation {
         })
     }
 
-    fn apply(self, x: &Tensor) -> Tensor {
+    pub(crate) fn apply(self, x: &Tensor) -> Tensor {
         match self {
             Activation::QuickGelu => x * (x * 1.702).sigmoid(),
             Activation::Gelu => x.gelu("none"),
@@ -176,7 +176,9 @@ impl ClipTextConfig {
     }
 }
 
-struct EncoderLayer {
+/// One pre-norm transformer layer (`layer_norm1`, `self_attn`, `layer_norm2`, `mlp`),
+/// shared by the text and vision towers.
+pub(crate) struct EncoderLayer {
     layer_norm1: nn::LayerNorm,
     q_proj: nn::Linear,
     k_proj: nn::Linear,
@@ -188,10 +190,9 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(p: &nn::Path, cfg: &ClipTextConfig) -> Self {
-        let h = cfg.hidden_size;
+    pub(crate) fn new(p: &nn::Path, h: i64, intermediate: i64, eps: f64) -> Self {
         let ln = nn::LayerNormConfig {
-            eps: cfg.layer_norm_eps,
+            eps,
             ..Default::default()
         };
         let attn = p / "self_attn";
@@ -203,13 +204,21 @@ impl EncoderLayer {
             v_proj: nn::linear(&attn / "v_proj", h, h, Default::default()),
             out_proj: nn::linear(&attn / "out_proj", h, h, Default::default()),
             layer_norm2: nn::layer_norm(p / "layer_norm2", vec![h], ln),
-            fc1: nn::linear(&mlp / "fc1", h, cfg.intermediate_size, Default::default()),
-            fc2: nn::linear(&mlp / "fc2", cfg.intermediate_size, h, Default::default()),
+            fc1: nn::linear(&mlp / "fc1", h, intermediate, Default::default()),
+            fc2: nn::linear(&mlp / "fc2", intermediate, h, Default::default()),
         }
     }
 
-    /// `mask`: None for a plain causal mask, or an additive [B, 1, S, S] mask.
-    fn forward(&self, x: &Tensor, heads: i64, act: Activation, mask: Option<&Tensor>) -> Tensor {
+    /// `mask`: an additive [B, 1, S, S] mask, or None; `causal` applies the plain
+    /// causal mask when `mask` is None (the vision tower attends everywhere).
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        heads: i64,
+        act: Activation,
+        mask: Option<&Tensor>,
+        causal: bool,
+    ) -> Tensor {
         let (b, s, h) = x.size3().expect("CLIP hidden states are [B, S, H]");
         let d = h / heads;
         let y = self.layer_norm1.forward(x);
@@ -218,14 +227,8 @@ impl EncoderLayer {
         let k = split(self.k_proj.forward(&y));
         let v = split(self.v_proj.forward(&y));
         let scale = (d as f64).powf(-0.5);
-        let a = match mask {
-            None => Tensor::scaled_dot_product_attention::<Tensor>(
-                &q, &k, &v, None, 0.0, true, scale, false,
-            ),
-            Some(m) => {
-                Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, scale, false)
-            }
-        };
+        let causal = causal && mask.is_none();
+        let a = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, scale, false);
         let a = a.transpose(1, 2).contiguous().view([b, s, h]);
         let x = x + self.out_proj.forward(&a);
         let y = self.layer_norm2.forward(&x);
@@ -291,7 +294,7 @@ impl ClipTextModel {
         );
         let enc = &tm / "encoder" / "layers";
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| EncoderLayer::new(&(&enc / i), cfg))
+            .map(|i| EncoderLayer::new(&(&enc / i), h, cfg.intermediate_size, cfg.layer_norm_eps))
             .collect();
         let ln = nn::LayerNormConfig {
             eps: cfg.layer_norm_eps,
@@ -367,7 +370,7 @@ impl ClipTextModel {
         };
         let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
         for layer in &self.layers {
-            let next = layer.forward(&x, self.heads, self.act, mask.as_ref());
+            let next = layer.forward(&x, self.heads, self.act, mask.as_ref(), mask.is_none());
             hidden_states.push(x);
             x = next;
         }

@@ -17,9 +17,16 @@
 //! * `norm_out` (continuous AdaLayerNorm) and `proj_out`, then unpatchify.
 //!
 //! `qk_norm = "rms_norm"` (SD3.5) adds RMSNorm per head on the queries and keys of
-//! both streams (`attn.norm_q`, `norm_k`, `norm_added_q`, `norm_added_k`). SD3.5's
-//! dual-attention layers (`dual_attention_layers`) are not implemented and are
-//! rejected when the config lists any.
+//! both streams (`attn.norm_q`, `norm_k`, `norm_added_q`, `norm_added_k`).
+//!
+//! SD3.5's MMDiT-X blocks (the indices in `dual_attention_layers`): `norm1` is
+//! diffusers' `SD35AdaLayerNormZeroX`, nine modulation chunks (shift / scale / gate
+//! of the joint attention, of the feed-forward, and of a second attention), and the
+//! block has `attn2`, a self-attention over the image tokens only (same `qk_norm`,
+//! `attn2.norm_q` / `norm_k`). Its input is the same layer-normed image stream as
+//! the joint attention's, modulated with the second shift / scale; its output is
+//! added with the second gate right after the joint attention's, before the
+//! feed-forward.
 //!
 //! The timestep is a float `[B]` tensor of `sigma * 1000` (flow matching).
 
@@ -184,11 +191,17 @@ impl Sd3Config {
                 "SD3 transformer config field {name} = {v} must be positive"
             );
         }
-        if !self.dual_attention_layers.is_empty() {
+        if let Some(bad) = self
+            .dual_attention_layers
+            .iter()
+            .find(|&&i| i < 0 || i >= self.num_layers)
+        {
             bail!(
-                "SD3 transformer config field dual_attention_layers = {:?} is not supported \
-                 (SD3.5 dual-attention blocks are not implemented; supported: [])",
-                self.dual_attention_layers
+                "SD3 transformer config field dual_attention_layers = {:?}: {bad} is not a block \
+                 index (num_layers = {}, indices 0..{})",
+                self.dual_attention_layers,
+                self.num_layers,
+                self.num_layers - 1
             );
         }
         match self.qk_norm.as_deref() {
@@ -287,11 +300,14 @@ fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Tensor {
 }
 
 /// diffusers' `AdaLayerNormZero`: `linear(silu(temb))` split into shift / scale /
-/// gate for attention and for the feed-forward.
+/// gate for attention and for the feed-forward. With `dual` it is SD3.5's
+/// `SD35AdaLayerNormZeroX`: three more chunks (shift / scale / gate of the second
+/// attention), the second shift / scale applied to the same layer-normed input.
 #[derive(Debug)]
 struct AdaNormZero {
     linear: nn::Linear,
     dim: i64,
+    dual: bool,
 }
 
 struct Modulation {
@@ -299,19 +315,28 @@ struct Modulation {
     shift_mlp: Tensor,
     scale_mlp: Tensor,
     gate_mlp: Tensor,
+    /// `SD35AdaLayerNormZeroX` only: the input of the second attention and its gate.
+    second: Option<(Tensor, Tensor)>,
 }
 
 impl AdaNormZero {
-    fn new(p: &nn::Path, dim: i64) -> Self {
+    fn new(p: &nn::Path, dim: i64, dual: bool) -> Self {
+        let chunks = if dual { 9 } else { 6 };
         AdaNormZero {
-            linear: linear(&(p / "linear"), dim, 6 * dim, true),
+            linear: linear(&(p / "linear"), dim, chunks * dim, true),
             dim,
+            dual,
         }
     }
 
     fn forward(&self, x: &Tensor, temb: &Tensor) -> (Tensor, Modulation) {
-        let e = self.linear.forward(&temb.silu()).chunk(6, 1);
-        let normed = modulate(&plain_norm(x, self.dim), &e[0], &e[1]);
+        let chunks = if self.dual { 9 } else { 6 };
+        let e = self.linear.forward(&temb.silu()).chunk(chunks, 1);
+        let base = plain_norm(x, self.dim);
+        let normed = modulate(&base, &e[0], &e[1]);
+        let second = self
+            .dual
+            .then(|| (modulate(&base, &e[6], &e[7]), e[8].shallow_clone()));
         (
             normed,
             Modulation {
@@ -319,6 +344,7 @@ impl AdaNormZero {
                 shift_mlp: e[3].shallow_clone(),
                 scale_mlp: e[4].shallow_clone(),
                 gate_mlp: e[5].shallow_clone(),
+                second,
             },
         )
     }
@@ -474,6 +500,59 @@ impl JointAttention {
     }
 }
 
+/// diffusers' `Attention` without added projections (the MMDiT-X block's `attn2`):
+/// self-attention over the image tokens, with the per-head RMSNorms of
+/// `qk_norm = "rms_norm"` (`norm_q`, `norm_k`).
+#[derive(Debug)]
+struct SelfAttention {
+    to_q: nn::Linear,
+    to_k: nn::Linear,
+    to_v: nn::Linear,
+    to_out: nn::Linear,
+    norms: Option<(RmsNorm, RmsNorm)>,
+    heads: i64,
+    head_dim: i64,
+}
+
+impl SelfAttention {
+    fn new(p: &nn::Path, dim: i64, heads: i64, head_dim: i64, qk_norm: bool) -> Self {
+        let inner = heads * head_dim;
+        SelfAttention {
+            to_q: linear(&(p / "to_q"), dim, inner, true),
+            to_k: linear(&(p / "to_k"), dim, inner, true),
+            to_v: linear(&(p / "to_v"), dim, inner, true),
+            to_out: linear(&(p / "to_out" / "0"), inner, dim, true),
+            norms: qk_norm.then(|| {
+                (
+                    RmsNorm::new(&(p / "norm_q"), head_dim, 1e-6),
+                    RmsNorm::new(&(p / "norm_k"), head_dim, 1e-6),
+                )
+            }),
+            heads,
+            head_dim,
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let (b, n, _) = x.size3().expect("image tokens are [B, N, D]");
+        let split = |t: Tensor| t.view([b, n, self.heads, self.head_dim]).transpose(1, 2);
+        let mut q = split(self.to_q.forward(x));
+        let mut k = split(self.to_k.forward(x));
+        let v = split(self.to_v.forward(x));
+        if let Some((nq, nk)) = &self.norms {
+            q = nq.forward(&q);
+            k = nk.forward(&k);
+        }
+        let out = Tensor::scaled_dot_product_attention::<Tensor>(
+            &q, &k, &v, None, 0.0, false, None, false,
+        );
+        self.to_out.forward(
+            &out.transpose(1, 2)
+                .reshape([b, n, self.heads * self.head_dim]),
+        )
+    }
+}
+
 /// The text stream's modulation: AdaLayerNormZero, or continuous in the last block.
 #[derive(Debug)]
 enum ContextNorm {
@@ -481,12 +560,15 @@ enum ContextNorm {
     Continuous(AdaNormContinuous),
 }
 
-/// diffusers' `JointTransformerBlock`.
+/// diffusers' `JointTransformerBlock` (with `use_dual_attention`: the MMDiT-X
+/// block, `norm1` with nine chunks and `attn2`).
 #[derive(Debug)]
 struct JointBlock {
     norm1: AdaNormZero,
     norm1_context: ContextNorm,
     attn: JointAttention,
+    /// The image-only second attention of an MMDiT-X block.
+    attn2: Option<SelfAttention>,
     ff: FeedForward,
     /// Absent in the context-pre-only block.
     ff_context: Option<FeedForward>,
@@ -494,15 +576,15 @@ struct JointBlock {
 }
 
 impl JointBlock {
-    fn new(p: &nn::Path, cfg: &Sd3Config, pre_only: bool) -> Self {
+    fn new(p: &nn::Path, cfg: &Sd3Config, pre_only: bool, dual: bool) -> Self {
         let dim = cfg.inner_dim();
         let norm1_context = if pre_only {
             ContextNorm::Continuous(AdaNormContinuous::new(&(p / "norm1_context"), dim, dim))
         } else {
-            ContextNorm::Zero(AdaNormZero::new(&(p / "norm1_context"), dim))
+            ContextNorm::Zero(AdaNormZero::new(&(p / "norm1_context"), dim, false))
         };
         JointBlock {
-            norm1: AdaNormZero::new(&(p / "norm1"), dim),
+            norm1: AdaNormZero::new(&(p / "norm1"), dim, dual),
             norm1_context,
             attn: JointAttention::new(
                 &(p / "attn"),
@@ -512,6 +594,15 @@ impl JointBlock {
                 pre_only,
                 cfg.qk_norm.is_some(),
             ),
+            attn2: dual.then(|| {
+                SelfAttention::new(
+                    &(p / "attn2"),
+                    dim,
+                    cfg.num_attention_heads,
+                    cfg.attention_head_dim,
+                    cfg.qk_norm.is_some(),
+                )
+            }),
             ff: FeedForward::new(&(p / "ff"), dim),
             ff_context: (!pre_only).then(|| FeedForward::new(&(p / "ff_context"), dim)),
             dim,
@@ -529,7 +620,10 @@ impl JointBlock {
             ContextNorm::Continuous(a) => (a.forward(c, temb), None),
         };
         let (attn_x, attn_c) = self.attn.forward(&nx, &nc);
-        let x = x + m.gate_msa.unsqueeze(1) * attn_x;
+        let mut x = x + m.gate_msa.unsqueeze(1) * attn_x;
+        if let (Some(attn2), Some((nx2, gate2))) = (&self.attn2, &m.second) {
+            x += gate2.unsqueeze(1) * attn2.forward(nx2);
+        }
         let h = modulate(&plain_norm(&x, self.dim), &m.shift_mlp, &m.scale_mlp);
         let x = &x + m.gate_mlp.unsqueeze(1) * self.ff.forward(&h);
         let c = match (cm, attn_c, &self.ff_context) {
@@ -595,6 +689,7 @@ impl SD3Transformer2DModel {
                     &(p / "transformer_blocks" / i),
                     cfg,
                     i == cfg.num_layers - 1,
+                    cfg.dual_attention_layers.contains(&i),
                 )
             })
             .collect();
@@ -732,6 +827,111 @@ impl Denoiser for SD3Transformer2DModel {
             .as_ref()
             .context("SD3 transformer: the conditioning has no pooled text embedding")?;
         self.forward(x, &cond.context, pooled, t)
+    }
+}
+
+/// A gradient-free copy of an SD3 transformer in a reduced precision (bfloat16), for
+/// the sampled trajectory of ADT (`train.bf16_trajectory`): the float32 master
+/// weights stay with the optimiser and the recomputed kept steps. The copy follows
+/// the master weights through their version counters (an optimiser step marks it
+/// stale; [`Sd3TrajectoryCopy::sync`] refreshes it). Inputs are cast to the copy's
+/// dtype and outputs back to the input's dtype.
+pub struct Sd3TrajectoryCopy {
+    _vs: nn::VarStore,
+    model: SD3Transformer2DModel,
+    /// (name, master, copy).
+    pairs: Vec<(String, Tensor, Tensor)>,
+    versions: Vec<i64>,
+    refreshes: usize,
+}
+
+impl Sd3TrajectoryCopy {
+    /// A copy of `master` in `kind`, on the master's device, refreshed once.
+    pub fn new(master: &LoadedSd3Transformer, kind: Kind) -> Result<Self> {
+        let mut vs = nn::VarStore::new(master.vs.device());
+        let model = SD3Transformer2DModel::new(&vs.root(), &master.config)?;
+        vs.set_kind(kind);
+        vs.freeze();
+        let copies = vs.variables();
+        let mut pairs = Vec::new();
+        for (name, m) in master.vs.variables() {
+            let c = copies
+                .get(&name)
+                .with_context(|| format!("SD3 trajectory copy: no variable {name}"))?;
+            pairs.push((name, m, c.shallow_clone()));
+        }
+        pairs.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut copy = Sd3TrajectoryCopy {
+            _vs: vs,
+            model,
+            pairs,
+            versions: Vec::new(),
+            refreshes: 0,
+        };
+        copy.refresh();
+        Ok(copy)
+    }
+
+    /// The dtype of the copy.
+    pub fn kind(&self) -> Kind {
+        self.model.proj_out.ws.kind()
+    }
+
+    /// The copy of master variable `name`.
+    pub fn copy_of(&self, name: &str) -> Option<&Tensor> {
+        self.pairs
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, _, c)| c)
+    }
+
+    /// How many times the copy was refreshed from the master weights.
+    pub fn refreshes(&self) -> usize {
+        self.refreshes
+    }
+
+    fn master_versions(&self) -> Vec<i64> {
+        self.pairs
+            .iter()
+            .map(|(_, m, _)| m.internal_version())
+            .collect()
+    }
+
+    /// Copy the master weights into the copy (in place, converting the dtype).
+    pub fn refresh(&mut self) {
+        tch::no_grad(|| {
+            for (_, m, c) in &mut self.pairs {
+                c.copy_(m);
+            }
+        });
+        self.versions = self.master_versions();
+        self.refreshes += 1;
+    }
+
+    /// Whether the master weights changed since the last refresh.
+    pub fn is_stale(&self) -> bool {
+        self.master_versions() != self.versions
+    }
+
+    /// Refresh if the master weights changed; returns whether it refreshed.
+    pub fn sync(&mut self) -> bool {
+        let stale = self.is_stale();
+        if stale {
+            self.refresh();
+        }
+        stale
+    }
+}
+
+/// Without gradient, in the copy's dtype; the output in the dtype of `x`.
+impl Denoiser for Sd3TrajectoryCopy {
+    fn predict(&self, x: &Tensor, t: &Tensor, cond: &Cond) -> Result<Tensor> {
+        let pooled = cond
+            .pooled
+            .as_ref()
+            .context("SD3 transformer: the conditioning has no pooled text embedding")?;
+        let out = tch::no_grad(|| self.model.forward(x, &cond.context, pooled, t))?;
+        Ok(out.to_kind(x.kind()))
     }
 }
 

@@ -1,9 +1,11 @@
 //! Networks, written on tch, loading the diffusers / transformers layouts directly.
 pub mod blocks;
 pub mod clip;
+pub mod clip_vision;
 pub mod config;
 pub mod dinov2;
 pub mod efficientnet;
+pub mod inception;
 pub mod mmdit;
 pub mod pipeline;
 pub mod sd3_text;

@@ -27,12 +27,13 @@ use crate::disc::siamese::{DiscConfig, DiscVariant, Discriminator};
 use crate::disc::FeatureNetwork;
 use crate::models::dinov2::{Dinov2Config, Dinov2Model};
 use crate::models::efficientnet::EfficientNet;
-use crate::models::pipeline::{Family, Pipeline, PipelineOptions, RandomSpec};
+use crate::models::mmdit::Sd3TrajectoryCopy;
+use crate::models::pipeline::{Backbone, Family, Pipeline, PipelineOptions, RandomSpec};
 use crate::models::sd3_text::Sd3TextOptions;
 use crate::models::unet::UNet2DConditionModel;
 use crate::schedule::Plan;
 use crate::schedule::{SamplerKind, ScheduleConfig};
-use crate::train::config::{Config, DiscKind, FeatureNet, Mode};
+use crate::train::config::{Config, DiscKind, FeatureNet, FlowTimestep, Mode};
 use crate::train::fast::{FastDenoiser, FastOptions};
 use crate::train::logging::{EventWriter, JsonlWriter};
 use crate::train::optim::{warmup_lr, AdamW};
@@ -68,6 +69,21 @@ pub fn flow_training_sigma(schedule: &ScheduleConfig, i: usize) -> f64 {
     (shift * s / (1.0 + (shift - 1.0) * s)) as f64
 }
 
+/// A logit-normal noise level of flow matching (SD3's training default): u =
+/// sigmoid(n) with n ~ N(`mean`, `std`^2) (Box-Muller on `rng`), then the shift of
+/// the training sigmas, `shift u / (1 + (shift - 1) u)` (as [`flow_training_sigma`]
+/// applies it to (i + 1) / T). Continuous, in (0, 1). (diffusers' SD3 training
+/// scripts quantise u to the 1000-entry training table and read that table from the
+/// top, i.e. use 1 - u; for `mean` = 0 both give the same distribution.)
+pub fn logit_normal_sigma(rng: &mut impl Rng, mean: f64, std: f64, shift: f64) -> f64 {
+    // u1 in (0, 1] keeps the logarithm finite.
+    let u1 = 1.0 - rng.gen::<f64>();
+    let u2 = rng.gen::<f64>();
+    let n = mean + std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+    let u = 1.0 / (1.0 + (-n).exp());
+    shift * u / (1.0 + (shift - 1.0) * u)
+}
+
 /// A conditioning sharing the tensors of `c`.
 fn shallow(c: &Cond) -> Cond {
     Cond {
@@ -101,6 +117,54 @@ pub struct StepLog {
     pub t_start: i64,
     pub kept: usize,
     pub seconds: f64,
+    /// Milliseconds per phase of the iteration (`train.profile_phases`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phases_ms: Option<std::collections::BTreeMap<String, f64>>,
+}
+
+/// Wall time per phase of an iteration (`train.profile_phases`). The device is
+/// synchronised at every phase boundary so that queued GPU work is charged to the
+/// phase that launched it; off, it does nothing.
+struct Phases {
+    on: bool,
+    device: Device,
+    last: std::time::Instant,
+    ms: std::collections::BTreeMap<String, f64>,
+}
+
+impl Phases {
+    fn new(on: bool, device: Device) -> Phases {
+        let p = Phases {
+            on,
+            device,
+            last: std::time::Instant::now(),
+            ms: Default::default(),
+        };
+        p.sync();
+        p
+    }
+
+    fn sync(&self) {
+        if let (true, Device::Cuda(i)) = (self.on, self.device) {
+            tch::Cuda::synchronize(i as i64);
+        }
+    }
+
+    /// Charge the time since the previous mark to `name`.
+    fn mark(&mut self, name: &str) {
+        if !self.on {
+            return;
+        }
+        self.sync();
+        let now = std::time::Instant::now();
+        *self.ms.entry(name.to_string()).or_default() +=
+            now.duration_since(self.last).as_secs_f64() * 1e3;
+        self.last = now;
+    }
+
+    fn finish(self) -> Option<std::collections::BTreeMap<String, f64>> {
+        self.on.then_some(self.ms)
+    }
 }
 
 fn check_finite(step: usize, name: &str, v: f64) -> Result<()> {
@@ -210,6 +274,9 @@ pub struct Trainer {
     pub force_start: Option<usize>,
     /// Gradient-free copy of the UNet for the trajectory (`train.bf16_trajectory`).
     pub fast: Option<FastDenoiser>,
+    /// Gradient-free bfloat16 copy of the SD3 transformer for the trajectory
+    /// (`train.bf16_trajectory` on an SD3 pipeline).
+    pub fast_sd3: Option<Sd3TrajectoryCopy>,
 }
 
 impl Trainer {
@@ -336,14 +403,50 @@ impl Trainer {
             v
         });
         let policy = Policy::parse(&cfg.disc.diffaug)?;
-        let fast = if cfg.train.bf16_trajectory {
-            let unet = pipe
-                .unet()
-                .context("train.bf16_trajectory = true is supported for UNet models only")?;
+        let tt = &cfg.train;
+        let on_cuda = pipe.device.is_cuda();
+        if (tt.cuda_graph || tt.autocast_bf16) && !on_cuda {
+            bail!("train.cuda_graph and train.autocast_bf16 need train.device = \"cuda\"");
+        }
+        if on_cuda {
+            tch::Cuda::cudnn_set_benchmark(tt.cudnn_benchmark);
+            if tt.tf32 {
+                crate::train::fast::gpu::set_tf32(true).context("train.tf32")?;
+            }
+        } else if tt.tf32 || tt.cudnn_benchmark {
+            tracing::warn!("train.tf32 / train.cudnn_benchmark have no effect on the CPU");
+        }
+        if tt.flow_timestep != FlowTimestep::Uniform && !pipe.is_flow() {
+            bail!(
+                "train.flow_timestep = \"logit_normal\" needs a flow-matching (SD3) model; this \
+                 {:?} model has a DDPM noise schedule (use \"uniform\")",
+                pipe.family
+            );
+        }
+        let fast_sd3 = match &pipe.backbone {
+            Backbone::Sd3(t) if tt.bf16_trajectory && !tt.cuda_graph && !tt.channels_last => {
+                Some(Sd3TrajectoryCopy::new(t, Kind::BFloat16)?)
+            }
+            _ => None,
+        };
+        let fast = if fast_sd3.is_none()
+            && (tt.bf16_trajectory || tt.cuda_graph || tt.channels_last)
+        {
+            let unet = pipe.unet().context(
+                "train.bf16_trajectory / cuda_graph / channels_last are supported for UNet models only",
+            )?;
             Some(FastDenoiser::new(
                 &unet.vs,
                 &unet.config,
-                FastOptions::bf16(),
+                FastOptions {
+                    kind: if tt.bf16_trajectory {
+                        Kind::BFloat16
+                    } else {
+                        Kind::Float
+                    },
+                    channels_last: tt.channels_last,
+                    cuda_graph: tt.cuda_graph,
+                },
             )?)
         } else {
             None
@@ -368,6 +471,7 @@ impl Trainer {
             uncond_cache: None,
             force_start: None,
             fast,
+            fast_sd3,
         })
     }
 
@@ -447,9 +551,15 @@ impl Trainer {
         for (images, captions, time_ids) in micro {
             prepared.push(self.prepare(images, captions, time_ids, &mut rng)?);
         }
-        let mut log = match self.cfg.train.mode {
-            Mode::Adt => self.adt_iteration(step, prepared, &mut rng)?,
-            Mode::Ft => self.ft_iteration(step, prepared, &mut rng)?,
+        let mode = self.cfg.train.mode;
+        let body = |tr: &mut Trainer| match mode {
+            Mode::Adt => tr.adt_iteration(step, prepared, &mut rng),
+            Mode::Ft => tr.ft_iteration(step, prepared, &mut rng),
+        };
+        let mut log = if self.cfg.train.autocast_bf16 {
+            crate::train::fast::gpu::autocast_bf16(|| body(self))??
+        } else {
+            body(self)?
         };
         log.seconds = started.elapsed().as_secs_f64();
         self.step += 1;
@@ -495,6 +605,9 @@ impl Trainer {
         // scaled by 1 / A and the gradients add up to those of the whole batch.
         let a = micro.len() as f64;
         // The trajectory copy follows the master weights (refreshed after a G step).
+        if let Some(f) = &mut self.fast_sd3 {
+            f.sync();
+        }
         if let Some(f) = &mut self.fast {
             f.sync();
         }
@@ -509,8 +622,12 @@ impl Trainer {
             kept_steps: Vec<crate::train::path::KeptStep>,
             cond: Cond,
             uncond: Cond,
+            /// `train.flow_timestep = "logit_normal"`: the noise levels of the
+            /// diffusion-loss term, one per sample.
+            diff_sigmas: Option<Vec<f32>>,
         }
         let mut mbs = Vec::with_capacity(micro.len());
+        let mut phases = Phases::new(t.profile_phases, self.device());
         let lr_d = warmup_lr(t.lr_d, step, t.warmup_d);
         self.opt_d.as_mut().unwrap().zero_grad();
         let (mut loss_d, mut acc, mut real_s, mut fake_s) = (0.0, 0.0, 0.0, 0.0);
@@ -524,14 +641,18 @@ impl Trainer {
             let eps = z0.randn_like();
             let x_s = self.plan.add_noise(&z0, &eps, s);
             let kept = choose_kept(rng, s, n, t.k);
+            let diff_sigmas = (t.flow_timestep == FlowTimestep::LogitNormal)
+                .then(|| self.logit_normal_sigmas(rng, z0.size()[0]));
             let guidance = Guidance::new(&uncond, &cond, self.cfg.sampler.cfg);
-            let traj: &dyn Denoiser = match &self.fast {
-                Some(f) => f,
-                None => self.pipe.denoiser(),
+            let traj: &dyn Denoiser = match (&self.fast, &self.fast_sd3) {
+                (Some(f), _) => f,
+                (None, Some(f)) => f,
+                (None, None) => self.pipe.denoiser(),
             };
             // Lines 6-14, without a graph (Eq. 11 decides only the gradient, not values).
             let r = rollout(traj, &self.plan, s, &x_s, &kept, &guidance, t.grad_path)?;
             let fake = tch::no_grad(|| self.pipe.to_images(&r.final_x))?.clamp(-1.0, 1.0);
+            phases.mark("trajectory");
             // Lines 16-18: discriminator loss on DiffAugment-ed real / fake images.
             let real_ref = tch::no_grad(|| diff_augment(&x0, &self.policy))?;
             let real = tch::no_grad(|| diff_augment(&x0, &self.policy))?;
@@ -550,6 +671,7 @@ impl Trainer {
                 .d_loss(&f_ref, &f_real, &f_fake)?;
             check_finite(step, "loss_d", stats.loss)?;
             (loss / a).backward();
+            phases.mark("d_loss");
             loss_d += stats.loss / a;
             acc += stats.accuracy / a;
             real_s += stats.real_score / a;
@@ -565,6 +687,7 @@ impl Trainer {
                 kept_steps: r.kept,
                 cond,
                 uncond,
+                diff_sigmas,
             });
         }
         {
@@ -572,6 +695,7 @@ impl Trainer {
             opt.lr = lr_d;
             opt.step();
             self.disc.as_ref().unwrap().ema_update(t.tau)?;
+            phases.mark("d_step");
         }
         let mut log = StepLog {
             step,
@@ -606,17 +730,34 @@ impl Trainer {
                     let av = loss_adv.double_value(&[]);
                     check_finite(step, "loss_g_adv", av)?;
                     (loss_adv / a).backward();
+                    phases.mark("g_adversarial");
                     let g = leaf.grad();
-                    // Eq. 12: one kept step at a time.
+                    // Eq. 12: one kept step at a time (with the diffusion loss at t_s,
+                    // unless it has noise levels of its own).
+                    let at_start = match &mb.diff_sigmas {
+                        None => Some((mb.s, &target, t.lambda / a)),
+                        Some(_) => None,
+                    };
                     let dv = backprop_kept(
                         denoiser,
                         &self.plan,
                         &mb.kept_steps,
                         &g,
                         &guidance,
-                        Some((mb.s, &target, t.lambda / a)),
+                        at_start,
                     )?;
-                    (av, dv.unwrap_or(0.0))
+                    phases.mark("g_kept_steps");
+                    let dv = match &mb.diff_sigmas {
+                        None => dv.unwrap_or(0.0),
+                        Some(sig) => {
+                            let noise = mb.z0.randn_like();
+                            let d = self.flow_diffusion_loss(&mb.z0, &noise, sig, &mb.cond)?;
+                            let v = d.double_value(&[]);
+                            (d * (t.lambda / a)).backward();
+                            v
+                        }
+                    };
+                    (av, dv)
                 } else {
                     let (xf, start_cond) = rollout_graph(
                         denoiser,
@@ -630,7 +771,13 @@ impl Trainer {
                     let img = self.pipe.to_images(&xf)?;
                     let feats = self.features(&diff_augment(&img, &self.policy)?);
                     let (loss_adv, _) = self.disc.as_ref().unwrap().g_loss(&feats_ref, &feats)?;
-                    let d = (start_cond.unwrap() - &target).square().mean(Kind::Float);
+                    let d = match &mb.diff_sigmas {
+                        None => (start_cond.unwrap() - &target).square().mean(Kind::Float),
+                        Some(sig) => {
+                            let noise = mb.z0.randn_like();
+                            self.flow_diffusion_loss(&mb.z0, &noise, sig, &mb.cond)?
+                        }
+                    };
                     let (av, dv) = (loss_adv.double_value(&[]), d.double_value(&[]));
                     check_finite(step, "loss_g_adv", av)?;
                     ((loss_adv + d * t.lambda) / a).backward();
@@ -648,10 +795,13 @@ impl Trainer {
             self.opt_g.step();
             self.g_steps += 1;
             self.update_ema();
+            phases.mark("g_step");
             log.loss_g_adv = Some(adv);
             log.loss_diff = Some(diff);
             log.grad_norm_g = Some(norm);
         }
+        phases.mark("other");
+        log.phases_ms = phases.finish();
         Ok(log)
     }
 
@@ -662,6 +812,8 @@ impl Trainer {
     /// shifted training sigmas ([`flow_training_sigma`], i.e. the "uniform" timestep
     /// weighting of diffusers' SD3 training scripts, no loss weighting),
     /// x_t = (1 - sigma) z0 + sigma eps, model timestep sigma * T, target eps - z0.
+    /// With `train.flow_timestep = "logit_normal"` sigma is [`logit_normal_sigma`]
+    /// instead (the logged `t_start` is then round(sigma * T)).
     fn ft_iteration(
         &mut self,
         step: usize,
@@ -679,11 +831,19 @@ impl Trainer {
             let dev = self.device();
             let eps = z0.randn_like();
             let col = |v: Vec<f32>| Tensor::from_slice(&v).to_device(dev).view([-1, 1, 1, 1]);
+            let mut first_t = ts[0];
             let (x_t, target, model_t) = if self.pipe.is_flow() {
-                let sig: Vec<f32> = ts
-                    .iter()
-                    .map(|&i| flow_training_sigma(&self.pipe.schedule, i) as f32)
-                    .collect();
+                let sig: Vec<f32> = match t.flow_timestep {
+                    FlowTimestep::Uniform => ts
+                        .iter()
+                        .map(|&i| flow_training_sigma(&self.pipe.schedule, i) as f32)
+                        .collect(),
+                    FlowTimestep::LogitNormal => {
+                        let sig = self.logit_normal_sigmas(rng, b);
+                        first_t = (sig[0] * n_train as f32).round() as usize;
+                        sig
+                    }
+                };
                 let model_t: Vec<f32> = sig.iter().map(|s| s * n_train as f32).collect();
                 let s = col(sig);
                 let x_t = &z0 * (1.0 - &s) + &eps * &s;
@@ -713,7 +873,7 @@ impl Trainer {
             (loss / a).backward();
             lv += v / a;
             if k == 0 {
-                t0 = ts[0];
+                t0 = first_t;
             }
         }
         let norm = self.opt_g.clip_grad_norm(t.grad_clip);
@@ -731,6 +891,40 @@ impl Trainer {
             t_start: t0 as i64,
             ..Default::default()
         })
+    }
+
+    /// `n` noise levels from [`logit_normal_sigma`] with `train.logit_mean`,
+    /// `train.logit_std` and the scheduler's shift.
+    fn logit_normal_sigmas(&self, rng: &mut impl Rng, n: i64) -> Vec<f32> {
+        let t = &self.cfg.train;
+        let shift = self.pipe.schedule.shift;
+        (0..n)
+            .map(|_| logit_normal_sigma(rng, t.logit_mean, t.logit_std, shift) as f32)
+            .collect()
+    }
+
+    /// The flow-matching diffusion loss (with graph) at the noise levels `sigmas`, one
+    /// per sample: x = (1 - sigma) z0 + sigma noise at model timestep sigma * T, the
+    /// mean squared error of the conditional output against noise - z0.
+    fn flow_diffusion_loss(
+        &self,
+        z0: &Tensor,
+        noise: &Tensor,
+        sigmas: &[f32],
+        cond: &Cond,
+    ) -> Result<Tensor> {
+        let dev = self.device();
+        let n_train = self.pipe.schedule.num_train_timesteps as f32;
+        let s = Tensor::from_slice(sigmas)
+            .to_device(dev)
+            .view([-1, 1, 1, 1]);
+        let x = z0 * (1.0 - &s) + noise * &s;
+        let model_t: Vec<f32> = sigmas.iter().map(|v| v * n_train).collect();
+        let tt = Tensor::from_slice(&model_t).to_device(dev);
+        let out = self.pipe.denoiser().predict(&x, &tt, cond)?;
+        Ok((out.to_kind(Kind::Float) - (noise - z0))
+            .square()
+            .mean(Kind::Float))
     }
 
     /// EMA of the generator weights, with the usual warm-up of the decay

@@ -27,6 +27,19 @@ pub enum GradPath {
     Drtune,
 }
 
+/// How the flow-matching diffusion loss draws its noise level sigma (SD3 models).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlowTimestep {
+    /// FT: sigma uniform over the scheduler's shifted training sigmas. ADT: the
+    /// diffusion loss of Eq. 8 at the trajectory's start step t_s.
+    Uniform,
+    /// sigma = sigmoid(n), n ~ N(train.logit_mean, train.logit_std^2), then the
+    /// scheduler's shift (SD3's training default). ADT evaluates its diffusion-loss
+    /// term at such a sigma, drawn independently of the trajectory's start step.
+    LogitNormal,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DiscKind {
@@ -110,14 +123,37 @@ pub struct TrainSection {
     pub resolution: i64,
     /// Probability of dropping the caption (for CFG) in the diffusion loss.
     pub caption_dropout: f64,
+    /// Flow-matching models: the noise-level draw of the diffusion loss, "uniform"
+    /// or "logit_normal" (see [`FlowTimestep`]).
+    pub flow_timestep: FlowTimestep,
+    /// Mean of the logit-normal draw (`flow_timestep = "logit_normal"`).
+    pub logit_mean: f64,
+    /// Standard deviation of the logit-normal draw (`flow_timestep = "logit_normal"`).
+    pub logit_std: f64,
     /// Iterations with discriminator updates only, before the first generator step.
     pub d_only_iterations: usize,
     /// "cpu", "cuda" or "cuda:N".
     pub device: String,
-    /// Run the gradient-free trajectory with a bfloat16 copy of the UNet (refreshed
-    /// from the float32 master weights after each generator step); the kept steps
-    /// are recomputed with the float32 weights.
+    /// Run the gradient-free trajectory with a bfloat16 copy of the UNet or SD3
+    /// transformer (refreshed from the float32 master weights after each generator
+    /// step); the kept steps are recomputed with the float32 weights.
     pub bf16_trajectory: bool,
+    /// Capture the guided UNet call of the trajectory once as a CUDA graph and replay
+    /// it (CUDA, GPU build only; UNet models).
+    pub cuda_graph: bool,
+    /// Channels-last layout for the trajectory copy of the UNet (UNet models).
+    pub channels_last: bool,
+    /// cuDNN benchmark mode: pick the fastest convolution algorithms (CUDA).
+    pub cudnn_benchmark: bool,
+    /// Allow TF32 tensor cores for float32 matmuls and convolutions (CUDA).
+    pub tf32: bool,
+    /// Run the iteration under CUDA bfloat16 autocast (torch.autocast semantics:
+    /// matmuls / convolutions in bfloat16, float32 master weights and optimiser).
+    pub autocast_bf16: bool,
+    /// Record the wall time of each phase of an ADT iteration (trajectory,
+    /// discriminator, generator) in metrics.jsonl; synchronises the device at each
+    /// phase boundary.
+    pub profile_phases: bool,
     /// Stop after this many minutes of training and save as if finished.
     pub time_limit_minutes: Option<f64>,
 }
@@ -148,9 +184,18 @@ impl Default for TrainSection {
             decompose: true,
             resolution: 512,
             caption_dropout: 0.0,
+            flow_timestep: FlowTimestep::Uniform,
+            logit_mean: 0.0,
+            logit_std: 1.0,
             d_only_iterations: 0,
             device: "cpu".into(),
             bf16_trajectory: false,
+            cuda_graph: false,
+            channels_last: false,
+            cudnn_benchmark: false,
+            tf32: false,
+            autocast_bf16: false,
+            profile_phases: false,
             time_limit_minutes: None,
         }
     }
@@ -335,6 +380,18 @@ impl Config {
                 bail!("train.ema_decay = {d}: must be in [0, 1)");
             }
         }
+        if !t.logit_mean.is_finite() {
+            bail!(
+                "train.logit_mean = {}: must be a finite number",
+                t.logit_mean
+            );
+        }
+        if !(t.logit_std > 0.0 && t.logit_std.is_finite()) {
+            bail!(
+                "train.logit_std = {}: must be a positive number",
+                t.logit_std
+            );
+        }
         if !(0.0..=1.0).contains(&t.caption_dropout) {
             bail!(
                 "train.caption_dropout = {}: must be in [0, 1]",
@@ -469,5 +526,48 @@ mod tests {
             Config::load(None, &["train.device=tpu".into()]).unwrap_err()
         );
         assert!(e.contains("cuda:N"), "{e}");
+    }
+
+    #[test]
+    fn flow_timestep_keys() {
+        let c = Config::load(None, &[]).unwrap();
+        assert_eq!(c.train.flow_timestep, FlowTimestep::Uniform);
+        assert_eq!((c.train.logit_mean, c.train.logit_std), (0.0, 1.0));
+        let c = Config::load(
+            None,
+            &[
+                "train.flow_timestep=logit_normal".into(),
+                "train.logit_mean=-0.5".into(),
+                "train.logit_std=1.5".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.train.flow_timestep, FlowTimestep::LogitNormal);
+        assert_eq!((c.train.logit_mean, c.train.logit_std), (-0.5, 1.5));
+        let text = c.to_toml().unwrap();
+        assert!(text.contains("flow_timestep = \"logit_normal\""), "{text}");
+        let e = format!(
+            "{:#}",
+            Config::load(None, &["train.flow_timestep=lognormal".into()]).unwrap_err()
+        );
+        assert!(
+            e.contains("train.flow_timestep")
+                && e.contains("logit_normal")
+                && e.contains("uniform"),
+            "{e}"
+        );
+        for bad in [
+            "train.logit_std=0",
+            "train.logit_std=-1",
+            "train.logit_std=nan",
+        ] {
+            let e = format!("{:#}", Config::load(None, &[bad.into()]).unwrap_err());
+            assert!(e.contains("train.logit_std"), "{bad}: {e}");
+        }
+        let e = format!(
+            "{:#}",
+            Config::load(None, &["train.logit_mean=inf".into()]).unwrap_err()
+        );
+        assert!(e.contains("train.logit_mean"), "{e}");
     }
 }

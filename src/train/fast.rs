@@ -40,6 +40,8 @@ pub mod gpu {
                 peak_reserved: *mut i64,
             ) -> c_int;
             pub fn adt_cuda_empty_cache() -> c_int;
+            pub fn adt_set_tf32(enable: c_int) -> c_int;
+            pub fn adt_autocast_bf16() -> c_int;
             pub fn adt_graph_new(device: c_int) -> *mut c_void;
             pub fn adt_graph_free(g: *mut c_void);
             pub fn adt_graph_enter_side(g: *mut c_void) -> c_int;
@@ -130,6 +132,35 @@ pub mod gpu {
         #[cfg(not(adt_cuda_shim))]
         {
             Err(missing("empty_cache"))
+        }
+    }
+
+    /// Allow (or forbid) TF32 tensor cores for float32 matmuls and convolutions.
+    pub fn set_tf32(enable: bool) -> Result<()> {
+        #[cfg(adt_cuda_shim)]
+        {
+            check(unsafe { ffi::adt_set_tf32(enable as i32) }, "set_tf32")
+        }
+        #[cfg(not(adt_cuda_shim))]
+        {
+            let _ = enable;
+            Err(missing("TF32 mode"))
+        }
+    }
+
+    /// Run `f` under CUDA autocast with bfloat16 as the low-precision dtype (like
+    /// `torch.autocast("cuda", dtype=torch.bfloat16)`): matmuls and convolutions in
+    /// bfloat16, reductions and losses in float32, float32 parameters untouched.
+    pub fn autocast_bf16<T>(f: impl FnOnce() -> T) -> Result<T> {
+        #[cfg(adt_cuda_shim)]
+        {
+            check(unsafe { ffi::adt_autocast_bf16() }, "autocast dtype")?;
+            Ok(tch::autocast(true, f))
+        }
+        #[cfg(not(adt_cuda_shim))]
+        {
+            let _ = f;
+            Err(missing("bfloat16 autocast"))
         }
     }
 
