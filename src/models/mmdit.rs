@@ -842,6 +842,8 @@ pub struct Sd3TrajectoryCopy {
     /// (name, master, copy).
     pairs: Vec<(String, Tensor, Tensor)>,
     versions: Vec<i64>,
+    /// The caller's generation number (e.g. optimiser steps) at the last refresh.
+    generation: Option<i64>,
     refreshes: usize,
 }
 
@@ -866,6 +868,7 @@ impl Sd3TrajectoryCopy {
             model,
             pairs,
             versions: Vec::new(),
+            generation: None,
             refreshes: 0,
         };
         copy.refresh();
@@ -920,6 +923,21 @@ impl Sd3TrajectoryCopy {
             self.refresh();
         }
         stale
+    }
+
+    /// [`Sd3TrajectoryCopy::sync`], and refresh as well when `generation` (the
+    /// optimiser's step count) differs from the one of the last call: an update
+    /// that writes the weights without bumping their version counters (a fused
+    /// optimiser kernel) is caught too. Returns whether it refreshed.
+    pub fn sync_with(&mut self, generation: i64) -> bool {
+        let moved = self.generation.is_some_and(|g| g != generation);
+        self.generation = Some(generation);
+        if moved || self.is_stale() {
+            self.refresh();
+            true
+        } else {
+            false
+        }
     }
 }
 
