@@ -42,6 +42,12 @@ int adt_fused_adamw(const at::Tensor* const* params, const at::Tensor* const* gr
     }
     at::_fused_adamw_(p, g, m, v, {}, s, lr, beta1, beta2, weight_decay, eps,
                       /*amsgrad=*/false, /*maximize=*/false);
+    // The kernel writes through raw pointers: record the in-place change in the
+    // version counters (as an in-place tensor op would), which copies of the
+    // weights use to notice that they are stale.
+    for (auto& t : p) t.unsafeGetTensorImpl()->bump_version();
+    for (auto& t : m) t.unsafeGetTensorImpl()->bump_version();
+    for (auto& t : v) t.unsafeGetTensorImpl()->bump_version();
     return 0;
   } catch (const std::exception& e) {
     optim_error = e.what();

@@ -147,7 +147,7 @@ run adt 200 --config sd15 --device cuda --iters 1 --warmup 1 --workloads gd,d,h5
 run memory 150 --config sd15 --device cuda --iters 1 --warmup 1 --workloads memory --k 1,3,8 --levers none
 # SD3-medium sizes (MMDiT 2.0B, 1024 px): guided transformer step, 28-step flow
 # sampling + decode, one ADT G+D iteration (K = 3); fp32 and the bf16 trajectory copy.
-run sd3 150 --config sd3-medium --device cuda --iters 1 --warmup 1 --steps 28 \
+run sd3 180 --config sd3-medium --device cuda --iters 1 --warmup 1 --steps 28 \
   --workloads step,sample,gd --levers bf16 --combo bf16+tf32
 # 6. Tiny models on the GPU (launch-overhead bound), everything.
 run tiny 90 --config tiny --device cuda --iters 2 --warmup 1 --k 1,3,8 --levers all

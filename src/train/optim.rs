@@ -336,6 +336,17 @@ mod tests {
             st.sort_by(|x, y| x.0.cmp(&y.0));
             (st, opt.fused)
         };
+        // The fused update is visible in the version counters, as an in-place op's.
+        {
+            let vs = VarStore::new(Device::Cpu);
+            let w = vs.root().var("w", &[4], nn::Init::Const(1.0));
+            let mut opt = AdamW::new(&vs, 0.1, 0.9, 0.999, 0.0);
+            opt.fused = true;
+            let before = w.internal_version();
+            w.sum(Kind::Float).backward();
+            opt.step();
+            assert!(w.internal_version() > before, "the update did not bump the version");
+        }
         let (fused, still_fused) = make(true);
         let (looped, _) = make(false);
         assert!(still_fused || !fused_available(), "the fused kernel failed");
