@@ -48,11 +48,12 @@ impl Default for DemoOptions {
     fn default() -> Self {
         DemoOptions {
             seeds: vec![0],
-            iterations: 120,
+            // Sized for about ten minutes on two CPU cores (see the README).
+            iterations: 80,
             out: PathBuf::from("runs/demo"),
             base: PathBuf::from("assets/demo-base"),
             data: PathBuf::from(".cache/demo/data"),
-            eval_images: 478,
+            eval_images: 256,
             ft_config: PathBuf::from("examples/demo-ft.toml"),
             adt_config: PathBuf::from("examples/demo-adt.toml"),
             device: "cpu".into(),

@@ -95,11 +95,11 @@ enum Command {
         /// Seeds (comma-separated); one FT and one ADT run each.
         #[arg(long, default_value = "0", value_delimiter = ',')]
         seeds: Vec<u64>,
-        /// Iterations per run.
-        #[arg(long, default_value_t = 120)]
+        /// Iterations per run (the README's three-seed table: 200).
+        #[arg(long, default_value_t = adt::demo::DemoOptions::default().iterations)]
         iterations: usize,
-        /// Held-out captions / images used in the evaluation.
-        #[arg(long, default_value_t = 478)]
+        /// Held-out captions / images used in the evaluation (all of them: 478).
+        #[arg(long, default_value_t = adt::demo::DemoOptions::default().eval_images)]
         eval_images: usize,
         #[arg(long, default_value = "runs/demo")]
         out: PathBuf,
