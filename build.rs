@@ -75,7 +75,12 @@ fn build_optim_shim() {
         return;
     };
     let inc = PathBuf::from(libtorch).join("include");
-    if !inc.join("ATen").join("ops").join("_fused_adamw.h").is_file() {
+    if !inc
+        .join("ATen")
+        .join("ops")
+        .join("_fused_adamw.h")
+        .is_file()
+    {
         return;
     }
     cc::Build::new()

@@ -847,8 +847,7 @@ impl Bench {
             if l.needs_cuda() && !self.device.is_cuda() {
                 return Some(format!("skipped: {} needs a CUDA device", l.name()));
             }
-            if matches!(l, Lever::CudaGraph | Lever::Tf32 | Lever::Autocast) && !gpu::available()
-            {
+            if matches!(l, Lever::CudaGraph | Lever::Tf32 | Lever::Autocast) && !gpu::available() {
                 return Some(format!(
                     "skipped: {} needs a binary built with --features cuda",
                     l.name()

@@ -213,7 +213,9 @@ impl AdamW {
             .get_or_insert_with(|| Tensor::zeros([], (Kind::Float, device)));
         let _ = step_t.fill_(self.step as f64);
         let ptrs = |v: &[Tensor]| -> Vec<*const ffi::CTensor> {
-            idx.iter().map(|&i| v[i].as_ptr() as *const ffi::CTensor).collect()
+            idx.iter()
+                .map(|&i| v[i].as_ptr() as *const ffi::CTensor)
+                .collect()
         };
         let (p, m, v) = (ptrs(&self.params), ptrs(&self.m), ptrs(&self.v));
         let g: Vec<*const ffi::CTensor> = grads
@@ -314,13 +316,30 @@ mod tests {
     #[test]
     fn fused_adamw_matches_the_loop() {
         if option_env!("LIBTORCH").is_some() {
-            assert!(fused_available(), "built with LIBTORCH but without the fused AdamW shim");
+            assert!(
+                fused_available(),
+                "built with LIBTORCH but without the fused AdamW shim"
+            );
         }
         let make = |fused: bool| {
             tch::manual_seed(3);
             let vs = VarStore::new(Device::Cpu);
-            let a = vs.root().var("a", &[7, 5], nn::Init::Randn { mean: 0.0, stdev: 1.0 });
-            let b = vs.root().var("b", &[11], nn::Init::Randn { mean: 0.0, stdev: 1.0 });
+            let a = vs.root().var(
+                "a",
+                &[7, 5],
+                nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 1.0,
+                },
+            );
+            let b = vs.root().var(
+                "b",
+                &[11],
+                nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 1.0,
+                },
+            );
             let _unused = vs.root().var("c", &[3], nn::Init::Const(1.0));
             let mut opt = AdamW::new(&vs, 0.05, 0.9, 0.99, 0.1);
             opt.fused = fused;
@@ -345,7 +364,10 @@ mod tests {
             let before = w.internal_version();
             w.sum(Kind::Float).backward();
             opt.step();
-            assert!(w.internal_version() > before, "the update did not bump the version");
+            assert!(
+                w.internal_version() > before,
+                "the update did not bump the version"
+            );
         }
         let (fused, still_fused) = make(true);
         let (looped, _) = make(false);
