@@ -48,8 +48,8 @@ impl Default for DemoOptions {
     fn default() -> Self {
         DemoOptions {
             seeds: vec![0],
-            // Sized for about ten minutes on two CPU cores (see the README).
-            iterations: 80,
+            // Sized for two CPU cores: about 14 minutes (see the README).
+            iterations: 120,
             out: PathBuf::from("runs/demo"),
             base: PathBuf::from("assets/demo-base"),
             data: PathBuf::from(".cache/demo/data"),

@@ -82,10 +82,10 @@ fn bf16_trajectory_denoiser_follows_weight_changes() {
     let (x, t, cond) = inputs(&unet);
     let eager = UNetDenoiser(&unet.model);
     let mut fast = FastDenoiser::new(&unet.vs, &unet.config, FastOptions::bf16()).unwrap();
-    assert_eq!(fast.refreshes(), 1);
-    assert!(!fast.is_stale());
+    assert_eq!(fast.weights().refreshes(), 1);
+    assert!(!fast.weights().is_stale());
     assert_eq!(
-        fast.copy_of("conv_in.weight").unwrap().kind(),
+        fast.weights().copy_of("conv_in.weight").unwrap().kind(),
         Kind::BFloat16
     );
 
@@ -105,14 +105,14 @@ fn bf16_trajectory_denoiser_follows_weight_changes() {
         }
     });
     assert!(
-        fast.is_stale(),
+        fast.weights().is_stale(),
         "an in-place update must mark the copy stale"
     );
     let want2 = tch::no_grad(|| eager.predict(&x, &t, &cond)).unwrap();
     let stale = fast.predict(&x, &t, &cond).unwrap();
     let e_stale = max_rel_err(&stale, &want2);
     assert!(fast.sync(), "sync refreshes a stale copy");
-    assert_eq!(fast.refreshes(), 2);
+    assert_eq!(fast.weights().refreshes(), 2);
     assert!(!fast.sync(), "nothing changed since");
     let fresh = fast.predict(&x, &t, &cond).unwrap();
     let e_fresh = max_rel_err(&fresh, &want2);
@@ -135,7 +135,7 @@ fn channels_last_copy_is_exact_in_fp32() {
         cuda_graph: false,
     };
     let fast = FastDenoiser::new(&unet.vs, &unet.config, opts).unwrap();
-    let w = fast.copy_of("conv_in.weight").unwrap();
+    let w = fast.weights().copy_of("conv_in.weight").unwrap();
     let s = w.size();
     assert_eq!(
         w.stride(),
@@ -184,7 +184,7 @@ fn trainer_uses_and_refreshes_the_bf16_copy() {
     let pipe = Pipeline::tiny_random(Device::Cpu, 0).unwrap();
     let features = build_features(&cfg, Device::Cpu, true).unwrap();
     let mut tr = Trainer::with_parts(cfg, pipe, Some(features)).unwrap();
-    assert_eq!(tr.fast.as_ref().unwrap().refreshes(), 1);
+    assert_eq!(tr.fast.as_ref().unwrap().weights().refreshes(), 1);
     tch::manual_seed(1);
     let images = Tensor::rand([1, 3, 32, 32], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
     let captions = vec!["a red square".to_string()];
@@ -195,17 +195,17 @@ fn trainer_uses_and_refreshes_the_bf16_copy() {
     assert!(log.loss_g_adv.is_some(), "h = 1: a generator step");
     // The generator step changed the master weights: the copy is stale until the
     // next trajectory, which refreshes it first.
-    assert!(tr.fast.as_ref().unwrap().is_stale());
+    assert!(tr.fast.as_ref().unwrap().weights().is_stale());
     tr.iteration_on(&images, &captions, &ids).unwrap();
-    assert_eq!(tr.fast.as_ref().unwrap().refreshes(), 2);
+    assert_eq!(tr.fast.as_ref().unwrap().weights().refreshes(), 2);
     // The second iteration's generator step made it stale again; a sync brings the
     // copy back to the master weights (up to bf16 rounding).
     let fast = tr.fast.as_mut().unwrap();
-    assert!(fast.is_stale());
+    assert!(fast.weights().is_stale());
     assert!(fast.sync());
     let name = "conv_in.weight";
     let master = &tr.pipe.backbone_vs().variables()[name];
-    let copy = fast.copy_of(name).unwrap().to_kind(Kind::Float);
+    let copy = fast.weights().copy_of(name).unwrap().to_kind(Kind::Float);
     let diff = max_rel_err(&copy, master);
     assert!(diff < 1e-2, "copy vs master after sync: {diff}");
 }
@@ -446,7 +446,10 @@ fn sd3_trajectory_copy_is_exact_in_fp32_and_follows_the_master() {
         let err = |kind: Kind| {
             let copy = Sd3TrajectoryCopy::new(&m, kind).unwrap();
             assert_eq!(copy.kind(), kind);
-            assert_eq!(copy.copy_of("proj_out.weight").unwrap().kind(), kind);
+            assert_eq!(
+                copy.weights().copy_of("proj_out.weight").unwrap().kind(),
+                kind
+            );
             let got = copy.predict(&x, &t, &cond).unwrap();
             assert_eq!(got.kind(), Kind::Float, "output in the input's dtype");
             assert!(!got.requires_grad());
@@ -466,8 +469,8 @@ fn sd3_trajectory_copy_is_exact_in_fp32_and_follows_the_master() {
         }
         // Staleness, with an exact (float32) copy.
         let mut copy = Sd3TrajectoryCopy::new(&m, Kind::Float).unwrap();
-        assert_eq!(copy.refreshes(), 1);
-        assert!(!copy.is_stale());
+        assert_eq!(copy.weights().refreshes(), 1);
+        assert!(!copy.weights().is_stale());
         tch::no_grad(|| {
             for (name, mut v) in m.vs.variables() {
                 if name != "pos_embed.pos_embed" {
@@ -476,12 +479,15 @@ fn sd3_trajectory_copy_is_exact_in_fp32_and_follows_the_master() {
                 }
             }
         });
-        assert!(copy.is_stale(), "an in-place update marks the copy stale");
+        assert!(
+            copy.weights().is_stale(),
+            "an in-place update marks the copy stale"
+        );
         let want2 = tch::no_grad(|| m.model.predict(&x, &t, &cond)).unwrap();
         let e_stale = max_rel_err(&copy.predict(&x, &t, &cond).unwrap(), &want2);
         assert!(copy.sync());
         assert!(!copy.sync(), "nothing changed since");
-        assert_eq!(copy.refreshes(), 2);
+        assert_eq!(copy.weights().refreshes(), 2);
         let e_fresh = max_rel_err(&copy.predict(&x, &t, &cond).unwrap(), &want2);
         println!("after a weight change: stale copy {e_stale:.3e}, refreshed {e_fresh:.1e}");
         assert!(e_fresh < 1e-6, "{e_fresh}");
@@ -490,6 +496,6 @@ fn sd3_trajectory_copy_is_exact_in_fp32_and_follows_the_master() {
         assert!(!copy.sync_with(5), "first generation, nothing changed");
         assert!(!copy.sync_with(5));
         assert!(copy.sync_with(6));
-        assert_eq!(copy.refreshes(), 3);
+        assert_eq!(copy.weights().refreshes(), 3);
     }
 }

@@ -659,22 +659,25 @@ fn sd3_trainer_uses_and_refreshes_the_bf16_copy() {
     assert!(tr.fast.is_none());
     let copy = tr.fast_sd3.as_ref().expect("an SD3 trajectory copy");
     assert_eq!(copy.kind(), Kind::BFloat16);
-    assert_eq!(copy.refreshes(), 1);
+    assert_eq!(copy.weights().refreshes(), 1);
     tch::manual_seed(1);
     let images = Tensor::rand([1, 3, 32, 32], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
     let captions = vec!["a red square".to_string()];
     let ids = Tensor::zeros([1, 6], (Kind::Float, Device::Cpu));
     let log = tr.iteration_on(&images, &captions, &ids).unwrap();
     assert!(log.loss_g_adv.unwrap().is_finite() && log.loss_d.unwrap().is_finite());
-    assert_eq!(tr.fast_sd3.as_ref().unwrap().refreshes(), 1);
+    assert_eq!(tr.fast_sd3.as_ref().unwrap().weights().refreshes(), 1);
     // The G step moved the master weights: the next trajectory refreshes the copy
     // first (whether or not the optimiser bumped the version counters).
     tr.iteration_on(&images, &captions, &ids).unwrap();
-    assert_eq!(tr.fast_sd3.as_ref().unwrap().refreshes(), 2);
+    assert_eq!(tr.fast_sd3.as_ref().unwrap().weights().refreshes(), 2);
     let copy = tr.fast_sd3.as_mut().unwrap();
-    copy.refresh();
+    copy.weights_mut().refresh();
     let name = "proj_out.weight";
     let master = &tr.pipe.backbone_vs().variables()[name];
-    let e = adt::fixtures::max_rel_err(&copy.copy_of(name).unwrap().to_kind(Kind::Float), master);
+    let e = adt::fixtures::max_rel_err(
+        &copy.weights().copy_of(name).unwrap().to_kind(Kind::Float),
+        master,
+    );
     assert!(e < 1e-2, "copy vs master after sync: {e}");
 }

@@ -32,6 +32,7 @@
 
 use crate::models::blocks::{linear, timestep_embedding, TimestepEmbedding};
 use crate::models::forward_input as input;
+use crate::models::master_copy::MasterCopy;
 use crate::train::path::{Cond, Denoiser};
 use crate::weights;
 use anyhow::{bail, ensure, Context, Result};
@@ -839,12 +840,9 @@ impl Denoiser for SD3Transformer2DModel {
 pub struct Sd3TrajectoryCopy {
     _vs: nn::VarStore,
     model: SD3Transformer2DModel,
-    /// (name, master, copy).
-    pairs: Vec<(String, Tensor, Tensor)>,
-    versions: Vec<i64>,
+    weights: MasterCopy,
     /// The caller's generation number (e.g. optimiser steps) at the last refresh.
     generation: Option<i64>,
-    refreshes: usize,
 }
 
 impl Sd3TrajectoryCopy {
@@ -862,17 +860,12 @@ impl Sd3TrajectoryCopy {
                 .with_context(|| format!("SD3 trajectory copy: no variable {name}"))?;
             pairs.push((name, m, c.shallow_clone()));
         }
-        pairs.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut copy = Sd3TrajectoryCopy {
+        Ok(Sd3TrajectoryCopy {
             _vs: vs,
             model,
-            pairs,
-            versions: Vec::new(),
+            weights: MasterCopy::new(pairs),
             generation: None,
-            refreshes: 0,
-        };
-        copy.refresh();
-        Ok(copy)
+        })
     }
 
     /// The dtype of the copy.
@@ -880,49 +873,18 @@ impl Sd3TrajectoryCopy {
         self.model.proj_out.ws.kind()
     }
 
-    /// The copy of master variable `name`.
-    pub fn copy_of(&self, name: &str) -> Option<&Tensor> {
-        self.pairs
-            .iter()
-            .find(|(n, _, _)| n == name)
-            .map(|(_, _, c)| c)
+    /// The copied weights (which follow the master weights: see [`MasterCopy`]).
+    pub fn weights(&self) -> &MasterCopy {
+        &self.weights
     }
 
-    /// How many times the copy was refreshed from the master weights.
-    pub fn refreshes(&self) -> usize {
-        self.refreshes
+    pub fn weights_mut(&mut self) -> &mut MasterCopy {
+        &mut self.weights
     }
 
-    fn master_versions(&self) -> Vec<i64> {
-        self.pairs
-            .iter()
-            .map(|(_, m, _)| m.internal_version())
-            .collect()
-    }
-
-    /// Copy the master weights into the copy (in place, converting the dtype).
-    pub fn refresh(&mut self) {
-        tch::no_grad(|| {
-            for (_, m, c) in &mut self.pairs {
-                c.copy_(m);
-            }
-        });
-        self.versions = self.master_versions();
-        self.refreshes += 1;
-    }
-
-    /// Whether the master weights changed since the last refresh.
-    pub fn is_stale(&self) -> bool {
-        self.master_versions() != self.versions
-    }
-
-    /// Refresh if the master weights changed; returns whether it refreshed.
+    /// Refresh the copy if the master weights changed; returns whether it did.
     pub fn sync(&mut self) -> bool {
-        let stale = self.is_stale();
-        if stale {
-            self.refresh();
-        }
-        stale
+        self.weights.sync()
     }
 
     /// [`Sd3TrajectoryCopy::sync`], and refresh as well when `generation` (the
@@ -932,8 +894,8 @@ impl Sd3TrajectoryCopy {
     pub fn sync_with(&mut self, generation: i64) -> bool {
         let moved = self.generation.is_some_and(|g| g != generation);
         self.generation = Some(generation);
-        if moved || self.is_stale() {
-            self.refresh();
+        if moved || self.weights.is_stale() {
+            self.weights.refresh();
             true
         } else {
             false

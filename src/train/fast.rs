@@ -19,6 +19,7 @@ use anyhow::{bail, ensure, Context, Result};
 use std::cell::RefCell;
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
+use crate::models::master_copy::MasterCopy;
 use crate::models::unet::{UNet2DConditionModel, UNetConfig};
 use crate::train::path::{Cond, Denoiser};
 
@@ -318,12 +319,9 @@ pub struct FastDenoiser {
     model: UNet2DConditionModel,
     opts: FastOptions,
     device: Device,
-    /// (master variable, copy) pairs, sorted by name.
-    pairs: Vec<(String, Tensor, Tensor)>,
-    /// Version counters of the master variables at the last refresh.
-    versions: Vec<i64>,
+    /// The copied weights and their masters.
+    weights: MasterCopy,
     captured: RefCell<Option<Captured>>,
-    refreshes: usize,
 }
 
 fn to_channels_last(t: &Tensor) -> Tensor {
@@ -384,70 +382,28 @@ impl FastDenoiser {
             }
             pairs.push((name, m.shallow_clone(), copy));
         }
-        pairs.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut fast = FastDenoiser {
+        Ok(FastDenoiser {
             _vs: vs,
             model,
             opts,
             device,
-            pairs,
-            versions: Vec::new(),
+            weights: MasterCopy::new(pairs),
             captured: RefCell::new(None),
-            refreshes: 0,
-        };
-        fast.refresh();
-        Ok(fast)
+        })
     }
 
     pub fn options(&self) -> FastOptions {
         self.opts
     }
 
-    /// The copy of master variable `name`.
-    pub fn copy_of(&self, name: &str) -> Option<&Tensor> {
-        self.pairs
-            .iter()
-            .find(|(n, _, _)| n == name)
-            .map(|(_, _, c)| c)
+    /// The copied weights (which follow the master weights: see [`MasterCopy`]).
+    pub fn weights(&self) -> &MasterCopy {
+        &self.weights
     }
 
-    /// How many times the copy was refreshed from the master weights.
-    pub fn refreshes(&self) -> usize {
-        self.refreshes
-    }
-
-    fn master_versions(&self) -> Vec<i64> {
-        self.pairs
-            .iter()
-            .map(|(_, m, _)| m.internal_version())
-            .collect()
-    }
-
-    /// Copy the master weights into the fast copy (in place: a captured CUDA graph
-    /// keeps pointing at the right memory).
-    pub fn refresh(&mut self) {
-        tch::no_grad(|| {
-            for (_, m, c) in &mut self.pairs {
-                c.copy_(m);
-            }
-        });
-        self.versions = self.master_versions();
-        self.refreshes += 1;
-    }
-
-    /// Whether the master weights changed since the last refresh.
-    pub fn is_stale(&self) -> bool {
-        self.master_versions() != self.versions
-    }
-
-    /// Refresh if the master weights changed; returns whether it refreshed.
+    /// Refresh the copy if the master weights changed; returns whether it did.
     pub fn sync(&mut self) -> bool {
-        if self.is_stale() {
-            self.refresh();
-            true
-        } else {
-            false
-        }
+        self.weights.sync()
     }
 
     fn forward(
