@@ -492,10 +492,5 @@ fn sd3_trajectory_copy_is_exact_in_fp32_and_follows_the_master() {
         println!("after a weight change: stale copy {e_stale:.3e}, refreshed {e_fresh:.1e}");
         assert!(e_fresh < 1e-6, "{e_fresh}");
         assert!(e_stale > 1e-3, "{e_stale}");
-        // A new generation (optimiser step) refreshes even without a version change.
-        assert!(!copy.sync_with(5), "first generation, nothing changed");
-        assert!(!copy.sync_with(5));
-        assert!(copy.sync_with(6));
-        assert_eq!(copy.weights().refreshes(), 3);
     }
 }

@@ -667,8 +667,8 @@ fn sd3_trainer_uses_and_refreshes_the_bf16_copy() {
     let log = tr.iteration_on(&images, &captions, &ids).unwrap();
     assert!(log.loss_g_adv.unwrap().is_finite() && log.loss_d.unwrap().is_finite());
     assert_eq!(tr.fast_sd3.as_ref().unwrap().weights().refreshes(), 1);
-    // The G step moved the master weights: the next trajectory refreshes the copy
-    // first (whether or not the optimiser bumped the version counters).
+    // The G step moved the master weights (and their version counters, the fused
+    // AdamW kernel included): the next trajectory refreshes the copy first.
     tr.iteration_on(&images, &captions, &ids).unwrap();
     assert_eq!(tr.fast_sd3.as_ref().unwrap().weights().refreshes(), 2);
     let copy = tr.fast_sd3.as_mut().unwrap();

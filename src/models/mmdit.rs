@@ -841,8 +841,6 @@ pub struct Sd3TrajectoryCopy {
     _vs: nn::VarStore,
     model: SD3Transformer2DModel,
     weights: MasterCopy,
-    /// The caller's generation number (e.g. optimiser steps) at the last refresh.
-    generation: Option<i64>,
 }
 
 impl Sd3TrajectoryCopy {
@@ -864,7 +862,6 @@ impl Sd3TrajectoryCopy {
             _vs: vs,
             model,
             weights: MasterCopy::new(pairs),
-            generation: None,
         })
     }
 
@@ -885,21 +882,6 @@ impl Sd3TrajectoryCopy {
     /// Refresh the copy if the master weights changed; returns whether it did.
     pub fn sync(&mut self) -> bool {
         self.weights.sync()
-    }
-
-    /// [`Sd3TrajectoryCopy::sync`], and refresh as well when `generation` (the
-    /// optimiser's step count) differs from the one of the last call: an update
-    /// that writes the weights without bumping their version counters (a fused
-    /// optimiser kernel) is caught too. Returns whether it refreshed.
-    pub fn sync_with(&mut self, generation: i64) -> bool {
-        let moved = self.generation.is_some_and(|g| g != generation);
-        self.generation = Some(generation);
-        if moved || self.weights.is_stale() {
-            self.weights.refresh();
-            true
-        } else {
-            false
-        }
     }
 }
 

@@ -606,7 +606,7 @@ impl Trainer {
         let a = micro.len() as f64;
         // The trajectory copy follows the master weights (refreshed after a G step).
         if let Some(f) = &mut self.fast_sd3 {
-            f.sync_with(self.opt_g.step);
+            f.sync();
         }
         if let Some(f) = &mut self.fast {
             f.sync();
