@@ -37,6 +37,12 @@ PACKAGES=(
   nvidia-nvjitlink==13.0.88
 )
 
+# With a libtorch of the user's own (LIBTORCH set, no project venv) the fixture cannot
+# be built; outside CI the Inception parity tests then say they are skipped.
+if [ ! -x "$VENV/bin/python" ] && [ -n "${LIBTORCH:-}" ] && [ -z "${CI:-}" ]; then
+  echo "setup_inception_fixture: no $VENV (LIBTORCH is set): skipping the Inception parity fixture" >&2
+  exit 0
+fi
 [ -x "$VENV/bin/python" ] && [ -x "$VENV/bin/pip" ] \
   || die "$VENV/bin/python or pip is missing: run 'source scripts/env.sh' first (it installs torch 2.11.0 there)"
 [ -d "$(ls -d "$VENV"/lib/python3.*/site-packages/torch 2>/dev/null | head -n1)" ] \
