@@ -30,7 +30,7 @@ PACKAGES=(
   pytorch-fid==0.3.0 torchvision==0.26.0
   numpy==2.2.6 pillow==11.3.0
   filelock==3.18.0 sympy==1.14.0 mpmath==1.3.0 networkx==3.5 jinja2==3.1.6
-  markupsafe==3.0.2 fsspec==2025.5.1
+  markupsafe==3.0.2 fsspec==2025.5.1 typing_extensions==4.16.0
   nvidia-cudnn-cu13==9.19.0.56 nvidia-cusparselt-cu13==0.8.0 nvidia-nccl-cu13==2.28.9
   nvidia-nvshmem-cu13==3.4.5 nvidia-cublas==13.1.0.3 nvidia-cufft==12.0.0.61
   nvidia-cufile==1.15.1.6 nvidia-curand==10.4.0.35 nvidia-cusparse==12.6.3.3
