@@ -168,8 +168,17 @@ pub struct PipelineOptions {
 }
 
 /// The tokenizer that ships in `tests/fixtures` (the real CLIP BPE vocabulary) is used
-/// by the tiny random pipelines.
+/// by the random-weight pipelines (tests, `adt bench`, `adt init-pipeline`). It is looked
+/// for under the current directory first (a binary run from a checkout other than the
+/// one it was built in, e.g. on a GPU machine), then in the source tree it was built from.
 pub fn builtin_tokenizer_dir() -> PathBuf {
+    let rel = Path::new("tests")
+        .join("fixtures")
+        .join("tokenizer_clip")
+        .join("tokenizer");
+    if rel.join("vocab.json").is_file() {
+        return rel;
+    }
     crate::fixtures::dir("tokenizer_clip/tokenizer")
 }
 

@@ -351,7 +351,7 @@ impl Sd3TextEncoders {
         max_sequence_length: usize,
     ) -> Result<Self> {
         tch::manual_seed(seed);
-        let tok_dir = crate::fixtures::dir("tokenizer_clip/tokenizer");
+        let tok_dir = crate::models::pipeline::builtin_tokenizer_dir();
         let clip = |hidden: i64, layers: i64, act: &str, pad: Pad| -> Result<ClipBranch> {
             let config = ClipTextConfig {
                 hidden_size: hidden,
