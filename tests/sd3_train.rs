@@ -8,43 +8,19 @@ use adt::train::adt::{flow_training_sigma, Trainer};
 use adt::train::config::Config;
 use adt::train::run::{run, RunOptions};
 use std::path::Path;
-use std::sync::Mutex;
+
+mod common;
+use common::{lock, read_metrics, run_quiet, sorted_vars, tiny_config};
 use tch::{Device, Kind, Tensor};
 
-/// libtorch's random generator is global to the process: tests that seed it run one
-/// at a time.
-static RNG: Mutex<()> = Mutex::new(());
-
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    RNG.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn sd3_config(dir: &Path, overrides: &[&str]) -> Config {
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tiny-random.toml");
-    let mut o: Vec<String> = vec![
-        format!("output.dir={:?}", dir.display().to_string()),
-        "model.path=\"tiny-random-sd3\"".into(),
-        "sampler.kind=\"flow\"".into(),
-        "sampler.steps=4".into(),
-        "output.sample_every=0".into(),
-        "data.num_workers=1".into(),
+    let mut o = vec![
+        "model.path=\"tiny-random-sd3\"",
+        "sampler.kind=\"flow\"",
+        "sampler.steps=4",
     ];
-    o.extend(overrides.iter().map(|s| s.to_string()));
-    Config::load(Some(&example), &o).unwrap()
-}
-
-fn read_metrics(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn sorted_vars(vs: &tch::nn::VarStore) -> Vec<(String, Tensor)> {
-    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
+    o.extend_from_slice(overrides);
+    tiny_config(dir, &o)
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -112,14 +88,7 @@ fn sd3_adt_trains_saves_reloads_and_samples() {
             .map(|(k, t)| (k, t.detach().copy()))
             .collect::<Vec<_>>()
     };
-    let tr = run(
-        cfg,
-        &RunOptions {
-            quiet: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let tr = run_quiet(cfg).unwrap();
     assert_eq!(tr.step, 3);
     assert_eq!(tr.pipe.family, Family::Sd3);
     assert_eq!(tr.plan.kind, SamplerKind::FlowEuler);
@@ -221,14 +190,7 @@ fn sd3_ft_trains() {
             "output.checkpoint_every=0",
         ],
     );
-    let tr = run(
-        cfg,
-        &RunOptions {
-            quiet: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let tr = run_quiet(cfg).unwrap();
     assert_eq!(tr.step, 3);
     let m = read_metrics(dir.path());
     assert_eq!(m.len(), 3);
@@ -493,14 +455,7 @@ fn sd3_ft_with_logit_normal_timesteps() {
                 .map(|(k, t)| (k, t.detach().copy()))
                 .collect::<Vec<_>>()
         };
-        let tr = run(
-            cfg,
-            &RunOptions {
-                quiet: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let tr = run_quiet(cfg).unwrap();
         assert_eq!(tr.step, 4);
         let moved = sorted_vars(tr.pipe.backbone_vs())
             .iter()

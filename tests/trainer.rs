@@ -3,20 +3,13 @@
 use adt::models::unet::{LoadedUNet, UNetConfig};
 use adt::schedule::{Plan, SamplerKind, ScheduleConfig};
 use adt::train::adt::UNetDenoiser;
-use adt::train::config::{Config, GradPath};
+use adt::train::config::GradPath;
 use adt::train::path::{backprop_kept, rollout, rollout_graph, Cond, Guidance};
 use adt::train::run::{run, RunOptions};
-use std::path::Path;
-use std::sync::Mutex;
+
+mod common;
+use common::{lock, read_metrics, run_quiet, tiny_config};
 use tch::{Device, Kind, Tensor};
-
-/// libtorch's random generator is global to the process: tests that seed it run one
-/// at a time.
-static RNG: Mutex<()> = Mutex::new(());
-
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    RNG.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn tiny_unet_f64() -> LoadedUNet {
     tch::manual_seed(7);
@@ -156,25 +149,6 @@ fn generator_gradient_matches_finite_differences() {
     assert!(rel < 1e-5, "analytic {analytic} vs finite differences {fd}");
 }
 
-fn base_config(dir: &Path, overrides: &[&str]) -> Config {
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tiny-random.toml");
-    let mut o: Vec<String> = vec![
-        format!("output.dir={:?}", dir.display().to_string()),
-        "output.sample_every=0".into(),
-        "data.num_workers=1".into(),
-    ];
-    o.extend(overrides.iter().map(|s| s.to_string()));
-    Config::load(Some(&example), &o).unwrap()
-}
-
-fn read_metrics(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 const LOSS_KEYS: [&str; 6] = [
     "loss_d",
     "d_acc",
@@ -191,7 +165,7 @@ fn tiny_random_example_runs_with_h_cadence() {
     let _guard = lock();
     tch::set_num_threads(1);
     let dir = tempfile::tempdir().unwrap();
-    let cfg = base_config(
+    let cfg = tiny_config(
         dir.path(),
         &[
             "train.iterations=6",
@@ -199,14 +173,7 @@ fn tiny_random_example_runs_with_h_cadence() {
             "output.checkpoint_every=0",
         ],
     );
-    let tr = run(
-        cfg,
-        &RunOptions {
-            quiet: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let tr = run_quiet(cfg).unwrap();
     assert_eq!(tr.step, 6);
     let m = read_metrics(dir.path());
     assert_eq!(m.len(), 6);
@@ -252,7 +219,7 @@ fn resume_is_bit_identical() {
         "output.checkpoint_every=3",
     ];
     run(
-        base_config(a.path(), &over),
+        tiny_config(a.path(), &over),
         &RunOptions {
             quiet: true,
             ..Default::default()
@@ -261,7 +228,7 @@ fn resume_is_bit_identical() {
     .unwrap();
     let b = tempfile::tempdir().unwrap();
     let tr = run(
-        base_config(b.path(), &over),
+        tiny_config(b.path(), &over),
         &RunOptions {
             quiet: true,
             max_iterations: Some(3),
@@ -272,7 +239,7 @@ fn resume_is_bit_identical() {
     assert_eq!(tr.step, 3);
     drop(tr);
     let tr = run(
-        base_config(b.path(), &over),
+        tiny_config(b.path(), &over),
         &RunOptions {
             quiet: true,
             resume: Some(None),
@@ -323,7 +290,7 @@ fn ft_and_ablations_run() {
         ];
         o.extend_from_slice(over);
         let tr = run(
-            base_config(dir.path(), &o),
+            tiny_config(dir.path(), &o),
             &RunOptions {
                 quiet: true,
                 ..Default::default()
@@ -351,7 +318,7 @@ fn nan_loss_stops_with_a_clear_error() {
     let _guard = lock();
     tch::set_num_threads(1);
     let dir = tempfile::tempdir().unwrap();
-    let cfg = base_config(
+    let cfg = tiny_config(
         dir.path(),
         &[
             "train.mode=ft",
@@ -362,13 +329,7 @@ fn nan_loss_stops_with_a_clear_error() {
             "output.checkpoint_every=1",
         ],
     );
-    let err = match run(
-        cfg,
-        &RunOptions {
-            quiet: true,
-            ..Default::default()
-        },
-    ) {
+    let err = match run_quiet(cfg) {
         Ok(_) => panic!("a learning rate of 1e30 must diverge"),
         Err(e) => format!("{e:#}"),
     };
