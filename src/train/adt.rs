@@ -25,34 +25,19 @@ use crate::disc::diffaug::{diff_augment, Policy};
 use crate::disc::features::{DinoFeatures, EfficientNetFeatures};
 use crate::disc::siamese::{DiscConfig, DiscVariant, Discriminator};
 use crate::disc::FeatureNetwork;
+use crate::models::denoiser::{Cond, Denoiser, Guidance};
 use crate::models::dinov2::{Dinov2Config, Dinov2Model};
 use crate::models::efficientnet::EfficientNet;
 use crate::models::mmdit::Sd3TrajectoryCopy;
 use crate::models::pipeline::{Backbone, Family, Pipeline, PipelineOptions, RandomSpec};
 use crate::models::sd3_text::Sd3TextOptions;
-use crate::models::unet::UNet2DConditionModel;
 use crate::schedule::Plan;
 use crate::schedule::{SamplerKind, ScheduleConfig};
 use crate::train::config::{Config, DiscKind, FeatureNet, FlowTimestep, Mode};
 use crate::train::fast::{FastDenoiser, FastOptions};
 use crate::train::logging::{EventWriter, JsonlWriter};
 use crate::train::optim::{warmup_lr, AdamW};
-use crate::train::path::{
-    backprop_kept, choose_kept, rollout, rollout_graph, Cond, Denoiser, Guidance,
-};
-
-/// The UNet as a [`Denoiser`].
-pub struct UNetDenoiser<'a>(pub &'a UNet2DConditionModel);
-
-impl Denoiser for UNetDenoiser<'_> {
-    fn predict(&self, x: &Tensor, t: &Tensor, cond: &Cond) -> Result<Tensor> {
-        let added = match (&cond.pooled, &cond.time_ids) {
-            (Some(p), Some(ids)) => Some((p, ids)),
-            _ => None,
-        };
-        self.0.forward(x, t, &cond.context, added)
-    }
-}
+use crate::train::path::{backprop_kept, choose_kept, rollout, rollout_graph};
 
 /// `model.path` of the built-in tiny random SD1.x-style pipeline.
 pub const TINY_RANDOM: &str = "tiny-random";
