@@ -43,7 +43,7 @@ pub fn missing(what: &str, how: &str) {
             "{what} is missing: {how}. (To skip the tests that need it instead, set {ALLOW_MISSING}=1.)"
         );
     }
-    let line = format!("SKIPPED {bin}::{test}: {what} is missing ({how})\n");
+    let line = format!("SKIPPED {bin}::{test}: {what} is missing; {how}\n");
     // Straight to the terminal: cargo captures print!/eprint! of passing tests.
     let _ = std::io::stderr().write_all(line.as_bytes());
     let log = skip_log();
