@@ -95,6 +95,7 @@ pub fn check_header(
     header: &serde_json::Map<String, serde_json::Value>,
     data_len: u64,
 ) -> Result<()> {
+    let mut spans: Vec<(u64, u64, &str)> = Vec::new();
     for (name, v) in header {
         if name == "__metadata__" {
             continue;
@@ -142,6 +143,21 @@ pub fn check_header(
                 e - b
             );
         }
+        spans.push((b, e, name));
+    }
+    // The data regions tile the data exactly, as the format requires.
+    spans.sort();
+    let mut at = 0;
+    for (b, e, name) in spans {
+        if b != at {
+            bail!(
+                "tensor {name}: data_offsets start at {b}, expected {at} (overlapping tensors or a gap in the data)"
+            );
+        }
+        at = e;
+    }
+    if at != data_len {
+        bail!("the tensors' data_offsets end at {at} but the file holds {data_len} bytes of data");
     }
     Ok(())
 }
