@@ -457,3 +457,95 @@ proptest! {
         let _ = adt::inspect::inspect(&p);
     }
 }
+
+/// Training keys with values of the right type (edge values included).
+const TRAIN_SETS: &[(&str, &[&str])] = &[
+    ("train.k", &["0", "1", "2", "5", "8", "100"]),
+    ("train.h", &["1", "2", "3"]),
+    ("train.batch_size", &["1", "3"]),
+    ("train.resolution", &["8", "16", "24", "40", "64"]),
+    ("train.mode", &["\"ft\"", "\"adt\""]),
+    ("train.grad_path", &["\"drtune\"", "\"adt\""]),
+    ("train.decompose", &["false", "true"]),
+    ("train.grad_accum", &["1", "2"]),
+    ("train.ema_decay", &["0.0", "0.5", "0.999"]),
+    ("train.warmup_d", &["0", "1", "1000"]),
+    ("train.lambda", &["0.0", "1e6"]),
+    ("sampler.steps", &["1", "2", "3", "8", "50", "1000"]),
+    ("sampler.kind", &["\"ddim\"", "\"dpmpp\"", "\"flow\""]),
+    ("sampler.cfg", &["0.0", "1.0", "100.0"]),
+    (
+        "disc.resolution",
+        &["0", "7", "14", "32", "33", "48", "56", "64", "100"],
+    ),
+    ("disc.features", &["\"dinov2\"", "\"efficientnet-lite0\""]),
+    ("disc.blocks", &["[0]", "[5]", "[0, 99]", "[]"]),
+    ("disc.channels", &["1", "3", "64"]),
+    ("disc.kind", &["\"stylegan_t\"", "\"siamese\""]),
+    (
+        "disc.diffaug",
+        &["\"\"", "\"cutout\"", "\"color,translation,cutout\""],
+    ),
+];
+
+fn train_set() -> impl Strategy<Value = String> {
+    prop::sample::select(TRAIN_SETS)
+        .prop_flat_map(|(k, vs)| prop::sample::select(vs).prop_map(move |v| format!("{k}={v}")))
+}
+
+fn train_one(sets: &[&str]) -> anyhow::Result<()> {
+    let d = tempfile::tempdir().unwrap();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tiny-random.toml");
+    let mut o = vec![
+        format!("output.dir={:?}", d.path().display().to_string()),
+        "output.sample_every=0".to_string(),
+        "output.checkpoint_every=0".to_string(),
+        "data.num_workers=1".to_string(),
+        "data.synthetic_count=4".to_string(),
+        "train.iterations=1".to_string(),
+    ];
+    o.extend(sets.iter().map(|s| s.to_string()));
+    let cfg = Config::load(Some(&example), &o)?;
+    adt::train::run::run(
+        cfg,
+        &adt::train::run::RunOptions {
+            quiet: true,
+            ..Default::default()
+        },
+    )?;
+    Ok(())
+}
+
+/// Inputs the fuzzing found panicking (tch errors unwrapped deep in the feature
+/// network) before the configuration refused them: now errors.
+#[test]
+fn fuzz_regressions_are_errors() {
+    for s in [
+        "disc.resolution=0",
+        "disc.resolution=7",
+        "disc.resolution=14",
+    ] {
+        let e = train_one(&[s])
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(e.contains("disc.resolution"), "{s}: {e}");
+    }
+}
+
+proptest! {
+    #![proptest_config(config(12))]
+
+    /// A valid configuration builds the tiny trainer and runs one iteration, or
+    /// gives an error: values that pass the parser never panic further down.
+    #[test]
+    fn accepted_configs_train_or_error(
+        sets in prop::collection::vec(train_set(), 1..4)
+    ) {
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        if let Err(e) = train_one(&sets) {
+            let msg = format!("{e:#}");
+            prop_assert!(!msg.is_empty());
+        }
+    }
+}

@@ -448,3 +448,30 @@ fn eval_warns_about_small_samples() {
     );
     assert!(sample_count_warnings(2000, 3000, 1280, 1000).is_empty());
 }
+
+/// A feature map smaller than the head's circular padding is an error naming the
+/// cause (it panicked in libtorch: EfficientNet features at disc.resolution = 32).
+#[test]
+fn a_too_small_feature_map_is_an_error() {
+    use adt::disc::heads::{Head, HeadConfig, Mode};
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let head = Head::new(
+        &vs.root(),
+        &HeadConfig {
+            in_channels: 3,
+            channels: 4,
+            kernel: 9,
+            out_channels: Some(1),
+            spectral_norm: true,
+            bn_momentum: 0.1,
+            bn_eps: 1e-5,
+            track_running_stats: true,
+        },
+    )
+    .unwrap();
+    let x = tch::Tensor::randn([2, 3, 1], (tch::Kind::Float, tch::Device::Cpu));
+    let e = format!("{:#}", head.forward(&x, Mode::Train).unwrap_err());
+    assert!(e.contains("disc.resolution"), "{e}");
+    let x = tch::Tensor::randn([2, 3, 4], (tch::Kind::Float, tch::Device::Cpu));
+    assert!(head.forward(&x, Mode::Train).is_ok());
+}
