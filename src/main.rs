@@ -228,6 +228,9 @@ fn main() -> Result<()> {
             if all.is_empty() {
                 bail!("no prompts: give --prompt TEXT or --prompts FILE");
             }
+            if let Some(g) = cfg.iter().find(|g| !g.is_finite()) {
+                bail!("--cfg {g}: the guidance scale must be a finite number");
+            }
             let kind: adt::schedule::SamplerKind = sampler.parse()?;
             let device = if tch::Cuda::is_available() {
                 tch::Device::Cuda(0)
@@ -249,7 +252,13 @@ fn main() -> Result<()> {
                     let mut imgs = Vec::new();
                     for (ci, chunk) in all.chunks(batch_size.max(1)).enumerate() {
                         let x =
-                            adt::sample::generate(&pipe, &plan, chunk, g, seed + ci as i64, res)?;
+                            adt::sample::generate(&pipe, &plan, chunk, g, seed + ci as i64, res)
+                                .with_context(|| {
+                                    format!(
+                                        "sampling model {} (cfg {g}, {n} steps)",
+                                        model.display()
+                                    )
+                                })?;
                         imgs.push(x);
                     }
                     let x = tch::Tensor::cat(&imgs, 0);
@@ -276,6 +285,9 @@ fn main() -> Result<()> {
             o.clip = clip;
             let r = adt::eval::metrics::evaluate(&o)?;
             print!("{r}");
+            for w in &r.warnings {
+                tracing::warn!("{w}");
+            }
             if let Some(j) = json {
                 r.save_json(&j)?;
             }

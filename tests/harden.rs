@@ -375,3 +375,103 @@ fn bad_values_are_config_errors() {
         assert!(e.contains("train.device"), "{e}");
     }
 }
+
+fn adt_cmd(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_adt"))
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `adt sample` refuses a non-finite guidance scale and non-finite outputs (NaN
+/// weights), naming the model, instead of writing black images.
+#[test]
+fn sample_refuses_nonfinite_outputs() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("pipe");
+    let m = model.to_str().unwrap();
+    let (ok, err) = adt_cmd(&["init-pipeline", "--preset", "tiny", "--out", m]);
+    assert!(ok, "{err}");
+    let out = d.path().join("samples");
+    let o = out.to_str().unwrap();
+    let base = [
+        "sample", "--model", m, "--prompt", "a cat", "--steps", "2", "--out", o,
+    ];
+    let (ok, err) = adt_cmd(&[&base[..], &["--cfg", "nan"]].concat());
+    assert!(!ok && err.contains("--cfg NaN"), "{err}");
+    let (ok, err) = adt_cmd(&[&base[..], &["--cfg", "2"]].concat());
+    assert!(ok, "{err}");
+    // NaN weights.
+    let f = model.join("unet/diffusion_pytorch_model.safetensors");
+    let mut ts = adt::weights::read_safetensors(&f).unwrap();
+    let _ = ts[0].1.fill_(f64::NAN);
+    adt::weights::save_safetensors(&ts, &f, None, None).unwrap();
+    std::fs::remove_dir_all(&out).unwrap();
+    let (ok, err) = adt_cmd(&[&base[..], &["--cfg", "2"]].concat());
+    assert!(!ok, "{err}");
+    assert!(err.contains(m) && err.contains("NaN"), "{err}");
+    let pngs = std::fs::read_dir(&out).map(|r| r.count()).unwrap_or(0);
+    assert_eq!(pngs, 0, "images were written");
+}
+
+/// `adt inspect` of a truncated safetensors file fails naming it and the offsets.
+#[test]
+fn inspect_checks_data_offsets() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("w.safetensors");
+    let t = tch::Tensor::ones([64, 64], (tch::Kind::Float, tch::Device::Cpu));
+    adt::weights::save_safetensors(&[("w".to_string(), t)], &p, None, None).unwrap();
+    assert!(adt::inspect::inspect(&p).is_ok());
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() - 100]).unwrap();
+    let e = format!("{:#}", adt::inspect::inspect(&p).unwrap_err());
+    assert!(
+        e.contains("w.safetensors") && e.contains("data_offsets"),
+        "{e}"
+    );
+}
+
+/// `adt eval` warns below the feature dimension and says what count to use.
+#[test]
+fn eval_warns_about_small_samples() {
+    use adt::eval::metrics::sample_count_warnings;
+    let w = sample_count_warnings(2, 300, 1280, 1000);
+    assert_eq!(w.len(), 2, "{w:?}");
+    assert!(
+        w[0].contains("FD from 2 images") && w[0].contains("at least 1280"),
+        "{w:?}"
+    );
+    assert!(sample_count_warnings(2000, 3000, 1280, 1000).is_empty());
+}
+
+/// A feature map smaller than the head's circular padding is an error naming the
+/// cause (it panicked in libtorch: EfficientNet features at disc.resolution = 32).
+#[test]
+fn a_too_small_feature_map_is_an_error() {
+    use adt::disc::heads::{Head, HeadConfig, Mode};
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let head = Head::new(
+        &vs.root(),
+        &HeadConfig {
+            in_channels: 3,
+            channels: 4,
+            kernel: 9,
+            out_channels: Some(1),
+            spectral_norm: true,
+            bn_momentum: 0.1,
+            bn_eps: 1e-5,
+            track_running_stats: true,
+        },
+    )
+    .unwrap();
+    let x = tch::Tensor::randn([2, 3, 1], (tch::Kind::Float, tch::Device::Cpu));
+    let e = format!("{:#}", head.forward(&x, Mode::Train).unwrap_err());
+    assert!(e.contains("disc.resolution"), "{e}");
+    let x = tch::Tensor::randn([2, 3, 4], (tch::Kind::Float, tch::Device::Cpu));
+    assert!(head.forward(&x, Mode::Train).is_ok());
+}

@@ -408,6 +408,15 @@ impl Head {
         if size[0] * size[2] < 2 && mode != Mode::Eval {
             bail!("head input {size:?}: batch statistics need at least two values per channel (B * N >= 2)");
         }
+        let kernel = self.blocks.iter().map(|b| b.conv.kernel).max().unwrap_or(1);
+        let pad = kernel / 2;
+        if size[2] < pad.max(1) {
+            bail!(
+                "head input {size:?}: {} feature tokens, fewer than the circular padding ({pad}) of the \
+                 kernel-{kernel} convolution; the feature map is too small (raise disc.resolution)",
+                size[2]
+            );
+        }
         let x = x.to_kind(self.blocks[0].conv.weight.kind());
         let h = self.blocks[0].forward(&x, mode);
         let h = (self.blocks[1].forward(&h, mode) + &h) * std::f64::consts::FRAC_1_SQRT_2;
