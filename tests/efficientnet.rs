@@ -3,7 +3,7 @@
 //! files exist) classify scikit-image's `chelsea.png` as a cat, and the feature
 //! network's gradient matches finite differences.
 
-use adt::disc::features::EfficientNetFeatures;
+use adt::disc::features::{EfficientNetFeatures, Levels};
 use adt::disc::FeatureNetwork;
 use adt::models::efficientnet::{self, run_forward, EfficientNet, EfficientNetConfig, NUM_STAGES};
 use std::collections::HashMap;
@@ -331,7 +331,7 @@ fn feature_gradient_matches_finite_differences_random_weights() {
     });
     vs.freeze();
     // 48 px input upsampled to 64 px, and 80 px downsampled (antialiased) to 64 px.
-    let f = EfficientNetFeatures::new(m, Some(vs), 64, &[1, 2, 4, 6]).unwrap();
+    let f = EfficientNetFeatures::new(m, Some(vs), 64, &[1, 2, 4, 6], Levels::PatchAndBlocks).unwrap();
     check_gradient(&f, 48);
     check_gradient(&f, 80);
 }
@@ -350,6 +350,7 @@ fn feature_gradient_matches_finite_differences_imagenet_weights() {
     for (name, t) in loaded.vs.variables() {
         assert!(!t.requires_grad(), "{name} is not frozen");
     }
-    let f = EfficientNetFeatures::new(loaded.model, Some(loaded.vs), 64, &[2, 6]).unwrap();
+    let f = EfficientNetFeatures::new(loaded.model, Some(loaded.vs), 64, &[2, 6], Levels::Blocks)
+        .unwrap();
     check_gradient(&f, 80);
 }
