@@ -669,6 +669,17 @@ impl Pipeline {
         })
     }
 
+    /// The floating-point kind the backbone computes in (float32 for training;
+    /// float64 in gradient tests).
+    pub fn kind(&self) -> Kind {
+        self.backbone_vs()
+            .variables()
+            .values()
+            .next()
+            .map(|t| t.kind())
+            .unwrap_or(Kind::Float)
+    }
+
     /// Whether the model is trained with flow matching (SD3).
     pub fn is_flow(&self) -> bool {
         self.schedule.beta_schedule == BetaSchedule::FlowMatching

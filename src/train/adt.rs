@@ -43,7 +43,8 @@ use crate::train::fast::{FastDenoiser, FastOptions};
 use crate::train::logging::{EventWriter, JsonlWriter};
 use crate::train::optim::{warmup_lr, AdamW};
 use crate::train::path::{
-    backprop_kept, choose_kept, rollout, rollout_graph, Cond, Denoiser, Guidance, KeptStep,
+    backprop_kept, choose_kept, loss_kind, rollout, rollout_graph, Cond, Denoiser, Guidance,
+    KeptStep,
 };
 
 /// The UNet as a [`Denoiser`].
@@ -670,7 +671,7 @@ impl Trainer {
         rng: &mut impl Rng,
     ) -> Result<Batch> {
         let dev = self.device();
-        let x0 = images.to_device(dev).to_kind(Kind::Float);
+        let x0 = images.to_device(dev).to_kind(self.pipe.kind());
         let z0 = tch::no_grad(|| self.pipe.to_latents(&x0))?;
         let p = self.cfg.train.caption_dropout;
         let captions: Vec<String> = captions
@@ -943,7 +944,10 @@ impl Trainer {
                 )?;
                 let loss_adv = adv_loss(&xf)?;
                 let d = match &tr.diff_sigmas {
-                    None => (start_cond.unwrap() - &target).square().mean(Kind::Float),
+                    None => {
+                        let d = start_cond.unwrap() - &target;
+                        d.square().mean(loss_kind(&d))
+                    }
                     Some(sig) => {
                         let noise = b.z0.randn_like();
                         self.flow_diffusion_loss(&b.z0, &noise, sig, &b.cond)?

@@ -289,9 +289,10 @@ pub fn backprop_kept(
         let mut loss = (&out * g_final.detach()).sum(Kind::Double) * k.weight;
         if let Some((start, target, lambda)) = diffusion {
             if start == k.index {
-                let d = (cond_out.to_kind(Kind::Float) - target.to_kind(Kind::Float))
+                let kind = loss_kind(&cond_out);
+                let d = (cond_out.to_kind(kind) - target.to_kind(kind))
                     .square()
-                    .mean(Kind::Float);
+                    .mean(kind);
                 diff_value = Some(d.double_value(&[]));
                 loss += d.to_kind(Kind::Double) * lambda;
             }
@@ -299,6 +300,16 @@ pub fn backprop_kept(
         loss.backward();
     }
     Ok(diff_value)
+}
+
+/// The kind a loss on `t` is computed in: float64 for float64 tensors, float32
+/// otherwise (also for bfloat16 / half outputs).
+pub fn loss_kind(t: &Tensor) -> Kind {
+    if t.kind() == Kind::Double {
+        Kind::Double
+    } else {
+        Kind::Float
+    }
 }
 
 /// The same trajectory as [`rollout`] with everything in one graph: the returned
