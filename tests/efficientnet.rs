@@ -151,13 +151,15 @@ fn feature_network_shapes_and_pooled_features() {
     )
     .unwrap();
     assert_eq!(f.resolution(), 224);
-    assert_eq!(f.channels(), vec![24, 40, 112, 320]);
+    // Default levels: the stem, then stages 1, 2, 4, 6.
+    assert_eq!(f.channels(), vec![32, 24, 40, 112, 320]);
     let images = chelsea01().narrow(2, 0, 300).unsqueeze(0) * 2.0 - 1.0;
     let feats = tch::no_grad(|| f.features(&images));
     let sizes: Vec<Vec<i64>> = feats.iter().map(|t| t.size()).collect();
     assert_eq!(
         sizes,
         vec![
+            vec![1, 32, 112 * 112],
             vec![1, 24, 56 * 56],
             vec![1, 40, 28 * 28],
             vec![1, 112, 14 * 14],
