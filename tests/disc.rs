@@ -157,7 +157,9 @@ fn siamese_scores_are_cosines_of_predictor_and_dual_outputs() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("level 0"), "{err}");
-    assert!(disc.scores(Some(&targets), None, &f[..1], Mode::Eval).is_err());
+    assert!(disc
+        .scores(Some(&targets), None, &f[..1], Mode::Eval)
+        .is_err());
 }
 
 fn largest_singular_value(m: &Tensor) -> f64 {
@@ -281,7 +283,9 @@ fn d_step_changes_only_the_discriminator() {
     let dual_before = snapshot(&disc.dual_vs);
     let g_before = g.detach().copy();
     let mut opt = nn::Adam::default().build(&disc.vs, 1e-2).unwrap();
-    let (loss, stats) = disc.d_loss(&feats(4, 0.0), None, &feats(4, 0.0), &fake).unwrap();
+    let (loss, stats) = disc
+        .d_loss(&feats(4, 0.0), None, &feats(4, 0.0), &fake)
+        .unwrap();
     println!("d loss {stats:?}");
     opt.backward_step(&loss);
     assert!(

@@ -32,8 +32,12 @@ fn batch_norm_local_matches_hand_computation() {
     let bn = BatchNormLocal::new(&vs.root(), 3, 8, 1e-5).unwrap();
     tch::no_grad(|| {
         let v = vs.variables();
-        v["weight"].shallow_clone().copy_(&Tensor::from_slice(&[1.5f32, -0.5, 2.0]));
-        v["bias"].shallow_clone().copy_(&Tensor::from_slice(&[0.1f32, 0.2, -0.3]));
+        v["weight"]
+            .shallow_clone()
+            .copy_(&Tensor::from_slice(&[1.5f32, -0.5, 2.0]));
+        v["bias"]
+            .shallow_clone()
+            .copy_(&Tensor::from_slice(&[0.1f32, 0.2, -0.3]));
     });
     // B = 12: two groups of 6 (StyleGAN-T's view(G, -1, C, N)); B = 5: one group.
     for (b, group) in [(12i64, 6i64), (5, 5), (16, 8)] {
@@ -81,12 +85,27 @@ fn heads_follow_stylegan_t_at_the_feature_width() {
     let v = disc.vs.variables();
     for (i, &c) in channels.iter().enumerate() {
         let shape = |n: &str| v[n].size();
-        assert_eq!(shape(&format!("heads.{i}.main.0.conv.weight_orig")), [c, c, 1]);
-        assert_eq!(shape(&format!("heads.{i}.main.1.conv.weight_orig")), [c, c, 9]);
+        assert_eq!(
+            shape(&format!("heads.{i}.main.0.conv.weight_orig")),
+            [c, c, 1]
+        );
+        assert_eq!(
+            shape(&format!("heads.{i}.main.1.conv.weight_orig")),
+            [c, c, 9]
+        );
         assert_eq!(shape(&format!("heads.{i}.out.weight_orig")), [64, c, 1]);
-        assert_eq!(shape(&format!("predictors.{i}.main.0.conv.weight_orig")), [64, 64, 1]);
-        assert_eq!(shape(&format!("predictors.{i}.main.1.conv.weight_orig")), [64, 64, 9]);
-        assert_eq!(shape(&format!("predictors.{i}.out.weight_orig")), [64, 64, 1]);
+        assert_eq!(
+            shape(&format!("predictors.{i}.main.0.conv.weight_orig")),
+            [64, 64, 1]
+        );
+        assert_eq!(
+            shape(&format!("predictors.{i}.main.1.conv.weight_orig")),
+            [64, 64, 9]
+        );
+        assert_eq!(
+            shape(&format!("predictors.{i}.out.weight_orig")),
+            [64, 64, 1]
+        );
         assert!(!v.contains_key(&format!("heads.{i}.main.0.norm.running_mean")));
         let h = &disc.heads()[i];
         assert_eq!(h.blocks[0].norm.virtual_batch(), 8);
@@ -155,8 +174,8 @@ fn stylegan_t_heads_project_the_text_embedding_per_token() {
         let b = &v[&format!("cmappers.{i}.bias")];
         assert_eq!(w.size(), [64, 5]);
         let cmap = text.matmul(&w.tr()) / 5f64.sqrt() + b; // [3, 64]
-        let hand = (out * cmap.unsqueeze(-1)).sum_dim_intlist([1i64].as_slice(), false, Kind::Float)
-            / 8.0;
+        let hand =
+            (out * cmap.unsqueeze(-1)).sum_dim_intlist([1i64].as_slice(), false, Kind::Float) / 8.0;
         let e = rel_err(&scores[i], &hand);
         assert!(e < 1e-5, "level {i}: {e}");
     }
@@ -165,16 +184,29 @@ fn stylegan_t_heads_project_the_text_embedding_per_token() {
         .scores(None, Some(&(text.neg())), &f, Mode::Frozen)
         .unwrap();
     assert!(rel_err(&other[0], &scores[0]) > 1e-3);
-    let e = disc.scores(None, None, &f, Mode::Frozen).unwrap_err().to_string();
+    let e = disc
+        .scores(None, None, &f, Mode::Frozen)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("text embedding"), "{e}");
     // The D loss reaches the text mappers.
     let (loss, _) = disc.d_loss(&[], Some(&text), &f, &f).unwrap();
     loss.backward();
-    assert!(v["cmappers.0.weight"].grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    assert!(
+        v["cmappers.0.weight"]
+            .grad()
+            .abs()
+            .sum(Kind::Float)
+            .double_value(&[])
+            > 0.0
+    );
     // Unconditional heads (text_dim 0) end in one channel, as StyleGAN-T's with c_dim 0.
     let plain = Discriminator::new(Device::Cpu, &channels, &stylegan_cfg(0)).unwrap();
     assert!(!plain.needs_text());
-    assert_eq!(plain.vs.variables()["heads.0.out.weight_orig"].size(), [1, 8, 1]);
+    assert_eq!(
+        plain.vs.variables()["heads.0.out.weight_orig"].size(),
+        [1, 8, 1]
+    );
 }
 
 /// The hinge of Eq. 9 is taken per token before averaging (StyleGAN-T's
@@ -191,13 +223,23 @@ fn stylegan_t_hinge_is_per_token() {
     let g = hinge_g_loss(&fake).unwrap().double_value(&[]);
     assert!((g + 0.5).abs() < 1e-12, "{g}");
     // Levels are summed (Eq. 9), each averaged over its own tokens.
-    let real2 = [real[0].shallow_clone(), Tensor::from_slice(&[0.5f64, 0.5, 0.5]).view([1, 3])];
-    let fake2 = [fake[0].shallow_clone(), Tensor::from_slice(&[-1.0f64, -1.0, 0.0]).view([1, 3])];
+    let real2 = [
+        real[0].shallow_clone(),
+        Tensor::from_slice(&[0.5f64, 0.5, 0.5]).view([1, 3]),
+    ];
+    let fake2 = [
+        fake[0].shallow_clone(),
+        Tensor::from_slice(&[-1.0f64, -1.0, 0.0]).view([1, 3]),
+    ];
     let d2 = hinge_d_loss(&real2, &fake2).unwrap().double_value(&[]);
     assert!((d2 - (4.0 + 0.5 + 1.0 / 3.0)).abs() < 1e-12, "{d2}");
 }
 
-fn dinov2_fixture() -> (Dinov2Model, VarStore, std::collections::HashMap<String, Tensor>) {
+fn dinov2_fixture() -> (
+    Dinov2Model,
+    VarStore,
+    std::collections::HashMap<String, Tensor>,
+) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dinov2");
     let loaded = Dinov2Model::load(&dir, Device::Cpu, Kind::Float).unwrap();
     let io: std::collections::HashMap<String, Tensor> =

@@ -333,7 +333,8 @@ fn feature_gradient_matches_finite_differences_random_weights() {
     });
     vs.freeze();
     // 48 px input upsampled to 64 px, and 80 px downsampled (antialiased) to 64 px.
-    let f = EfficientNetFeatures::new(m, Some(vs), 64, &[1, 2, 4, 6], Levels::PatchAndBlocks).unwrap();
+    let f =
+        EfficientNetFeatures::new(m, Some(vs), 64, &[1, 2, 4, 6], Levels::PatchAndBlocks).unwrap();
     check_gradient(&f, 48);
     check_gradient(&f, 80);
 }

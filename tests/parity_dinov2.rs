@@ -147,7 +147,14 @@ fn vit_s14_preset_has_dinov2_small_shapes() {
 #[test]
 fn feature_network_returns_patch_tokens_of_the_tapped_layers() {
     let loaded = Dinov2Model::load(&fixtures::dir("dinov2"), Device::Cpu, Kind::Float).unwrap();
-    let f = DinoFeatures::new(loaded.model, Some(loaded.vs), 56, &[0, 2, 3], Levels::Blocks).unwrap();
+    let f = DinoFeatures::new(
+        loaded.model,
+        Some(loaded.vs),
+        56,
+        &[0, 2, 3],
+        Levels::Blocks,
+    )
+    .unwrap();
     assert_eq!(f.channels(), vec![32, 32, 32]);
     // Images at the network's resolution: no resize, so the taps are the fixture's
     // hidden states (after ImageNet normalisation of the [-1, 1] input).

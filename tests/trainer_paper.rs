@@ -219,9 +219,9 @@ fn dpm_history_gradient_matches_full_autograd_f64() {
                     if kept.contains(&i) {
                         let later: f64 = match path {
                             GradPath::Adt => 1.0,
-                            GradPath::Drtune => (i + 1..plan.len())
-                                .map(|j| plan.coeffs(j, 1).a)
-                                .product(),
+                            GradPath::Drtune => {
+                                (i + 1..plan.len()).map(|j| plan.coeffs(j, 1).a).product()
+                            }
                         };
                         let x = r.kept.iter().find(|k| k.index == i).unwrap().x.copy();
                         detached.push(KeptStep {
@@ -236,7 +236,10 @@ fn dpm_history_gradient_matches_full_autograd_f64() {
                 zero_grads(&unet.vs);
                 let (e_old, _) = compare(&old, &full);
                 println!("  detached history: {e_old:.2e}");
-                assert!(e_old > 1e-3, "the detached history is not distinguished ({e_old:e})");
+                assert!(
+                    e_old > 1e-3,
+                    "the detached history is not distinguished ({e_old:e})"
+                );
             }
         }
     }
@@ -316,7 +319,11 @@ fn trainer_generator_gradient_decomposition_f64() {
             log_full.loss_g_adv,
             log_full.loss_diff
         );
-        assert!(nonzero * 10 >= full.len() * 9, "{nonzero} of {}", full.len());
+        assert!(
+            nonzero * 10 >= full.len() * 9,
+            "{nonzero} of {}",
+            full.len()
+        );
         assert!(worst < 1e-10, "{sampler}/{path}: {worst:e}");
     }
 }
@@ -352,7 +359,9 @@ fn d_and_g_steps_score_the_same_images() {
         // A decoder whose outputs leave [-1, 1].
         tch::no_grad(|| {
             let vars = pipe.vae.as_ref().unwrap().vs.variables();
-            let _ = vars["decoder.conv_out.weight"].shallow_clone().g_mul_scalar_(30.0);
+            let _ = vars["decoder.conv_out.weight"]
+                .shallow_clone()
+                .g_mul_scalar_(30.0);
         });
         let mut vs = VarStore::new(Device::Cpu);
         let model = Dinov2Model::new(&vs.root(), &Dinov2Config::tiny()).unwrap();
@@ -371,7 +380,10 @@ fn d_and_g_steps_score_the_same_images() {
         assert_eq!(seen.len(), 5, "feature calls: {}", seen.len());
         let (fake_d, fake_g) = (&seen[2], &seen[4]);
         let peak = fake_d.abs().max().double_value(&[]);
-        assert!(peak > 1.0, "the decoded images stay in [-1, 1] ({peak}): the test would not see a clamp");
+        assert!(
+            peak > 1.0,
+            "the decoded images stay in [-1, 1] ({peak}): the test would not see a clamp"
+        );
         assert_eq!(fake_d.size(), fake_g.size());
         if decompose {
             // The G step decodes the D step's x_hat0 itself: the same bits.
@@ -384,7 +396,10 @@ fn d_and_g_steps_score_the_same_images() {
             // (float32 rounding apart, the same values).
             let e = rel_err(fake_g, fake_d);
             println!("one graph: G-step images vs D-step images, rel err {e:.2e}");
-            assert!(e < 1e-5, "the G step scores other images than the D step ({e})");
+            assert!(
+                e < 1e-5,
+                "the G step scores other images than the D step ({e})"
+            );
         }
         // The real images are the batch itself in both steps (no augmentation).
         assert!(seen[0].eq_tensor(&seen[3]).all().int64_value(&[]) == 1);

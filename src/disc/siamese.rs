@@ -56,10 +56,10 @@
 //! give a singular-vector estimate of the averaged matrix).
 
 use super::heads::{Head, HeadConfig, Mode};
-use tch::nn::Init;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+use tch::nn::Init;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -196,7 +196,9 @@ fn per_sample(scores: &[Tensor]) -> Result<Tensor> {
         .iter()
         .map(|t| match t.dim() {
             1 => t.shallow_clone(),
-            _ => t.flatten(1, -1).mean_dim([1i64].as_slice(), false, t.kind()),
+            _ => t
+                .flatten(1, -1)
+                .mean_dim([1i64].as_slice(), false, t.kind()),
         })
         .collect();
     Ok(Tensor::stack(&s, 0)) // [L, B]

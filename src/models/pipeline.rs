@@ -783,7 +783,9 @@ impl Pipeline {
             }
             TextStack::Clip(v) => v,
         };
-        let te = encoders.last().context("the pipeline has no text encoder")?;
+        let te = encoders
+            .last()
+            .context("the pipeline has no text encoder")?;
         tch::no_grad(|| {
             let (ids, _) = te.tokenizer.encode_padded(&refs, te.pad)?;
             let out = te

@@ -102,7 +102,11 @@ fn shallow(c: &Cond) -> Cond {
 /// The text embedding c of StyleGAN-T's conditional heads: the pipeline's pooled
 /// text embedding ([`Pipeline::pooled_text`]; SDXL and SD3: the pooled conditioning
 /// the backbone receives), L2-normalised as CLIP embeddings are compared.
-fn disc_text_embedding(pipe: &Pipeline, captions: &[String], cond: Option<&Cond>) -> Result<Tensor> {
+fn disc_text_embedding(
+    pipe: &Pipeline,
+    captions: &[String],
+    cond: Option<&Cond>,
+) -> Result<Tensor> {
     let pooled = match cond.and_then(|c| c.pooled.as_ref()) {
         Some(p) => p.detach(),
         None => pipe.pooled_text(captions)?,
@@ -252,7 +256,10 @@ pub fn build_features(cfg: &Config, device: Device, tiny: bool) -> Result<Box<dy
                     .with_context(|| format!("loading DINOv2 from {}", path.display()))?;
                 let mut vs = loaded.vs;
                 vs.freeze();
-                let blocks = d.blocks.clone().unwrap_or(DinoFeatures::DEFAULT_BLOCKS.to_vec());
+                let blocks = d
+                    .blocks
+                    .clone()
+                    .unwrap_or(DinoFeatures::DEFAULT_BLOCKS.to_vec());
                 Ok(Box::new(DinoFeatures::new(
                     loaded.model,
                     Some(vs),

@@ -514,11 +514,17 @@ impl Config {
         let mut chosen = Vec::new();
         if t.lr_g.is_none() {
             t.lr_g = Some(d.lr);
-            chosen.push(format!("train.lr_g = {:e} (the paper's for {family:?})", d.lr));
+            chosen.push(format!(
+                "train.lr_g = {:e} (the paper's for {family:?})",
+                d.lr
+            ));
         }
         if t.lr_d.is_none() {
             t.lr_d = Some(d.lr);
-            chosen.push(format!("train.lr_d = {:e} (the paper's for {family:?})", d.lr));
+            chosen.push(format!(
+                "train.lr_d = {:e} (the paper's for {family:?})",
+                d.lr
+            ));
         }
         if t.resolution.is_none() {
             t.resolution = Some(d.resolution);
@@ -557,7 +563,10 @@ mod tests {
         assert_eq!(c.train.tau, 0.99);
         // Learning rates and resolution are chosen per model family (see
         // `model_defaults_by_family`).
-        assert_eq!((c.train.lr_g, c.train.lr_d, c.train.resolution), (None, None, None));
+        assert_eq!(
+            (c.train.lr_g, c.train.lr_d, c.train.resolution),
+            (None, None, None)
+        );
         assert_eq!(c.train.grad_clip, 0.0, "the paper does not clip gradients");
         assert_eq!((c.train.warmup_d, c.train.warmup_g), (1000, 500));
         assert_eq!(c.train.batch_size, 8);

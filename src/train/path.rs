@@ -197,9 +197,7 @@ pub fn output_weights(links: &[StepLink], path: GradPath) -> Vec<f64> {
         }
         scale[k] = match path {
             GradPath::Adt => 1.0,
-            GradPath::Drtune => {
-                l.a * scale[k + 1] + l.hist.map(|(p, _)| p * dh[k]).unwrap_or(0.0)
-            }
+            GradPath::Drtune => l.a * scale[k + 1] + l.hist.map(|(p, _)| p * dh[k]).unwrap_or(0.0),
         };
     }
     links
@@ -242,7 +240,12 @@ pub fn rollout(
                 index: i,
                 a: c.a,
                 b: c.b,
-                history: c.c.iter().copied().zip(history_src.iter().copied()).collect(),
+                history: c
+                    .c
+                    .iter()
+                    .copied()
+                    .zip(history_src.iter().copied())
+                    .collect(),
                 hist: c.hist,
             });
             let (out, _) = guided_output(model, &x, plan.timesteps[i], g)?;
@@ -518,7 +521,10 @@ mod tests {
                 if kind != SamplerKind::DpmSolverPp2m {
                     let prod: f64 = (start..plan.len()).map(|i| plan.coeffs(i, 0).a).product();
                     let e = crate::fixtures::max_rel_err(&x.grad(), &(&v * prod));
-                    assert!(e < 1e-12, "{kind:?} start {start}: DRTune gradient is not prod(a) ({e})");
+                    assert!(
+                        e < 1e-12,
+                        "{kind:?} start {start}: DRTune gradient is not prod(a) ({e})"
+                    );
                 }
             }
         }
