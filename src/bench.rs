@@ -40,6 +40,7 @@ use crate::disc::features::DinoFeatures;
 use crate::disc::FeatureNetwork;
 use crate::models::clip::ClipTextConfig;
 use crate::models::clip::{ClipTextModel, LoadedClipText};
+use crate::models::denoiser::{guided_output, Denoiser, Guidance};
 use crate::models::dinov2::{Dinov2Config, Dinov2Model};
 use crate::models::mmdit::{LoadedSd3Transformer, Sd3Config, Sd3TrajectoryCopy};
 use crate::models::pipeline::{
@@ -54,7 +55,7 @@ use crate::schedule::{Plan, SamplerKind, ScheduleConfig};
 use crate::train::adt::Trainer;
 use crate::train::config::{Config, GradPath};
 use crate::train::fast::{gpu, FastDenoiser, FastOptions};
-use crate::train::path::{guided_output, rollout, Denoiser, Guidance};
+use crate::train::path::rollout;
 
 /// Model sizes to benchmark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

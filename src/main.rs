@@ -35,6 +35,10 @@ enum Command {
         /// Stop after this many iterations of this invocation (checkpoints are kept).
         #[arg(long)]
         max_iterations: Option<usize>,
+        /// Start a new run in an output folder that holds checkpoints (or resume from
+        /// a checkpoint older than others there): same-named checkpoints are replaced.
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Generate images from prompts with a pipeline folder.
     Sample {
@@ -178,6 +182,7 @@ fn main() -> Result<()> {
             print_config,
             resume,
             max_iterations,
+            overwrite,
         } => {
             let cfg = adt::train::config::Config::load(config.as_deref(), &set)?;
             if print_config {
@@ -188,6 +193,7 @@ fn main() -> Result<()> {
                 resume,
                 max_iterations,
                 quiet: false,
+                overwrite,
             };
             let tr = adt::train::run::run(cfg, &opts)?;
             eprintln!(

@@ -314,16 +314,21 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
         path.file_name().and_then(|s| s.to_str()).unwrap_or("file"),
         std::process::id()
     ));
-    {
+    let written = (|| -> Result<()> {
         let mut f =
             std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         f.write_all(bytes)
             .with_context(|| format!("writing {}", tmp.display()))?;
-        f.sync_all()?;
+        f.sync_all()
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    })();
+    if written.is_err() {
+        // A full disk must not leave the temporary file behind.
+        let _ = std::fs::remove_file(&tmp);
     }
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    Ok(())
+    written
 }
 
 /// Save every variable of a VarStore under its own name.

@@ -2,12 +2,12 @@
 
 use adt::bench::{run_bench, BenchConfig, BenchOptions, Lever, Workload};
 use adt::fixtures::max_rel_err;
+use adt::models::denoiser::{Cond, Denoiser, UNetDenoiser};
 use adt::models::pipeline::Pipeline;
 use adt::models::unet::{LoadedUNet, UNetConfig};
-use adt::train::adt::{build_features, Trainer, UNetDenoiser};
+use adt::train::adt::{build_features, Trainer};
 use adt::train::config::Config;
 use adt::train::fast::{gpu, FastDenoiser, FastOptions};
-use adt::train::path::{Cond, Denoiser};
 use tch::{Device, Kind, Tensor};
 
 fn tiny_unet(seed: i64) -> LoadedUNet {

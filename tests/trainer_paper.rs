@@ -5,15 +5,14 @@
 
 use adt::disc::features::{DinoFeatures, Levels};
 use adt::disc::FeatureNetwork;
+use adt::models::denoiser::{guided_output, Cond, Denoiser, Guidance, UNetDenoiser};
 use adt::models::dinov2::{Dinov2Config, Dinov2Model};
 use adt::models::pipeline::Pipeline;
 use adt::models::unet::{LoadedUNet, UNetConfig};
 use adt::schedule::{Plan, SamplerKind, ScheduleConfig};
-use adt::train::adt::{Trainer, UNetDenoiser};
+use adt::train::adt::Trainer;
 use adt::train::config::{Config, GradPath, Mode};
-use adt::train::path::{
-    backprop_kept, guided_output, rollout, rollout_graph, Cond, Denoiser, Guidance, KeptStep,
-};
+use adt::train::path::{backprop_kept, rollout, rollout_graph, KeptStep};
 use std::cell::RefCell;
 use std::rc::Rc;
 use tch::nn::VarStore;

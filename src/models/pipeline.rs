@@ -15,14 +15,14 @@ use std::path::{Path, PathBuf};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::models::clip::{ClipTextConfig, ClipTextModel, LoadedClipText};
+use crate::models::denoiser::{Cond, Denoiser, UNetDenoiser};
 use crate::models::mmdit::{LoadedSd3Transformer, Sd3Config};
 use crate::models::sd3_text::{Sd3TextEncoders, Sd3TextOptions};
+pub use crate::models::tokenizer::builtin_tokenizer_dir;
 use crate::models::tokenizer::{ClipTokenizer, Pad};
 use crate::models::unet::{LoadedUNet, UNetConfig};
 use crate::models::vae::{AutoencoderKL, LoadedVae, VaeConfig};
 use crate::schedule::{BetaSchedule, ScheduleConfig};
-use crate::train::adt::UNetDenoiser;
-use crate::train::path::{Cond, Denoiser};
 
 /// One CLIP text encoder with its tokenizer.
 pub struct TextEncoder {
@@ -165,21 +165,6 @@ pub struct Pipeline {
 pub struct PipelineOptions {
     /// SD3: whether to run T5 (`text_encoder_3`) and its sequence length.
     pub sd3_text: Sd3TextOptions,
-}
-
-/// The tokenizer that ships in `tests/fixtures` (the real CLIP BPE vocabulary) is used
-/// by the random-weight pipelines (tests, `adt bench`, `adt init-pipeline`). It is looked
-/// for under the current directory first (a binary run from a checkout other than the
-/// one it was built in, e.g. on a GPU machine), then in the source tree it was built from.
-pub fn builtin_tokenizer_dir() -> PathBuf {
-    let rel = Path::new("tests")
-        .join("fixtures")
-        .join("tokenizer_clip")
-        .join("tokenizer");
-    if rel.join("vocab.json").is_file() {
-        return rel;
-    }
-    crate::fixtures::dir("tokenizer_clip/tokenizer")
 }
 
 fn tiny_vae_config() -> Result<VaeConfig> {

@@ -30,35 +30,19 @@ use crate::disc::diffaug::{diff_augment, Policy};
 use crate::disc::features::{DinoFeatures, EfficientNetFeatures};
 use crate::disc::siamese::{DiscConfig, DiscVariant, Discriminator};
 use crate::disc::FeatureNetwork;
+use crate::models::denoiser::{Cond, Denoiser, Guidance};
 use crate::models::dinov2::{Dinov2Config, Dinov2Model};
 use crate::models::efficientnet::EfficientNet;
 use crate::models::mmdit::Sd3TrajectoryCopy;
 use crate::models::pipeline::{Backbone, Family, Pipeline, PipelineOptions, RandomSpec};
 use crate::models::sd3_text::Sd3TextOptions;
-use crate::models::unet::UNet2DConditionModel;
 use crate::schedule::Plan;
 use crate::schedule::{SamplerKind, ScheduleConfig};
 use crate::train::config::{Config, DiscKind, FeatureNet, FlowTimestep, Mode};
 use crate::train::fast::{FastDenoiser, FastOptions};
 use crate::train::logging::{EventWriter, JsonlWriter};
 use crate::train::optim::{warmup_lr, AdamW};
-use crate::train::path::{
-    backprop_kept, choose_kept, loss_kind, rollout, rollout_graph, Cond, Denoiser, Guidance,
-    KeptStep,
-};
-
-/// The UNet as a [`Denoiser`].
-pub struct UNetDenoiser<'a>(pub &'a UNet2DConditionModel);
-
-impl Denoiser for UNetDenoiser<'_> {
-    fn predict(&self, x: &Tensor, t: &Tensor, cond: &Cond) -> Result<Tensor> {
-        let added = match (&cond.pooled, &cond.time_ids) {
-            (Some(p), Some(ids)) => Some((p, ids)),
-            _ => None,
-        };
-        self.0.forward(x, t, &cond.context, added)
-    }
-}
+use crate::train::path::{backprop_kept, choose_kept, loss_kind, rollout, rollout_graph, KeptStep};
 
 /// `model.path` of the built-in tiny random SD1.x-style pipeline.
 pub const TINY_RANDOM: &str = "tiny-random";
@@ -237,13 +221,46 @@ impl Phases {
     }
 }
 
+/// A NaN or infinite loss (or gradient norm) stops the run; `adt train` adds which
+/// checkpoint is the last one with finite numbers.
+#[derive(Debug)]
+pub struct NonFiniteLoss {
+    /// The iteration (0-based, as in metrics.jsonl).
+    pub step: usize,
+    pub name: String,
+    pub value: f64,
+}
+
+impl std::fmt::Display for NonFiniteLoss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "step {}: {} is {}; stopping (lower the learning rates or check the data)",
+            self.step, self.name, self.value
+        )
+    }
+}
+
+impl std::error::Error for NonFiniteLoss {}
+
 fn check_finite(step: usize, name: &str, v: f64) -> Result<()> {
     if !v.is_finite() {
-        bail!(
-            "step {step}: {name} is {v}; stopping. The last checkpoint is intact; lower the learning rates or check the data"
-        );
+        bail!(NonFiniteLoss {
+            step,
+            name: name.to_string(),
+            value: v,
+        });
     }
     Ok(())
+}
+
+/// A run id: time and process, unique enough to tell runs in one folder apart.
+fn new_run_id() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{t:x}-{:x}", std::process::id())
 }
 
 /// The feature network F of the discriminator.
@@ -353,6 +370,8 @@ pub struct Trainer {
     /// Generator updates completed.
     pub g_steps: usize,
     pub out_dir: PathBuf,
+    /// Identifies this run's checkpoints (inherited when a run is resumed).
+    pub run_id: String,
     metrics: Option<JsonlWriter>,
     events: Option<EventWriter>,
     uncond_cache: Option<(usize, Cond)>,
@@ -413,7 +432,9 @@ impl Trainer {
         let out_dir = tr.out_dir.clone();
         std::fs::create_dir_all(&out_dir)
             .with_context(|| format!("creating {}", out_dir.display()))?;
-        std::fs::write(out_dir.join("config.toml"), tr.cfg.to_toml()?)?;
+        let cfg_path = out_dir.join("config.toml");
+        std::fs::write(&cfg_path, tr.cfg.to_toml()?)
+            .with_context(|| format!("writing {}", cfg_path.display()))?;
         tr.metrics = Some(JsonlWriter::open(&out_dir.join("metrics.jsonl"))?);
         tr.events = Some(EventWriter::create(&out_dir.join("tensorboard"))?);
         Ok(tr)
@@ -569,6 +590,7 @@ impl Trainer {
             step: 0,
             g_steps: 0,
             out_dir,
+            run_id: new_run_id(),
             metrics: None,
             events: None,
             uncond_cache: None,
@@ -1108,6 +1130,19 @@ impl Trainer {
                 }
             });
         }
+    }
+
+    /// Drop the lines of metrics.jsonl at or after iteration `step` (a resumed run
+    /// logs them again; a new run starts an empty log), and torn lines.
+    pub fn truncate_metrics(&mut self, step: usize) -> Result<()> {
+        let path = self.out_dir.join("metrics.jsonl");
+        if self.metrics.is_none() || !path.is_file() {
+            return Ok(());
+        }
+        self.metrics = None;
+        crate::train::logging::truncate_jsonl(&path, step)?;
+        self.metrics = Some(JsonlWriter::open(&path)?);
+        Ok(())
     }
 
     /// Write one metrics line and the TensorBoard scalars.

@@ -101,7 +101,7 @@ pub struct TrainSection {
     pub seed: u64,
     /// Weight of the diffusion loss in the generator objective (Eq. 8).
     pub lambda: f64,
-    /// Number of kept gradient steps besides t_s (Alg. 1 line 5).
+    /// Number of kept gradient steps (Alg. 1 line 5); at least 1 (0 is refused).
     pub k: usize,
     /// Generator update period (Alg. 1 line 19).
     pub h: usize,
@@ -423,6 +423,7 @@ impl Config {
         pos("train.batch_size", t.batch_size)?;
         pos("train.grad_accum", t.grad_accum)?;
         pos("train.h", t.h)?;
+        pos("train.k", t.k)?;
         pos("sampler.steps", self.sampler.steps)?;
         if !(0.0..=1.0).contains(&t.tau) {
             bail!("train.tau = {}: must be in [0, 1]", t.tau);
@@ -471,6 +472,12 @@ impl Config {
             bail!(
                 "sampler.cfg = {}: must be >= 0 (1 = no guidance)",
                 self.sampler.cfg
+            );
+        }
+        if !(32..=4096).contains(&self.disc.resolution) {
+            bail!(
+                "disc.resolution = {}: must be between 32 and 4096 pixels (DINOv2 also needs a multiple of its patch size, 14)",
+                self.disc.resolution
             );
         }
         if self.disc.blocks.as_ref().is_some_and(|b| b.is_empty()) {
@@ -539,6 +546,32 @@ impl Config {
     /// The effective configuration as TOML.
     pub fn to_toml(&self) -> Result<String> {
         Ok(toml::to_string_pretty(self)?)
+    }
+
+    /// The configured device exists in this build and on this machine.
+    pub fn check_device(&self) -> Result<()> {
+        if let tch::Device::Cuda(i) = self.device() {
+            let n = if tch::Cuda::is_available() {
+                tch::Cuda::device_count() as usize
+            } else {
+                0
+            };
+            if i >= n {
+                bail!(
+                    "train.device = {:?}: {}",
+                    self.train.device,
+                    if n == 0 {
+                        "no CUDA device is available (a CPU build of adt, or no GPU visible); use train.device = \"cpu\" or a CUDA build (--features cuda)".to_string()
+                    } else {
+                        format!(
+                            "this machine has {n} CUDA device(s) (cuda:0..cuda:{})",
+                            n - 1
+                        )
+                    }
+                );
+            }
+        }
+        Ok(())
     }
 
     pub fn device(&self) -> tch::Device {
