@@ -517,6 +517,11 @@ impl Config {
     /// were set).
     pub fn apply_model_defaults(&mut self, family: Family, native_resolution: i64) -> Vec<String> {
         let d = ModelDefaults::for_family(family, native_resolution);
+        let family = match family {
+            Family::Sd => "SD 1.x / 2.x",
+            Family::Sdxl => "SDXL",
+            Family::Sd3 => "SD3",
+        };
         let t = &mut self.train;
         let mut chosen = Vec::new();
         if t.lr_g.is_none() {
