@@ -527,14 +527,14 @@ impl Config {
         if t.lr_g.is_none() {
             t.lr_g = Some(d.lr);
             chosen.push(format!(
-                "train.lr_g = {:e} (the paper's for {family:?})",
+                "train.lr_g = {:e} (the paper's for {family})",
                 d.lr
             ));
         }
         if t.lr_d.is_none() {
             t.lr_d = Some(d.lr);
             chosen.push(format!(
-                "train.lr_d = {:e} (the paper's for {family:?})",
+                "train.lr_d = {:e} (the paper's for {family})",
                 d.lr
             ));
         }
