@@ -1,5 +1,5 @@
 //! Checkpoints: the backbone (UNet or SD3 transformer) in the diffusers layout plus
-//! the whole trainer state (both optimisers, discriminator heads with their BatchNorm statistics and EMA
+//! the whole trainer state (both optimisers, discriminator heads with their spectral-norm state and EMA
 //! duals, generator EMA, data position, step counters).
 //!
 //! A checkpoint is written into a temporary folder and renamed into place, then the
@@ -322,8 +322,7 @@ pub fn find_resume(out: &Path) -> Result<Option<(PathBuf, Option<String>)>> {
         Ok(p) => {
             let newer = all
                 .iter()
-                .filter(|f| f.run_id == p.run_id && f.step > p.step)
-                .last();
+                .rfind(|f| f.run_id == p.run_id && f.step > p.step);
             Ok(Some(match newer {
                 Some(n) => (
                     n.path.clone(),

@@ -23,7 +23,7 @@ fn resolve_synthetic(cfg: &mut Config) -> Result<()> {
             crate::data::write_synthetic_dataset(
                 &dir,
                 n,
-                cfg.train.resolution as u32,
+                cfg.train.resolution() as u32,
                 cfg.train.seed,
             )?;
         }
@@ -253,7 +253,7 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
                 &cfg.output.validation_prompts,
                 cfg.sampler.cfg,
                 cfg.train.seed as i64,
-                cfg.train.resolution,
+                tr.cfg.train.resolution(),
             )?;
             crate::sample::save_grid(
                 &imgs,
@@ -309,8 +309,7 @@ fn explain_stop(e: anyhow::Error, tr: &Trainer, last: &Option<(PathBuf, usize)>)
             let earlier = checkpoint::complete_checkpoints(&tr.out_dir)
                 .unwrap_or_default()
                 .into_iter()
-                .filter(|f| f.step < *s)
-                .last();
+                .rfind(|f| f.step < *s);
             format!(
                 "the last checkpoint, {} (step {s}), holds finite numbers, but its weights produced \
                  this value at the very next step, so resuming from it will stop again; {}",
