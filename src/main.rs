@@ -78,7 +78,7 @@ enum Command {
         /// Folder (or imagefolder dataset) of reference images.
         #[arg(long)]
         reference: PathBuf,
-        /// efficientnet-lite1 (default, offline), efficientnet-lite0, dinov2 or inception-v3 (FID; weights from scripts/convert_inception.py).
+        /// efficientnet-lite1 (default, offline), efficientnet-lite0, efficientnet-lite2, dinov2 or inception-v3 (FID; weights from scripts/convert_inception.py).
         #[arg(long, default_value = "efficientnet-lite1")]
         features: String,
         /// Weights folder of the feature network (required for dinov2).
