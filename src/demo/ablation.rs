@@ -32,7 +32,9 @@ use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
 use super::{captions, mean_sd, DemoOptions, Evaluator};
-use crate::eval::metrics::{compare, load_image01, list_images, EvalOptions, FeatureExtractor, FeatureSpace};
+use crate::eval::metrics::{
+    compare, list_images, load_image01, EvalOptions, FeatureExtractor, FeatureSpace,
+};
 use crate::models::pipeline::Pipeline;
 use crate::report::{md_table_to_html, png_data_uri, rows_grid};
 use crate::train::config::Config;
@@ -74,7 +76,12 @@ pub fn table3_variants() -> Vec<Variant> {
             false,
             &["train.grad_path=\"drtune\""],
         ),
-        variant("lambda0", "lambda = 0 (w/o L_diff)", false, &["train.lambda=0.0"]),
+        variant(
+            "lambda0",
+            "lambda = 0 (w/o L_diff)",
+            false,
+            &["train.lambda=0.0"],
+        ),
         variant("k1", "K = 1", false, &["train.k=1"]),
         variant("k3", "K = 3", false, &["train.k=3"]),
         variant(
@@ -165,7 +172,10 @@ pub fn saturation_hue(image01: &Tensor) -> (Tensor, Tensor) {
     let h_b = (&r - &g) / &d + 4.0;
     let is_r = max.eq_tensor(&r);
     let is_g = max.eq_tensor(&g).logical_and(&is_r.logical_not());
-    let h = h_b.where_self(&is_g.logical_or(&is_r).logical_not(), &h_g.where_self(&is_g, &h_r));
+    let h = h_b.where_self(
+        &is_g.logical_or(&is_r).logical_not(),
+        &h_g.where_self(&is_g, &h_r),
+    );
     let hue = (h / 6.0).remainder(1.0);
     let hue = hue.where_scalarother(&delta.gt(0.0), 0.0);
     (sat, hue)
@@ -288,12 +298,15 @@ impl AblationReport {
             for i in 0..self.spaces.len() {
                 let a = self.mean_of("adt", |r| metric(r, i))?;
                 let v = self.mean_of(name, |r| metric(r, i))?;
-                signs.push((v - a).signum());
+                signs.push(v.partial_cmp(&a)?);
             }
-            Some(if signs.iter().all(|s| *s > 0.0) {
+            use std::cmp::Ordering::*;
+            Some(if signs.iter().all(|s| *s == Greater) {
                 "worse".into()
-            } else if signs.iter().all(|s| *s < 0.0) {
+            } else if signs.iter().all(|s| *s == Less) {
                 "better".into()
+            } else if signs.iter().all(|s| *s == Equal) {
+                "equal".into()
             } else {
                 "disagree".into()
             })
@@ -304,7 +317,7 @@ impl AblationReport {
     /// The table: one row per variant, mean ± sd over seeds of every metric.
     pub fn markdown(&self) -> String {
         let mut s = format!(
-            "Ablation (Table 3 at toy scale): {} iterations per run, seeds {:?}, {} held-out images; FD / KID in {} (lower is better). \"vs ADT\": the variant's mean FD / KID is higher (worse) or lower (better) than ADT's in every space, or the spaces disagree.\n\n",
+            "Ablation (Table 3 at toy scale): {} iterations per run, seeds {:?}, {} held-out images; FD / KID in {} (lower is better). \"vs ADT\": the variant's mean FD / KID is higher (worse) or lower (better) than ADT's in every space, equal in every space, or the spaces disagree.\n\n",
             self.iterations,
             self.seeds,
             self.eval_images,
@@ -316,8 +329,8 @@ impl AblationReport {
             s += &format!(" FD {sp} | KID {sp} |");
             sep += "---|---|";
         }
-        s += " vs ADT (FD / KID) | RGB hist. L1 | hue hist. L1 | mean saturation | train s |\n";
-        sep += "---|---|---|---|---|\n";
+        s += " vs ADT (FD / KID) | RGB hist. L1 | hue hist. L1 | mean saturation | train s | eval s |\n";
+        sep += "---|---|---|---|---|---|\n";
         s += &sep;
         let row = |s: &mut String, name: &str, change: &str, runs: &[&AblationRun]| {
             *s += &format!("| {name} | {change} |");
@@ -334,11 +347,12 @@ impl AblationReport {
                 pm(&runs.iter().map(|r| f(r)).collect::<Vec<_>>(), d)
             };
             *s += &format!(
-                " {dir} | {} | {} | {} | {} |\n",
+                " {dir} | {} | {} | {} | {} | {} |\n",
                 col(&|r| r.histogram_l1, 3),
                 col(&|r| r.hue_l1, 3),
                 col(&|r| r.mean_saturation, 3),
                 col(&|r| r.train_seconds, 0),
+                col(&|r| r.eval_seconds, 0),
             );
         };
         if let Some(b) = &self.base {
@@ -436,7 +450,10 @@ pub fn run_ablation(o: &AblationOptions) -> Result<AblationReport> {
         }
     }
     if !d.base.join("model_index.json").is_file() {
-        bail!("base model missing: {} (no model_index.json)", d.base.display());
+        bail!(
+            "base model missing: {} (no model_index.json)",
+            d.base.display()
+        );
     }
     let variants = select_variants(&o.variants)?;
     let device = match d.device.as_str() {
