@@ -11,7 +11,10 @@ cargo fmt --all -- --check
 source scripts/setup_all.sh start test
 echo "== cargo clippy"
 cargo clippy --all-targets -- -D warnings
+# The demo datasets are converted by adt itself.
+cargo build
 setup_all_wait
+./target/debug/adt prepare-emoji --cache "${ADT_DEMO_CACHE:-.cache/demo}"
 echo "== cargo test"
 # One test thread: several tests seed libtorch's process-wide generator.
 cargo test --all-targets --no-fail-fast -- --test-threads=1

@@ -23,7 +23,7 @@ const FLOORS: &[&[&str]] = &[
     &["eval", "sample"],
     &["train"],
     &["report", "inspect"],
-    &["demo", "bench"],
+    &["demo", "bench", "demo_data"],
     &["main"],
 ];
 
