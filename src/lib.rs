@@ -9,6 +9,7 @@ pub mod fixtures;
 pub mod inspect;
 pub mod json;
 pub mod models;
+pub mod progress;
 pub mod report;
 pub mod sample;
 pub mod schedule;
