@@ -676,7 +676,8 @@ pub fn sd3_medium_random_pipeline(device: Device, seed: i64) -> Result<Pipeline>
 }
 
 /// Randomly initialised, frozen DINOv2 features at `resolution` px tapping the
-/// default blocks 2, 5, 8, 11 (clamped to the last layer of a smaller model), and
+/// default blocks 2, 5, 8, 11 (clamped to the last layer of a smaller model) with
+/// the patch embedding (the default levels), and
 /// the parameter count.
 fn dino_features(
     device: Device,
@@ -692,7 +693,7 @@ fn dino_features(
         .iter()
         .map(|&b| b.min(last))
         .collect();
-    let f = DinoFeatures::new(model, Some(vs), resolution, &blocks)?;
+    let f = DinoFeatures::new(model, Some(vs), resolution, &blocks, Default::default())?;
     Ok((Box::new(f), n))
 }
 
@@ -1056,7 +1057,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
     cfg.model.path = "tiny-random".into();
     cfg.train.device = opts.device.clone();
     cfg.train.batch_size = 1;
-    cfg.train.resolution = resolution;
+    cfg.train.resolution = Some(resolution);
     cfg.train.seed = opts.seed;
     cfg.train.k = 3;
     cfg.train.h = 1;

@@ -695,6 +695,8 @@ pub fn run_demo(o: &DemoOptions) -> Result<DemoReport> {
                 cfg,
                 &RunOptions {
                     quiet: false,
+                    // The demo re-runs into its own folders on purpose.
+                    overwrite: true,
                     ..Default::default()
                 },
             )

@@ -21,6 +21,10 @@ pub fn generate(
     seed: i64,
     resolution: i64,
 ) -> Result<Tensor> {
+    ensure!(
+        cfg.is_finite(),
+        "guidance scale {cfg} is not a finite number"
+    );
     let flow_plan = plan.kind == SamplerKind::FlowEuler;
     ensure!(
         flow_plan == pipe.is_flow(),
@@ -73,7 +77,20 @@ pub fn generate(
         if let Some(e) = err {
             return Err(e);
         }
-        Ok(pipe.to_images(&z)?.clamp(-1.0, 1.0))
+        let images = pipe.to_images(&z)?;
+        // NaN would be written as black images: refuse them.
+        let bad = images
+            .isfinite()
+            .logical_not()
+            .sum(Kind::Int64)
+            .int64_value(&[]);
+        ensure!(
+            bad == 0,
+            "{bad} of {} generated values are NaN or infinite (non-finite weights, or a \
+             diverging sampler / guidance scale {cfg}); no image written",
+            images.numel()
+        );
+        Ok(images.clamp(-1.0, 1.0))
     })
 }
 

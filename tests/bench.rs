@@ -173,11 +173,11 @@ fn trainer_uses_and_refreshes_the_bf16_copy() {
     let mut cfg = Config::default();
     cfg.train.bf16_trajectory = true;
     cfg.train.batch_size = 1;
-    cfg.train.resolution = 32;
+    cfg.train.resolution = Some(32);
     cfg.train.h = 1;
     cfg.train.k = 1;
     cfg.train.warmup_g = 0;
-    cfg.train.lr_g = 1e-3;
+    cfg.train.lr_g = Some(1e-3);
     cfg.sampler.steps = 4;
     cfg.sampler.cfg = 3.0;
     cfg.disc.resolution = 56;

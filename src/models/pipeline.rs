@@ -654,6 +654,17 @@ impl Pipeline {
         })
     }
 
+    /// The floating-point kind the backbone computes in (float32 for training;
+    /// float64 in gradient tests).
+    pub fn kind(&self) -> Kind {
+        self.backbone_vs()
+            .variables()
+            .values()
+            .next()
+            .map(|t| t.kind())
+            .unwrap_or(Kind::Float)
+    }
+
     /// Whether the model is trained with flow matching (SD3).
     pub fn is_flow(&self) -> bool {
         self.schedule.beta_schedule == BetaSchedule::FlowMatching
@@ -739,6 +750,37 @@ impl Pipeline {
                 });
             }
             Ok((cond, truncated))
+        })
+    }
+
+    /// A pooled text embedding of each caption, [B, P] (no gradient): the last CLIP
+    /// encoder's projected embedding (`text_embeds`), or its `pooler_output` when it
+    /// has no projection (SD 1.x / 2.x); SD3: the pooled projections of CLIP-L and
+    /// CLIP-G. Used to condition the StyleGAN-T discriminator.
+    pub fn pooled_text(&self, captions: &[String]) -> Result<Tensor> {
+        let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
+        let encoders = match &self.text {
+            TextStack::Sd3(s) => {
+                let (cond, _) = s.encode_with_truncation(&refs)?;
+                return cond
+                    .pooled
+                    .context("SD3 text encoders gave no pooled projections");
+            }
+            TextStack::Clip(v) => v,
+        };
+        let te = encoders
+            .last()
+            .context("the pipeline has no text encoder")?;
+        tch::no_grad(|| {
+            let (ids, _) = te.tokenizer.encode_padded(&refs, te.pad)?;
+            let out = te
+                .encoder
+                .model
+                .forward(&ids.to_device(self.device), None)?;
+            Ok(out
+                .text_embeds
+                .unwrap_or(out.pooler_output)
+                .to_kind(Kind::Float))
         })
     }
 
