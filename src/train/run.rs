@@ -282,6 +282,8 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
             });
             return Err(explain_stop(e, &tr, &last_ckpt));
         }
+        // A save interrupted earlier may have left temporary files there.
+        checkpoint::clean_atomic_temps(&out)?;
         tr.save_final(&out)?;
         checkpoint::save(&tr)?;
         tracing::info!("tuned pipeline written to {}", out.display());
@@ -309,8 +311,7 @@ fn explain_stop(e: anyhow::Error, tr: &Trainer, last: &Option<(PathBuf, usize)>)
             let earlier = checkpoint::complete_checkpoints(&tr.out_dir)
                 .unwrap_or_default()
                 .into_iter()
-                .filter(|f| f.step < *s)
-                .last();
+                .rfind(|f| f.step < *s);
             format!(
                 "the last checkpoint, {} (step {s}), holds finite numbers, but its weights produced \
                  this value at the very next step, so resuming from it will stop again; {}",
