@@ -190,6 +190,12 @@ fn main() -> Result<()> {
             let cfg = adt::train::config::Config::load(config.as_deref(), &set)?;
             if print_config {
                 print!("{}", cfg.to_toml()?);
+                println!(
+                    "\n# Not set above, chosen when the model is loaded: train.lr_g and train.lr_d \
+                     (5e-6 for SD 1.x / 2.x, 1e-6 for SDXL and SD3), train.resolution (the \
+                     model's native one), disc.blocks (DINOv2 [2, 5, 8, 11], EfficientNet \
+                     [1, 2, 4, 6]), disc.channels (the width of the features)."
+                );
                 return Ok(());
             }
             let opts = adt::train::run::RunOptions {

@@ -4,9 +4,9 @@ use anyhow::{ensure, Context, Result};
 use std::path::Path;
 use tch::{Kind, Tensor};
 
+use crate::models::denoiser::{guided_output, Guidance};
 use crate::models::pipeline::{Family, Pipeline};
 use crate::schedule::{sample_loop, Plan, SamplerKind};
-use crate::train::path::{guided_output, Guidance};
 
 /// Generate one image per prompt at `resolution` pixels with classifier-free
 /// guidance `cfg`; images in [-1, 1], [B, 3, H, W]. Deterministic for a seed.

@@ -463,9 +463,8 @@ fn a_too_small_feature_map_is_an_error() {
             kernel: 9,
             out_channels: Some(1),
             spectral_norm: true,
-            bn_momentum: 0.1,
+            virtual_batch: 8,
             bn_eps: 1e-5,
-            track_running_stats: true,
         },
     )
     .unwrap();

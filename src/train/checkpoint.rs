@@ -1,5 +1,5 @@
 //! Checkpoints: the backbone (UNet or SD3 transformer) in the diffusers layout plus
-//! the whole trainer state (both optimisers, discriminator heads with their BatchNorm statistics and EMA
+//! the whole trainer state (both optimisers, discriminator heads with their spectral-norm state and EMA
 //! duals, generator EMA, data position, step counters).
 //!
 //! A checkpoint is written into a temporary folder and renamed into place, then the

@@ -23,7 +23,7 @@ fn resolve_synthetic(cfg: &mut Config) -> Result<()> {
             crate::data::write_synthetic_dataset(
                 &dir,
                 n,
-                cfg.train.resolution as u32,
+                cfg.train.resolution() as u32,
                 cfg.train.seed,
             )?;
         }
@@ -253,7 +253,7 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
                 &cfg.output.validation_prompts,
                 cfg.sampler.cfg,
                 cfg.train.seed as i64,
-                cfg.train.resolution,
+                tr.cfg.train.resolution(),
             )?;
             crate::sample::save_grid(
                 &imgs,
