@@ -3,12 +3,12 @@
 # then again while killing it with SIGKILL at random moments and resuming each time
 # with --resume, and compare the two runs' final files byte for byte.
 #
-#   scripts/kill_resume_check.sh                 # 20 kills, 60 iterations
+#   scripts/kill_resume_check.sh                 # 20 kills, 100 iterations
 #   KILLS=40 ITERS=100 SEED=7 scripts/kill_resume_check.sh
 #
-# Environment: KILLS (kills to deliver, default 20), ITERS (iterations, default 60),
+# Environment: KILLS (kills to deliver, default 20), ITERS (iterations, default 100),
 # EVERY (checkpoint period, default 3), SEED (of the kill moments, default 1),
-# MIN_MS / MAX_MS (a kill comes this long after a start; default 300 / 3000),
+# MIN_MS / MAX_MS (a kill comes this long after a start; default 300 / 2500),
 # ADT (the adt binary; default: built here with cargo, PROFILE=debug|release),
 # WORK (the work folder; default a new temporary one, removed when all is identical).
 # Compared: every file of final/ and of the last checkpoint except state.json (it
@@ -18,11 +18,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 KILLS=${KILLS:-20}
-ITERS=${ITERS:-60}
+ITERS=${ITERS:-100}
 EVERY=${EVERY:-3}
 SEED=${SEED:-1}
 MIN_MS=${MIN_MS:-300}
-MAX_MS=${MAX_MS:-3000}
+MAX_MS=${MAX_MS:-2500}
 PROFILE=${PROFILE:-debug}
 CONFIG=examples/tiny-random.toml
 
@@ -42,7 +42,11 @@ args() { # output folder
 echo "work folder: $WORK"
 t0=$(date +%s)
 # shellcheck disable=SC2046
-"$ADT" train $(args "$WORK/ref") > "$WORK/ref.log" 2>&1
+if ! "$ADT" train $(args "$WORK/ref") > "$WORK/ref.log" 2>&1; then
+  echo "the uninterrupted run failed; log: $WORK/ref.log" >&2
+  tail -n 5 "$WORK/ref.log" >&2
+  exit 1
+fi
 t1=$(date +%s)
 echo "uninterrupted run: $ITERS iterations in $((t1 - t0)) s"
 
@@ -87,7 +91,8 @@ if [ "$finished_early" -eq 0 ]; then
   fi
 fi
 t2=$(date +%s)
-echo "interrupted run: $kills kills (SIGKILL), $starts starts ($resumed resumed from a checkpoint, $fresh started fresh before the first one, $early killed during start-up), $((t2 - t1)) s"
+cleaned=$(cat "$WORK"/start-*.log "$WORK"/final.log 2> /dev/null | grep -c "removed the leftover" || true)
+echo "interrupted run: $kills kills (SIGKILL), $starts starts ($resumed resumed from a checkpoint, $fresh started fresh before the first one, $early killed during start-up; $cleaned leftover temporary checkpoint(s) of a killed save removed at a restart), $((t2 - t1)) s"
 
 last=checkpoints/$(printf 'step-%07d' "$ITERS")
 same=0 differ=0
@@ -115,6 +120,10 @@ echo "compared $((same + differ)) files: $same identical, $differ different; $le
 if [ "$differ" -ne 0 ] || [ "$leftovers" -ne 0 ]; then
   echo "FAILED (logs in $WORK)" >&2
   exit 1
+fi
+if [ "$kills" -lt "$KILLS" ]; then
+  echo "identical, but the run finished after $kills of $KILLS kills: raise ITERS (logs in $WORK)" >&2
+  exit 2
 fi
 echo "OK: the interrupted run's files are byte-identical to the uninterrupted run's"
 rm -rf "$WORK"
