@@ -148,6 +148,9 @@ enum Command {
         /// Fail on the first bad sample.
         #[arg(long)]
         strict: bool,
+        /// Follow symbolic links that stay inside the dataset folder (data.follow_symlinks).
+        #[arg(long)]
+        follow_symlinks: bool,
     },
     /// Run one component on named inputs and write named outputs (parity checks).
     Forward {
@@ -369,8 +372,15 @@ fn main() -> Result<()> {
                 out.display()
             );
         }
-        Command::InspectData { path, strict } => {
-            print!("{}", adt::data::inspect_data(&path, strict)?)
+        Command::InspectData {
+            path,
+            strict,
+            follow_symlinks,
+        } => {
+            print!(
+                "{}",
+                adt::data::inspect_data_with(&path, strict, follow_symlinks)?
+            )
         }
         Command::Forward {
             component,

@@ -280,6 +280,8 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
             });
             return Err(explain_stop(e, &tr, &last_ckpt));
         }
+        // A save interrupted earlier may have left temporary files there.
+        checkpoint::clean_atomic_temps(&out)?;
         tr.save_final(&out)?;
         checkpoint::save(&tr)?;
         tracing::info!("tuned pipeline written to {}", out.display());
