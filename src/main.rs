@@ -159,6 +159,20 @@ enum Command {
         #[arg(long, default_value_t = 32)]
         sample_size: i64,
     },
+    /// Build the demo's emoji datasets from the emoji-datasource npm tarballs in the cache
+    /// folder (scripts/setup_demo_data.sh fetches them): <cache>/data (32x32) and
+    /// <cache>/data-64px (64x64), {twemoji,noto}/{train,heldout}.
+    PrepareEmoji {
+        #[arg(long, default_value = ".cache/demo")]
+        cache: PathBuf,
+        /// npm package style and dataset name (repeatable; default: twitter=twemoji
+        /// google=noto). Only images that every style has are kept.
+        #[arg(long = "style", value_name = "STYLE=NAME")]
+        styles: Vec<String>,
+        /// Rebuild even when the outputs are up to date.
+        #[arg(long)]
+        force: bool,
+    },
     /// Time the UNet step, sampling and ADT iterations (tiny or real SD1.5 sizes) and measure peak memory.
     Bench(adt::bench::BenchArgs),
     /// Describe a diffusers pipeline folder, a component folder or a .safetensors file.
@@ -179,6 +193,9 @@ enum Command {
         /// Fail on the first bad sample.
         #[arg(long)]
         strict: bool,
+        /// Follow symbolic links that stay inside the dataset folder (data.follow_symlinks).
+        #[arg(long)]
+        follow_symlinks: bool,
     },
     /// Run one component on named inputs and write named outputs (parity checks).
     Forward {
@@ -406,6 +423,31 @@ fn main() -> Result<()> {
             print!("{}", r.markdown());
             eprintln!("report: {}", o.demo.out.join("report.html").display());
         }
+        Command::PrepareEmoji {
+            cache,
+            styles,
+            force,
+        } => {
+            let mut o = adt::demo_data::PrepareOptions::demo(cache);
+            o.force = force;
+            if !styles.is_empty() {
+                o.styles = styles
+                    .iter()
+                    .map(|s| match s.split_once('=') {
+                        Some((st, name)) if !st.is_empty() && !name.is_empty() => {
+                            Ok((st.to_string(), name.to_string()))
+                        }
+                        _ => bail!("--style {s}: expected STYLE=NAME, e.g. twitter=twemoji"),
+                    })
+                    .collect::<Result<_>>()?;
+            }
+            let t0 = std::time::Instant::now();
+            let r = adt::demo_data::prepare_emoji(&o)?;
+            print!("{r}");
+            if !r.up_to_date {
+                println!("demo data: {:.1} s", t0.elapsed().as_secs_f64());
+            }
+        }
         Command::Bench(a) => adt::bench::cli(&a)?,
         Command::Inspect { path } => print!("{}", adt::inspect::inspect(&path)?),
         Command::InitPipeline { preset, seed, out } => {
@@ -417,8 +459,15 @@ fn main() -> Result<()> {
                 out.display()
             );
         }
-        Command::InspectData { path, strict } => {
-            print!("{}", adt::data::inspect_data(&path, strict)?)
+        Command::InspectData {
+            path,
+            strict,
+            follow_symlinks,
+        } => {
+            print!(
+                "{}",
+                adt::data::inspect_data_with(&path, strict, follow_symlinks)?
+            )
         }
         Command::Forward {
             component,

@@ -706,6 +706,19 @@ pub fn set_stats(
     let mut hist = Tensor::zeros([bins * bins * bins], (Kind::Double, Device::Cpu));
     let mut mean = [0f64; 3];
     let mut sizes = std::collections::BTreeSet::new();
+    let name: Vec<String> = dir
+        .components()
+        .rev()
+        .take(2)
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    let mut progress = crate::progress::Progress::new(
+        format!(
+            "features of {}",
+            name.into_iter().rev().collect::<Vec<_>>().join("/")
+        ),
+        files.len() as u64,
+    );
     for chunk in files.chunks(bs) {
         let mut images = Vec::with_capacity(chunk.len());
         for path in chunk {
@@ -723,7 +736,9 @@ pub fn set_stats(
             .features(&images)
             .with_context(|| format!("computing features of images in {}", dir.display()))?;
         feats.push(f.to_device(Device::Cpu));
+        progress.inc(chunk.len() as u64);
     }
+    progress.finish();
     let n = files.len() as f64;
     let features = Tensor::cat(&feats, 0);
     let finite = features.isfinite().all().int64_value(&[]) != 0;
