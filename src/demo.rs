@@ -92,6 +92,9 @@ pub struct DemoReport {
     pub floor_fd: f64,
     pub models: Vec<ModelResult>,
     pub wall_seconds: f64,
+    /// The same samples scored in a second feature space (EfficientNet-Lite2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub second_space: Option<spaces::SecondSpace>,
 }
 
 fn mean_sd(v: &[f64]) -> (f64, f64) {
@@ -150,6 +153,7 @@ impl DemoReport {
             "\nReference points: held-out Twemoji vs held-out Noto (style gap) {:.1}; Noto training images vs held-out Noto (floor) {:.1}. Wall time {:.0} s.\n",
             self.style_gap_fd, self.floor_fd, self.wall_seconds
         );
+        s += &self.second_space_markdown();
         s
     }
 }
@@ -720,7 +724,18 @@ pub fn run_demo(o: &DemoOptions) -> Result<DemoReport> {
         floor_fd: floor,
         models,
         wall_seconds: started.elapsed().as_secs_f64(),
+        second_space: None,
     };
+    let mut report = report;
+    spaces::add_second_space(
+        &mut report,
+        FeatureSpace::EfficientNetLite2,
+        &ref_dirs[0],
+        o.eval_images,
+        &cache,
+        device,
+    )?;
+    report.wall_seconds = started.elapsed().as_secs_f64();
     std::fs::write(
         o.out.join("report.json"),
         serde_json::to_string_pretty(&report)?,
@@ -782,6 +797,7 @@ fn write_demo_html(r: &DemoReport, out: &Path) -> Result<()> {
 }
 
 pub mod ablation;
+pub mod spaces;
 
 /// Statistics of no images: the slot an [`Evaluator`]'s reference fills before it is
 /// computed.
