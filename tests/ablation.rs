@@ -73,6 +73,29 @@ sample_every = 0
 checkpoint_every = 0
 "#;
 
+/// A tiny random base pipeline, synthetic `noto/{train,heldout}` and
+/// `twemoji/heldout` image folders, and the two configurations, under `root`.
+fn tiny_setup(root: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
+    let base = root.join("base");
+    Pipeline::random(&RandomSpec::by_name("tiny").unwrap(), tch::Device::Cpu, 0)
+        .unwrap()
+        .save(&base)
+        .unwrap();
+    let data = root.join("data");
+    write_synthetic_dataset(&data.join("noto/train"), 8, 32, 1).unwrap();
+    write_synthetic_dataset(&data.join("noto/heldout"), 6, 32, 2).unwrap();
+    write_synthetic_dataset(&data.join("twemoji/heldout"), 6, 32, 3).unwrap();
+    let adt_config = root.join("adt.toml");
+    let ft_config = root.join("ft.toml");
+    std::fs::write(&adt_config, CONFIG).unwrap();
+    std::fs::write(
+        &ft_config,
+        CONFIG.replace("mode = \"adt\"", "mode = \"ft\""),
+    )
+    .unwrap();
+    (base, data, adt_config, ft_config)
+}
+
 #[test]
 fn ablation_table_has_every_variant_with_finite_numbers() {
     let _guard = common::lock();
@@ -82,22 +105,7 @@ fn ablation_table_has_every_variant_with_finite_numbers() {
     tch::set_num_threads(1);
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let base = root.join("base");
-    Pipeline::random(&RandomSpec::by_name("tiny").unwrap(), tch::Device::Cpu, 0)
-        .unwrap()
-        .save(&base)
-        .unwrap();
-    let data = root.join("data");
-    write_synthetic_dataset(&data.join("noto/train"), 8, 32, 1).unwrap();
-    write_synthetic_dataset(&data.join("noto/heldout"), 6, 32, 2).unwrap();
-    let adt_config = root.join("adt.toml");
-    let ft_config = root.join("ft.toml");
-    std::fs::write(&adt_config, CONFIG).unwrap();
-    std::fs::write(
-        &ft_config,
-        CONFIG.replace("mode = \"adt\"", "mode = \"ft\""),
-    )
-    .unwrap();
+    let (base, data, adt_config, ft_config) = tiny_setup(root);
     let out = root.join("out");
     let o = AblationOptions {
         demo: DemoOptions {
@@ -168,4 +176,56 @@ fn ablation_table_has_every_variant_with_finite_numbers() {
     ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
+}
+
+/// The demo's report scores the same samples in Lite2 too and says whether the two
+/// spaces agree on ADT vs FT.
+#[test]
+fn demo_report_has_both_feature_spaces() {
+    let _guard = common::lock();
+    if !weights_present() {
+        return;
+    }
+    tch::set_num_threads(1);
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (base, data, adt_config, ft_config) = tiny_setup(root);
+    let out = root.join("demo");
+    let r = adt::demo::run_demo(&DemoOptions {
+        seeds: vec![0],
+        iterations: 1,
+        out: out.clone(),
+        base,
+        data,
+        eval_images: 6,
+        ft_config,
+        adt_config,
+        ..Default::default()
+    })
+    .unwrap();
+    let s2 = r.second_space.as_ref().expect("second space");
+    assert!(
+        s2.features.starts_with("efficientnet-lite2"),
+        "{}",
+        s2.features
+    );
+    let names: Vec<_> = s2.models.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["base", "ft", "adt"]);
+    for (a, b) in r.models.iter().zip(&s2.models) {
+        assert!(b.fd.is_finite() && b.kid.is_finite());
+        // Different networks: the numbers differ from Lite1's.
+        assert_ne!(a.fd, b.fd);
+    }
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        md.contains("The same samples in efficientnet-lite2"),
+        "{md}"
+    );
+    assert!(
+        md.contains("FD: ADT's mean is") && md.contains("KID: ADT's mean is"),
+        "{md}"
+    );
+    let json: adt::demo::DemoReport =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(json.second_space.as_ref(), Some(s2));
 }
