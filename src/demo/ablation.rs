@@ -667,6 +667,40 @@ mod tests {
         }
     }
 
+    /// The committed demo configurations load with every variant's overrides, each
+    /// variant changes what it says, and the paper defaults hold where the demo does
+    /// not set a value (no clipping, five feature levels).
+    #[test]
+    fn every_variant_configures_from_the_demo_configs() {
+        let mut o = AblationOptions::default();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        o.demo.adt_config = root.join("examples/demo-adt.toml");
+        o.demo.ft_config = root.join("examples/demo-ft.toml");
+        let dir = Path::new("unused");
+        let adt = variant_config(&o, &table3_variants()[0], 3, dir).unwrap();
+        assert_eq!(adt.train.grad_clip, 0.0);
+        assert_eq!(adt.disc.levels, crate::disc::features::Levels::PatchAndBlocks);
+        assert_eq!(adt.disc.blocks, None);
+        assert_eq!(adt.train.seed, 3);
+        for v in table3_variants().iter().chain(&optional_variants()) {
+            let c = variant_config(&o, v, 3, dir).unwrap();
+            c.validate().unwrap();
+            let changed = match v.name.as_str() {
+                "adt" => true,
+                "stylegan-t" => c.disc.kind == crate::train::config::DiscKind::StyleganT,
+                "drtune" => c.train.grad_path == crate::train::config::GradPath::Drtune,
+                "lambda0" => c.train.lambda == 0.0,
+                "k1" => c.train.k == 1,
+                "k3" => c.train.k == 3,
+                "levels4" => c.disc.levels == crate::disc::features::Levels::Blocks,
+                "ft" => c.train.mode == crate::train::config::Mode::Ft,
+                "no-color-aug" => c.disc.diffaug == "translation,cutout",
+                other => panic!("untested variant {other}"),
+            };
+            assert!(changed, "{}", v.name);
+        }
+    }
+
     #[test]
     fn unknown_variant_is_an_error_and_adt_comes_first() {
         let e = select_variants(&Some(vec!["k9".into()])).unwrap_err();
