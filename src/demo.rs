@@ -826,15 +826,22 @@ pub fn generate_set_with(
 ) -> Result<()> {
     let plan = Plan::new(&pipe.schedule, SamplerKind::Ddim, steps)?;
     std::fs::create_dir_all(dir)?;
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+    let mut progress = Progress::new(
+        format!("sample {}", name.unwrap_or_default()),
+        captions.len() as u64,
+    );
     let mut k = 0;
-    for (bi, chunk) in captions.chunks(64).enumerate() {
+    for (bi, chunk) in captions.chunks(SAMPLE_CHUNK).enumerate() {
         let imgs =
             crate::sample::generate(pipe, &plan, chunk, 2.0, seed * 1000 + bi as i64, resolution)?;
         for im in crate::sample::to_rgb8(&imgs)? {
             im.save(dir.join(format!("{k:05}.png")))?;
             k += 1;
         }
+        progress.inc(chunk.len() as u64);
     }
+    progress.finish();
     Ok(())
 }
 

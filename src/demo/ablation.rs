@@ -569,7 +569,8 @@ pub fn run_ablation(o: &AblationOptions) -> Result<AblationReport> {
             let tr = run(
                 cfg,
                 &RunOptions {
-                    quiet: true,
+                    quiet: false,
+                    // Each variant re-runs into its own folder on purpose.
                     overwrite: true,
                     ..Default::default()
                 },
@@ -679,7 +680,10 @@ mod tests {
         let dir = Path::new("unused");
         let adt = variant_config(&o, &table3_variants()[0], 3, dir).unwrap();
         assert_eq!(adt.train.grad_clip, 0.0);
-        assert_eq!(adt.disc.levels, crate::disc::features::Levels::PatchAndBlocks);
+        assert_eq!(
+            adt.disc.levels,
+            crate::disc::features::Levels::PatchAndBlocks
+        );
         assert_eq!(adt.disc.blocks, None);
         assert_eq!(adt.train.seed, 3);
         for v in table3_variants().iter().chain(&optional_variants()) {
