@@ -444,7 +444,7 @@ pub fn run_ablation(o: &AblationOptions) -> Result<AblationReport> {
     for sub in ["noto/train", "noto/heldout"] {
         if !d.data.join(sub).join("metadata.jsonl").is_file() {
             bail!(
-                "demo data missing: {} (run scripts/setup_demo_data.sh)",
+                "demo data missing: {} (run scripts/setup_demo_data.sh, or scripts/demo.sh which does everything)",
                 d.data.join(sub).display()
             );
         }
@@ -456,6 +456,10 @@ pub fn run_ablation(o: &AblationOptions) -> Result<AblationReport> {
         );
     }
     let variants = select_variants(&o.variants)?;
+    // Every configuration loads and validates before any work starts.
+    for v in &variants {
+        variant_config(o, v, d.seeds[0], &d.out.join("check"))?.validate()?;
+    }
     let device = match d.device.as_str() {
         "cpu" => Device::Cpu,
         "cuda" => Device::Cuda(0),
