@@ -233,10 +233,19 @@ fn lite_configs_match_the_checkpoint_layout() {
     assert_eq!(m.stage_last_blocks(), vec![0, 2, 4, 7, 10, 14, 15]);
     // 247 tensors in the lite0 state dict: all of them are variables here.
     assert_eq!(vs.variables().len(), 247);
+    // Lite2: width 1.1 rounds each stage to a multiple of 8 (round_filters), depth 1.2.
+    let c2 = EfficientNetConfig::lite2();
+    c2.validate().unwrap();
+    assert_eq!(blocks(&c2), 21);
+    assert_eq!(c2.stage_channels(), vec![16, 24, 48, 88, 120, 208, 352]);
+    let vs2 = nn::VarStore::new(Device::Cpu);
+    EfficientNet::new(&vs2.root(), &c2).unwrap();
+    // 322 tensors in the lite2 state dict (num_batches_tracked dropped).
+    assert_eq!(vs2.variables().len(), 322);
     let mut bad = c0.clone();
-    bad.width_coefficient = 1.1;
+    bad.width_coefficient = 0.5;
     let e = bad.validate().unwrap_err().to_string();
-    assert!(e.contains("width_coefficient") && e.contains("1.1"), "{e}");
+    assert!(e.contains("width_coefficient") && e.contains("0.5"), "{e}");
 }
 
 #[test]

@@ -544,6 +544,19 @@ fn efficientnet_features_are_the_pooled_output_of_its_normalised_input() {
     );
     let err = format!("{:#}", err.err().expect("lite1 weights loaded as lite0"));
     assert!(err.contains("depth_coefficient"), "{err}");
+    // ... and so is Lite2's width coefficient.
+    let err = FeatureExtractor::load(
+        FeatureSpace::EfficientNetLite2,
+        Some(&weights),
+        None,
+        false,
+        Device::Cpu,
+    );
+    let err = format!("{:#}", err.err().expect("lite1 weights loaded as lite2"));
+    assert!(
+        err.contains("width_coefficient 1 / depth_coefficient 1.1") && err.contains("1.1 / 1.2"),
+        "{err}"
+    );
 }
 
 /// The demo datasets written by `scripts/setup_demo_data.sh`:

@@ -528,7 +528,7 @@ impl FeatureExtractor {
                 ensure!(
                     (loaded.config.depth_coefficient - want_d).abs() < 1e-9
                         && (loaded.config.width_coefficient - want_w).abs() < 1e-9,
-                    "{}: width / depth coefficients {} / {} do not match {space} (expected {want_w} / {want_d})",
+                    "{}: width_coefficient {} / depth_coefficient {} do not match {space} (expected {want_w} / {want_d})",
                     path.join("config.json").display(),
                     loaded.config.width_coefficient,
                     loaded.config.depth_coefficient
