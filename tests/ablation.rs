@@ -225,6 +225,11 @@ fn demo_report_has_both_feature_spaces() {
         md.contains("FD: ADT's mean is") && md.contains("KID: ADT's mean is"),
         "{md}"
     );
+    assert!(md.contains("| mean saturation | hue hist. L1 |"), "{md}");
+    for m in &s2.models {
+        assert!((0.0..=1.0).contains(&m.mean_saturation) && (0.0..=2.0).contains(&m.hue_l1));
+    }
+    assert!(s2.reference_saturation > 0.0);
     let json: adt::demo::DemoReport =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(json.second_space.as_ref(), Some(s2));

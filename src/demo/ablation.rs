@@ -33,7 +33,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::{captions, mean_sd, DemoOptions, Evaluator};
 use crate::eval::metrics::{
-    compare, list_images, load_image01, EvalOptions, FeatureExtractor, FeatureSpace,
+    compare, load_image01, select_images, EvalOptions, FeatureExtractor, FeatureSpace,
 };
 use crate::models::pipeline::Pipeline;
 use crate::report::{md_table_to_html, png_data_uri, rows_grid};
@@ -181,14 +181,14 @@ pub fn saturation_hue(image01: &Tensor) -> (Tensor, Tensor) {
     (sat, hue)
 }
 
-/// [`ColourStats`] of the images in `dir` (at most `max` of them, sorted by name).
+/// [`ColourStats`] of the images in `dir`: at most `max` of them, the same subset as
+/// the FD / KID of `adt eval` with its default seed picks.
 pub fn colour_stats(dir: &Path, max: usize) -> Result<ColourStats> {
-    let files = list_images(dir)?;
-    ensure!(!files.is_empty(), "{}: no images", dir.display());
+    let (files, _) = select_images(dir, Some(max), EvalOptions::new(dir, dir).seed)?;
     let mut sat_sum = 0.0;
     let mut pixels = 0.0;
     let mut hist = vec![0.0; HUE_BINS];
-    for f in files.iter().take(max) {
+    for f in &files {
         let x = load_image01(f)?;
         let (s, h) = saturation_hue(&x);
         sat_sum += s.sum(Kind::Double).double_value(&[]);
@@ -670,6 +670,27 @@ mod tests {
             assert!((sat.double_value(&[0, 0]) - s).abs() < 1e-12, "{rgb:?} sat");
             assert!((hue.double_value(&[0, 0]) - h).abs() < 1e-12, "{rgb:?} hue");
         }
+    }
+
+    /// A red and a white image: half the pixels fully saturated, all the hue weight in
+    /// the red bin; a blue set is 2 away in hue-histogram L1.
+    #[test]
+    fn colour_stats_of_a_known_set() {
+        let d = tempfile::tempdir().unwrap();
+        image::RgbImage::from_pixel(4, 4, image::Rgb([255, 0, 0]))
+            .save(d.path().join("a.png"))
+            .unwrap();
+        image::RgbImage::from_pixel(4, 4, image::Rgb([255, 255, 255]))
+            .save(d.path().join("b.png"))
+            .unwrap();
+        let c = colour_stats(d.path(), 10).unwrap();
+        assert!((c.mean_saturation - 0.5).abs() < 1e-12, "{c:?}");
+        let mut want = vec![0.0; HUE_BINS];
+        want[0] = 1.0;
+        assert_eq!(c.hue_histogram, want);
+        let mut blue = vec![0.0; HUE_BINS];
+        blue[8] = 1.0;
+        assert_eq!(hue_l1(&c.hue_histogram, &blue), 2.0);
     }
 
     /// The committed demo configurations load with every variant's overrides, each

@@ -1,13 +1,16 @@
 //! The demo's second evaluation space: FD and KID of every model's samples in
 //! EfficientNet-Lite2 features as well (the main table uses Lite1; the discriminator
 //! uses neither), and whether the two spaces agree on the direction of ADT vs FT. A
-//! claim about ADT vs FT needs both spaces to agree.
+//! claim about ADT vs FT needs both spaces to agree. Also the colour statistics of
+//! every model's samples (mean HSV saturation, saturation-weighted hue histogram
+//! distance to the held-out images), for the colour-drift question.
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tch::Device;
 
+use super::ablation::{colour_stats, hue_l1};
 use super::{mean_sd, DemoReport, Evaluator};
 use crate::eval::metrics::{compare, EvalOptions, FeatureExtractor, FeatureSpace};
 
@@ -18,6 +21,13 @@ pub struct SpaceResult {
     pub seed: Option<u64>,
     pub fd: f64,
     pub kid: f64,
+    /// Mean HSV saturation of the samples.
+    #[serde(default)]
+    pub mean_saturation: f64,
+    /// L1 distance between the samples' and the reference's hue histograms
+    /// ([`super::ablation::ColourStats`]).
+    #[serde(default)]
+    pub hue_l1: f64,
 }
 
 /// The second feature space's results.
@@ -25,6 +35,9 @@ pub struct SpaceResult {
 pub struct SecondSpace {
     pub features: String,
     pub models: Vec<SpaceResult>,
+    /// Mean HSV saturation of the held-out reference images.
+    #[serde(default)]
+    pub reference_saturation: f64,
 }
 
 /// "lower" / "higher" / "equal": ADT's mean against FT's.
@@ -97,16 +110,18 @@ impl DemoReport {
             return String::new();
         };
         let mut s = format!(
-            "\nThe same samples in {} features:\n\n| model | seed | FD | KID |\n|---|---|---|---|\n",
-            s2.features
+            "\nThe same samples in {} features, and their colours (mean HSV saturation; L1 between saturation-weighted hue histograms of the samples and of the held-out images, whose mean saturation is {:.3}):\n\n| model | seed | FD | KID | mean saturation | hue hist. L1 |\n|---|---|---|---|---|---|\n",
+            s2.features, s2.reference_saturation
         );
         for m in &s2.models {
             s += &format!(
-                "| {} | {} | {:.1} | {:.4} |\n",
+                "| {} | {} | {:.1} | {:.4} | {:.3} | {:.3} |\n",
                 m.name,
                 m.seed.map(|x| x.to_string()).unwrap_or_else(|| "-".into()),
                 m.fd,
-                m.kid
+                m.kid,
+                m.mean_saturation,
+                m.hue_l1
             );
         }
         if let Some(a) = self.agreement() {
@@ -141,14 +156,12 @@ pub fn add_second_space(
         reference: super::placeholder_stats(),
     };
     ev.reference = ev.cached_stats(reference, cache)?;
+    let ref_colour = colour_stats(reference, eval_images)?;
     let mut models = Vec::new();
     for m in &report.models {
-        let r = compare(
-            &ev.stats(Path::new(&m.samples))?,
-            &ev.reference,
-            &ev.extractor,
-            &ev.opts,
-        )?;
+        let dir = Path::new(&m.samples);
+        let r = compare(&ev.stats(dir)?, &ev.reference, &ev.extractor, &ev.opts)?;
+        let c = colour_stats(dir, eval_images)?;
         tracing::info!(
             "{} {:?} in {space}: FD {:.1} KID {:.4}",
             m.name,
@@ -161,11 +174,14 @@ pub fn add_second_space(
             seed: m.seed,
             fd: r.fd,
             kid: r.kid,
+            mean_saturation: c.mean_saturation,
+            hue_l1: hue_l1(&c.hue_histogram, &ref_colour.hue_histogram),
         });
     }
     report.second_space = Some(SecondSpace {
         features: format!("{} (pooled, {resolution} px)", space.name()),
         models,
+        reference_saturation: ref_colour.mean_saturation,
     });
     Ok(())
 }
@@ -194,6 +210,8 @@ mod tests {
             seed: Some(seed),
             fd,
             kid,
+            mean_saturation: 0.5,
+            hue_l1: 0.25,
         }
     }
 
@@ -215,6 +233,7 @@ mod tests {
             second_space: Some(SecondSpace {
                 features: "lite2".into(),
                 models: second,
+                reference_saturation: 0.4,
             }),
         }
     }
