@@ -2,6 +2,7 @@
 pub mod bench;
 pub mod data;
 pub mod demo;
+pub mod dist;
 pub mod disc;
 pub mod eval;
 pub mod fixtures;

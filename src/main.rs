@@ -35,6 +35,10 @@ enum Command {
         /// Stop after this many iterations of this invocation (checkpoints are kept).
         #[arg(long)]
         max_iterations: Option<usize>,
+        /// Data-parallel training on this machine: start N ranks (processes) and
+        /// wait for them (torchrun and srun launch ranks without it).
+        #[arg(long, value_name = "N")]
+        nproc: Option<usize>,
     },
     /// Generate images from prompts with a pipeline folder.
     Sample {
@@ -178,10 +182,33 @@ fn main() -> Result<()> {
             print_config,
             resume,
             max_iterations,
+            nproc,
         } => {
             let cfg = adt::train::config::Config::load(config.as_deref(), &set)?;
             if print_config {
                 print!("{}", cfg.to_toml()?);
+                return Ok(());
+            }
+            if let Some(n) = nproc {
+                if adt::dist::Launch::from_env()?.is_some() {
+                    anyhow::bail!(
+                        "--nproc: this process is already one rank of a launched job (RANK/WORLD_SIZE or SLURM variables are set)"
+                    );
+                }
+                // The same command line without --nproc, for each rank.
+                let mut args: Vec<String> = Vec::new();
+                let mut it = std::env::args().skip(1);
+                while let Some(a) = it.next() {
+                    if a == "--nproc" {
+                        it.next();
+                    } else if !a.starts_with("--nproc=") {
+                        args.push(a);
+                    }
+                }
+                // A rank that fails brings the others down within the collective
+                // timeout; the launcher waits that long before stopping them.
+                let grace = std::time::Duration::from_secs_f64(cfg.train.dist_timeout_s + 30.0);
+                adt::dist::spawn_local(n, &args, grace)?;
                 return Ok(());
             }
             let opts = adt::train::run::RunOptions {

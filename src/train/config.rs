@@ -156,6 +156,11 @@ pub struct TrainSection {
     pub profile_phases: bool,
     /// Stop after this many minutes of training and save as if finished.
     pub time_limit_minutes: Option<f64>,
+    /// Data-parallel runs: "auto" (NCCL on CUDA, Gloo on the CPU), "gloo" or "nccl".
+    pub dist_backend: String,
+    /// Data-parallel runs: seconds a collective may wait for the other ranks before
+    /// the run stops with an error naming the rank that died or stopped answering.
+    pub dist_timeout_s: f64,
 }
 
 impl Default for TrainSection {
@@ -197,6 +202,8 @@ impl Default for TrainSection {
             autocast_bf16: false,
             profile_phases: false,
             time_limit_minutes: None,
+            dist_backend: "auto".into(),
+            dist_timeout_s: 600.0,
         }
     }
 }
@@ -353,6 +360,15 @@ impl Config {
     /// Range and consistency checks; errors name the key and the allowed values.
     pub fn validate(&self) -> Result<()> {
         let t = &self.train;
+        if !["auto", "gloo", "nccl"].contains(&t.dist_backend.as_str()) {
+            bail!(
+                "train.dist_backend = {:?}: expected \"auto\", \"gloo\" or \"nccl\"",
+                t.dist_backend
+            );
+        }
+        if !(t.dist_timeout_s > 0.0 && t.dist_timeout_s.is_finite()) {
+            bail!("train.dist_timeout_s = {}: must be a positive number of seconds", t.dist_timeout_s);
+        }
         let pos = |k: &str, v: usize| -> Result<()> {
             if v == 0 {
                 bail!("{k} = 0: must be at least 1");

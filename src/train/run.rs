@@ -49,7 +49,22 @@ pub struct RunOptions {
 
 /// Train to the configured number of iterations; returns the trainer.
 pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
-    resolve_synthetic(&mut cfg)?;
+    // One rank of a data-parallel run (torchrun, SLURM, `adt train --nproc`)?
+    let pg = crate::dist::setup(&mut cfg)?;
+    let rank0 = crate::dist::is_rank0();
+    let barrier = || -> Result<()> {
+        match &pg {
+            Some(g) => g.barrier(),
+            None => Ok(()),
+        }
+    };
+    if rank0 {
+        resolve_synthetic(&mut cfg)?;
+    }
+    barrier()?;
+    if !rank0 {
+        resolve_synthetic(&mut cfg)?;
+    }
     let mut tr = Trainer::new(cfg.clone())?;
     if let Some(which) = &opts.resume {
         let dir = match which {
@@ -68,8 +83,11 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
             ),
         }
     }
+    if let Some(g) = &pg {
+        crate::dist::attach(&mut tr, g)?;
+    }
     let total = cfg.train.iterations;
-    let pb = if opts.quiet {
+    let pb = if opts.quiet || !rank0 {
         ProgressBar::hidden()
     } else {
         ProgressBar::new(total as u64)
@@ -86,7 +104,14 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
     let mut out_of_time = false;
     while tr.step < total {
         if let Some(limit) = cfg.train.time_limit_minutes {
-            if started.elapsed().as_secs_f64() > limit * 60.0 {
+            let mut over = started.elapsed().as_secs_f64() > limit * 60.0;
+            if let Some(g) = &pg {
+                // Every rank stops at the same iteration.
+                let f = tch::Tensor::from_slice(&[over as i32]);
+                g.all_reduce_max(std::slice::from_ref(&f))?;
+                over = f.int64_value(&[0]) != 0;
+            }
+            if over {
                 tracing::warn!(
                     "train.time_limit_minutes = {limit} reached at step {}",
                     tr.step
@@ -121,6 +146,7 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
         if cfg.output.sample_every > 0
             && s % cfg.output.sample_every == 0
             && !cfg.output.validation_prompts.is_empty()
+            && rank0
         {
             let imgs = crate::sample::generate(
                 &tr.pipe,
@@ -137,11 +163,25 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
             )?;
         }
         if cfg.output.checkpoint_every > 0 && s % cfg.output.checkpoint_every == 0 && s < total {
-            checkpoint::save(&tr)?;
+            // After a barrier: every rank has finished the step being saved.
+            barrier()?;
+            if rank0 {
+                checkpoint::save(&tr)?;
+            }
+            barrier()?;
         }
     }
     pb.finish();
-    if tr.step >= total || out_of_time {
+    if let Some(g) = &pg {
+        tracing::info!(
+            "rank {}: {:.1} s waiting for collectives over {done} iterations, {:.1} s in all",
+            g.rank,
+            g.comm_seconds(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    barrier()?;
+    if (tr.step >= total || out_of_time) && rank0 {
         let out = cfg
             .model
             .save_to
@@ -151,5 +191,6 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
         checkpoint::save(&tr)?;
         tracing::info!("tuned pipeline written to {}", out.display());
     }
+    barrier()?;
     Ok(tr)
 }
