@@ -128,6 +128,9 @@ struct Reducer {
   std::vector<int64_t> ready_order;
   bool rebuilt = false;
   int64_t launched_bytes = 0;
+  // Buckets sent from a hook (during the backward) and in all.
+  int64_t sent_in_backward = 0;
+  int64_t sent = 0;
   std::mutex mu;
   std::string error;
 
@@ -197,6 +200,8 @@ struct Reducer {
     bk.work = dist->backend->allreduce(ts, opts);
     bk.launched = true;
     launched_bytes += bk.flat.nbytes();
+    sent += 1;
+    if (armed) sent_in_backward += 1;
   }
 
   void launch_ready() {
@@ -403,6 +408,13 @@ void* adt_dist_reducer_new(void* h, const at::Tensor* const* ts, int64_t n, int6
 }
 
 int64_t adt_dist_reducer_buckets(void* r) { return static_cast<Reducer*>(r)->buckets.size(); }
+
+// Buckets sent so far, and how many of them from a hook during the backward.
+void adt_dist_reducer_sent(void* r, int64_t* total, int64_t* in_backward) {
+  auto* red = static_cast<Reducer*>(r);
+  *total = red->sent;
+  *in_backward = red->sent_in_backward;
+}
 
 // Bytes sent into all-reduces by this reducer so far.
 int64_t adt_dist_reducer_bytes(void* r) { return static_cast<Reducer*>(r)->launched_bytes; }

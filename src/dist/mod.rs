@@ -65,6 +65,7 @@ mod ffi {
         ) -> *mut c_void;
         pub fn adt_dist_reducer_buckets(r: *mut c_void) -> i64;
         pub fn adt_dist_reducer_bytes(r: *mut c_void) -> i64;
+        pub fn adt_dist_reducer_sent(r: *mut c_void, total: *mut i64, in_backward: *mut i64);
         pub fn adt_dist_reducer_arm(r: *mut c_void, expected: c_int);
         pub fn adt_dist_reducer_finish(r: *mut c_void) -> c_int;
     }
@@ -472,6 +473,19 @@ impl GradReducer {
         0
     }
 
+    /// Buckets all-reduced so far, and how many of them were started from a hook
+    /// while the backward was running.
+    pub fn sent(&self) -> (u64, u64) {
+        #[cfg(adt_dist_shim)]
+        {
+            let (mut t, mut b) = (0i64, 0i64);
+            unsafe { ffi::adt_dist_reducer_sent(self.h as *mut std::ffi::c_void, &mut t, &mut b) };
+            (t as u64, b as u64)
+        }
+        #[cfg(not(adt_dist_shim))]
+        (0, 0)
+    }
+
     /// Bytes all-reduced so far.
     pub fn bytes(&self) -> u64 {
         #[cfg(adt_dist_shim)]
@@ -786,4 +800,21 @@ pub fn attach(tr: &mut crate::train::adt::Trainer, pg: &Arc<ProcessGroup>) -> Re
     );
     tr.ddp = Some(ddp);
     Ok(())
+}
+
+impl Ddp {
+    /// One line on the communication of this rank so far.
+    pub fn summary(&self) -> String {
+        let mut s = format!("rank {}: {:.2} s waiting for collectives", self.pg.rank, self.pg.comm_seconds());
+        for (name, r) in [("G", Some(&self.g)), ("D", self.d.as_ref())] {
+            if let Some(r) = r {
+                let (t, b) = r.sent();
+                s += &format!(
+                    "; {name}: {:.1} MB all-reduced in {t} buckets ({b} started during the backward)",
+                    r.bytes() as f64 / 1e6
+                );
+            }
+        }
+        s
+    }
 }

@@ -172,11 +172,10 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
         }
     }
     pb.finish();
-    if let Some(g) = &pg {
+    if let Some(d) = &tr.ddp {
         tracing::info!(
-            "rank {}: {:.1} s waiting for collectives over {done} iterations, {:.1} s in all",
-            g.rank,
-            g.comm_seconds(),
+            "{} over {done} iterations of {:.1} s in all",
+            d.summary(),
             started.elapsed().as_secs_f64()
         );
     }
