@@ -95,10 +95,11 @@ fn build_optim_shim() {
     println!("cargo:rustc-cfg=adt_optim_shim");
 }
 
-// The distributed binding (csrc/dist_shim.cpp: TCPStore, Gloo process group,
-// bucketed gradient reducer) is compiled in every build whose libtorch folder is
-// known and ships the c10d headers; without it `adt train` runs on one process only.
-fn build_dist_shim() {
+// The distributed binding (csrc/dist_shim.cpp: TCPStore, Gloo process group and, in
+// GPU builds, NCCL; bucketed gradient reducer) is compiled in every build whose
+// libtorch folder is known and ships the c10d headers; without it `adt train` runs
+// on one process only.
+fn build_dist_shim(cuda: bool) {
     println!("cargo:rerun-if-changed=csrc/dist_shim.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     let Ok(libtorch) = std::env::var("LIBTORCH") else {
@@ -109,8 +110,12 @@ fn build_dist_shim() {
     if !c10d.join("TCPStore.hpp").is_file() || !c10d.join("Backend.hpp").is_file() {
         return;
     }
-    cc::Build::new()
-        .cpp(true)
+    let mut b = cc::Build::new();
+    if cuda {
+        // ProcessGroupNCCL (libtorch_cuda, linked in GPU builds).
+        b.define("ADT_DIST_NCCL", None);
+    }
+    b.cpp(true)
         .std("c++17")
         .file("csrc/dist_shim.cpp")
         .include(&inc)
@@ -130,11 +135,11 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(adt_optim_shim)");
     println!("cargo::rustc-check-cfg=cfg(adt_dist_shim)");
     build_optim_shim();
-    build_dist_shim();
     let cuda = std::env::var("CARGO_FEATURE_CUDA").is_ok()
         || std::env::var("ADT_CUDA_LINK")
             .map(|v| v == "1")
             .unwrap_or(false);
+    build_dist_shim(cuda);
     if cuda {
         build_shim();
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");

@@ -57,11 +57,46 @@ class TORCH_API ProcessGroupGloo : public Backend {
                    c10::intrusive_ptr<Options> options);
   ~ProcessGroupGloo() override;
 };
+#ifdef ADT_DIST_NCCL
+// The same for ProcessGroupNCCL (libtorch_cuda; its header needs nccl.h, which
+// libtorch does not ship). In libtorch 2.11 the class is 1112 bytes and its Options
+// 248 (the operands of operator new before their constructors in
+// ProcessGroupNCCL::split); kNcclAlloc / kNcclOptionsAlloc leave a wide margin.
+class TORCH_API ProcessGroupNCCL : public Backend {
+ public:
+  struct TORCH_API Options : public Backend::Options {
+    explicit Options(bool is_high_priority_stream);
+  };
+  ProcessGroupNCCL(c10::intrusive_ptr<Store> store, int rank, int size,
+                   c10::intrusive_ptr<Options> options);
+  ~ProcessGroupNCCL() override;
+};
+#endif
 }  // namespace c10d
 
 namespace {
 
 constexpr size_t kGlooAlloc = 4096;
+#ifdef ADT_DIST_NCCL
+constexpr size_t kNcclAlloc = 8192;
+constexpr size_t kNcclOptionsAlloc = 4096;
+#endif
+
+// Construct T in a zeroed over-sized allocation (see the top of this file) and
+// hand it to an intrusive_ptr (refcount 1).
+template <class T, class... Args>
+c10::intrusive_ptr<T> make_oversized(size_t bytes, Args&&... args) {
+  void* mem = ::operator new(bytes);
+  std::memset(mem, 0, bytes);
+  T* obj = nullptr;
+  try {
+    obj = new (mem) T(std::forward<Args>(args)...);
+  } catch (...) {
+    ::operator delete(mem);
+    throw;
+  }
+  return c10::intrusive_ptr<T>::unsafe_steal_from_new(obj);
+}
 
 thread_local std::string dist_error;
 
@@ -259,18 +294,20 @@ void* adt_dist_init(const char* backend, const char* host, int port, int rank, i
     std::string b(backend);
     if (b == "gloo") {
       auto opts = c10d::ProcessGroupGloo::Options::create_default(d->timeout);
-      void* mem = ::operator new(kGlooAlloc);
-      std::memset(mem, 0, kGlooAlloc);
-      c10d::ProcessGroupGloo* pg = nullptr;
-      try {
-        pg = new (mem) c10d::ProcessGroupGloo(d->store, rank, world, opts);
-      } catch (...) {
-        ::operator delete(mem);
-        throw;
-      }
-      d->backend = c10::intrusive_ptr<c10d::Backend>::unsafe_steal_from_new(pg);
+      d->backend = make_oversized<c10d::ProcessGroupGloo>(kGlooAlloc, d->store, rank, world, opts);
+#ifdef ADT_DIST_NCCL
+    } else if (b == "nccl") {
+      auto opts = make_oversized<c10d::ProcessGroupNCCL::Options>(kNcclOptionsAlloc, false);
+      opts->timeout = d->timeout;
+      d->backend = make_oversized<c10d::ProcessGroupNCCL>(kNcclAlloc, d->store, rank, world, opts);
+#endif
     } else {
-      dist_error = "unknown distributed backend '" + b + "' (this build has: gloo)";
+#ifdef ADT_DIST_NCCL
+      dist_error = "unknown distributed backend '" + b + "' (this build has: gloo, nccl)";
+#else
+      dist_error = "distributed backend '" + b +
+                   "' is not in this build (it has: gloo; NCCL needs a GPU build, cargo feature `cuda`)";
+#endif
       return nullptr;
     }
     return d.release();
@@ -374,6 +411,10 @@ int adt_dist_barrier(void* h) {
 // best; the first armed round's actual order, as rank 0 saw it, replaces it).
 void* adt_dist_reducer_new(void* h, const at::Tensor* const* ts, int64_t n, int64_t cap_bytes) {
   try {
+    if (n <= 0) {
+      dist_error = "reducer: no parameters";
+      return nullptr;
+    }
     auto r = std::make_unique<Reducer>();
     r->dist = static_cast<Dist*>(h);
     r->cap_bytes = cap_bytes;
@@ -447,9 +488,11 @@ int adt_dist_reducer_finish(void* rp) {
     r->next_bucket = r->buckets.size();
     // Buckets that got contributions after they were sent are sent again; every
     // rank must agree on which, so the flags are combined first.
-    auto flags = at::zeros({static_cast<int64_t>(r->buckets.size())}, at::kInt);
-    for (size_t b = 0; b < r->buckets.size(); ++b)
-      flags[b] = r->buckets[b].dirty ? 1 : 0;
+    // (On the parameters' device: NCCL reduces device tensors only.)
+    auto dev = r->params.front().device();
+    std::vector<int> dirty(r->buckets.size());
+    for (size_t b = 0; b < r->buckets.size(); ++b) dirty[b] = r->buckets[b].dirty ? 1 : 0;
+    auto flags = at::tensor(dirty, at::kInt).to(dev);
     for (auto& bk : r->buckets)
       if (!wait_work(bk.work, d->timeout)) return -1;
     {
@@ -458,6 +501,7 @@ int adt_dist_reducer_finish(void* rp) {
       o.reduceOp = c10d::ReduceOp::MAX;
       if (!wait_work(d->backend->allreduce(v, o), d->timeout)) return -1;
     }
+    flags = flags.cpu();
     auto f = flags.accessor<int, 1>();
     for (size_t b = 0; b < r->buckets.size(); ++b)
       if (f[b]) r->launch(b);
@@ -492,11 +536,12 @@ int adt_dist_reducer_finish(void* rp) {
       }
       for (size_t i = 0; i < r->params.size(); ++i)
         if (!seen[i]) order.push_back(static_cast<int64_t>(i));
-      auto t = at::tensor(order, at::kLong);
+      auto t = at::tensor(order, at::kLong).to(dev);
       std::vector<at::Tensor> v{t};
       c10d::BroadcastOptions o;
       o.rootRank = 0;
       if (!wait_work(d->backend->broadcast(v, o), d->timeout)) return -1;
+      t = t.cpu();
       std::vector<size_t> o2(r->params.size());
       auto a = t.accessor<int64_t, 1>();
       for (size_t i = 0; i < o2.size(); ++i) o2[i] = static_cast<size_t>(a[i]);

@@ -93,6 +93,9 @@ pub struct ProcessGroup {
     pub world: usize,
     pub local_rank: usize,
     pub backend: String,
+    /// Where small bookkeeping tensors go for collectives (NCCL reduces device
+    /// tensors only).
+    pub device: tch::Device,
     pub timeout: Duration,
     /// The iteration this rank is at (published with the heartbeat).
     progress: AtomicUsize,
@@ -181,6 +184,11 @@ impl ProcessGroup {
                 world: launch.world,
                 local_rank: launch.local_rank,
                 backend: backend.to_string(),
+                device: if backend == "nccl" {
+                    tch::Device::Cuda(launch.local_rank)
+                } else {
+                    tch::Device::Cpu
+                },
                 timeout,
                 progress: AtomicUsize::new(0),
                 comm_ns: AtomicUsize::new(0),
@@ -545,9 +553,10 @@ impl Ddp {
     pub fn broadcast_and_verify(&self, what: &str, tensors: &[Tensor]) -> Result<()> {
         tch::no_grad(|| self.pg.broadcast(tensors, 0))?;
         let local = checksums(tensors);
-        let max = local.copy();
-        let neg_min = -&local;
+        let max = local.to_device(self.pg.device);
+        let neg_min = (-&local).to_device(self.pg.device);
         self.pg.all_reduce_max(&[max.shallow_clone(), neg_min.shallow_clone()])?;
+        let (max, neg_min) = (max.to_device(tch::Device::Cpu), neg_min.to_device(tch::Device::Cpu));
         let differs = (max.ne_tensor(&local).any().int64_value(&[]) != 0)
             || ((-neg_min).ne_tensor(&local).any().int64_value(&[]) != 0);
         if differs {
@@ -789,7 +798,7 @@ pub fn attach(tr: &mut crate::train::adt::Trainer, pg: &Arc<ProcessGroup>) -> Re
     ddp.broadcast_and_verify("discriminator weights", &d_state)?;
     ddp.broadcast_and_verify("optimiser states", &o_state)?;
     // Step counters must agree too (they come from the same checkpoint).
-    let steps = Tensor::from_slice(&[tr.step as i64, tr.g_steps as i64]);
+    let steps = Tensor::from_slice(&[tr.step as i64, tr.g_steps as i64]).to_device(pg.device);
     ddp.broadcast_and_verify("step counters", &[steps])?;
     tracing::info!(
         "rank {}: state identical across {} ranks; gradient buckets: G {}, D {}",

@@ -107,7 +107,7 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
             let mut over = started.elapsed().as_secs_f64() > limit * 60.0;
             if let Some(g) = &pg {
                 // Every rank stops at the same iteration.
-                let f = tch::Tensor::from_slice(&[over as i32]);
+                let f = tch::Tensor::from_slice(&[over as i32]).to_device(g.device);
                 g.all_reduce_max(std::slice::from_ref(&f))?;
                 over = f.int64_value(&[0]) != 0;
             }
