@@ -596,6 +596,14 @@ pub fn rank_seed(seed: u64, rank: usize) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The start step index (of `n`) every rank uses at iteration `step` with
+/// `train.dist_shared_start`: uniform, from a stream that depends on (seed, step) only.
+pub fn shared_start(seed: u64, step: usize, n: usize) -> usize {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_5a4e ^ ((step as u64) << 22));
+    rng.gen_range(0..n.max(1))
+}
+
 /// Rows `[rank * n / world, (rank + 1) * n / world)` of a global batch of `n`.
 pub fn shard_range(n: usize, rank: usize, world: usize) -> (usize, usize) {
     (rank * n / world, (rank + 1) * n / world)

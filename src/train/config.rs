@@ -161,6 +161,11 @@ pub struct TrainSection {
     /// Data-parallel runs: seconds a collective may wait for the other ranks before
     /// the run stops with an error naming the rank that died or stopped answering.
     pub dist_timeout_s: f64,
+    /// Data-parallel ADT runs: every rank uses the same trajectory start step in an
+    /// iteration (drawn from a stream shared by the ranks; noise, kept steps and data
+    /// stay per rank). Off, each rank draws its own, and an iteration waits for the
+    /// rank with the longest trajectory.
+    pub dist_shared_start: bool,
 }
 
 impl Default for TrainSection {
@@ -204,6 +209,7 @@ impl Default for TrainSection {
             time_limit_minutes: None,
             dist_backend: "auto".into(),
             dist_timeout_s: 600.0,
+            dist_shared_start: false,
         }
     }
 }

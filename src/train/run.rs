@@ -125,6 +125,13 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
                 break;
             }
         }
+        if cfg.train.dist_shared_start && pg.is_some() {
+            tr.force_start = Some(crate::dist::shared_start(
+                cfg.train.seed,
+                tr.step,
+                tr.plan.len(),
+            ));
+        }
         let log = tr.iteration()?;
         if log.step % cfg.output.log_every.max(1) == 0 || tr.step == total {
             tr.log(&log)?;
