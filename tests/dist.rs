@@ -211,14 +211,13 @@ fn free_port() -> u16 {
         .port()
 }
 
-#[test]
-fn a_killed_rank_stops_the_other_with_its_name() {
-    if skip() {
-        return;
-    }
+/// Start two ranks of a long tiny run, stop rank 1 with `how` once training runs,
+/// and return rank 0's exit status, its stderr and the seconds it took to exit.
+fn lose_rank_1(how: &str, timeout_s: u32) -> (std::process::ExitStatus, String, f64) {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     let port = free_port().to_string();
+    let timeout = format!("train.dist_timeout_s={timeout_s}");
     let args = train_args(
         &out,
         &[
@@ -227,7 +226,7 @@ fn a_killed_rank_stops_the_other_with_its_name() {
             "--set",
             "output.checkpoint_every=0",
             "--set",
-            "train.dist_timeout_s=60",
+            &timeout,
         ],
     );
     let spawn = |rank: usize| {
@@ -238,6 +237,7 @@ fn a_killed_rank_stops_the_other_with_its_name() {
             .env("LOCAL_RANK", rank.to_string())
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", &port)
+            .env("RUST_BACKTRACE", "0")
             .stdout(Stdio::null())
             .stderr(if rank == 0 {
                 Stdio::piped()
@@ -264,24 +264,59 @@ fn a_killed_rank_stops_the_other_with_its_name() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    r1.kill().unwrap();
-    r1.wait().unwrap();
-    let killed = Instant::now();
+    let stopped = Instant::now();
+    match how {
+        "kill" => r1.kill().unwrap(),
+        "freeze" => {
+            // SAFETY: signalling our own child by its pid.
+            assert_eq!(unsafe { libc::kill(r1.id() as i32, libc::SIGSTOP) }, 0);
+        }
+        _ => unreachable!(),
+    }
     let status = loop {
         if let Some(s) = r0.try_wait().unwrap() {
             break s;
         }
-        if killed.elapsed() > Duration::from_secs(45) {
+        if stopped.elapsed() > Duration::from_secs(timeout_s as u64 + 45) {
             let _ = r0.kill();
-            panic!("rank 0 did not exit after rank 1 was killed");
+            let _ = r1.kill();
+            panic!("rank 0 did not exit after rank 1 was stopped ({how})");
         }
         std::thread::sleep(Duration::from_millis(100));
     };
+    let took = stopped.elapsed().as_secs_f64();
+    let _ = r1.kill();
+    let _ = r1.wait();
     let mut err = String::new();
     std::io::Read::read_to_string(r0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    (status, err, took)
+}
+
+#[test]
+fn a_killed_rank_stops_the_other_with_its_name() {
+    if skip() {
+        return;
+    }
+    // The dead peer's connection closes: no need to wait for the timeout.
+    let (status, err, took) = lose_rank_1("kill", 60);
     assert!(!status.success());
+    assert!(took < 30.0, "took {took} s");
     assert!(
         err.contains("rank 1 stopped answering"),
         "the error does not name rank 1:\n{err}"
+    );
+}
+
+#[test]
+fn a_frozen_rank_stops_the_other_after_the_timeout() {
+    if skip() {
+        return;
+    }
+    let (status, err, took) = lose_rank_1("freeze", 4);
+    assert!(!status.success());
+    assert!(took >= 4.0 && took < 40.0, "took {took} s");
+    assert!(
+        err.contains("rank 1 stopped answering") && err.contains("timed out"),
+        "the error does not name rank 1 or the timeout:\n{err}"
     );
 }

@@ -336,7 +336,8 @@ impl ProcessGroup {
             "distributed training failed on rank {} of {} at iteration {mine}: {what}: {who} (c10d: {})",
             self.rank,
             self.world,
-            cause.trim()
+            // c10d's first line (its messages can carry a C++ stack trace).
+            cause.trim().lines().next().unwrap_or("")
         )
     }
 
