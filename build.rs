@@ -106,7 +106,11 @@ fn build_dist_shim(cuda: bool) {
         return;
     };
     let inc = PathBuf::from(libtorch).join("include");
-    let c10d = inc.join("torch").join("csrc").join("distributed").join("c10d");
+    let c10d = inc
+        .join("torch")
+        .join("csrc")
+        .join("distributed")
+        .join("c10d");
     if !c10d.join("TCPStore.hpp").is_file() || !c10d.join("Backend.hpp").is_file() {
         return;
     }

@@ -2,8 +2,8 @@
 pub mod bench;
 pub mod data;
 pub mod demo;
-pub mod dist;
 pub mod disc;
+pub mod dist;
 pub mod eval;
 pub mod fixtures;
 pub mod inspect;

@@ -111,9 +111,16 @@ fn two_ranks_stay_identical_and_resume_exactly() {
     let (h0, h1) = (hashes(&dump_a, 0), hashes(&dump_a, 1));
     // A D step every iteration, a G step every second (h = 2).
     assert_eq!(h0.len(), 4 + 2, "{h0:?}");
-    assert_eq!(h0, h1, "parameters differ across ranks after an optimiser step");
+    assert_eq!(
+        h0, h1,
+        "parameters differ across ranks after an optimiser step"
+    );
     let distinct: std::collections::HashSet<_> = h0.iter().map(|x| &x.2).collect();
-    assert_eq!(distinct.len(), h0.len(), "parameters did not change: {h0:?}");
+    assert_eq!(
+        distinct.len(),
+        h0.len(),
+        "parameters did not change: {h0:?}"
+    );
     let m_a = metrics(&a);
     assert_eq!(m_a.len(), 4);
     for line in &m_a {
@@ -161,7 +168,10 @@ fn two_ranks_of_batch_b_equal_one_rank_of_batch_2b() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let run = |name: &str, batch: usize, nproc: usize| -> PathBuf {
-        let (out, dump) = (tmp.path().join(name), tmp.path().join(format!("dump-{name}")));
+        let (out, dump) = (
+            tmp.path().join(name),
+            tmp.path().join(format!("dump-{name}")),
+        );
         std::fs::create_dir_all(&dump).unwrap();
         let bs = format!("train.batch_size={batch}");
         let np = nproc.to_string();
@@ -315,7 +325,7 @@ fn a_frozen_rank_stops_the_other_after_the_timeout() {
     }
     let (status, err, took) = lose_rank_1("freeze", 4);
     assert!(!status.success());
-    assert!(took >= 4.0 && took < 40.0, "took {took} s");
+    assert!((4.0..40.0).contains(&took), "took {took} s");
     assert!(
         err.contains("rank 1 stopped answering") && err.contains("timed out"),
         "the error does not name rank 1 or the timeout:\n{err}"

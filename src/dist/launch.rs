@@ -20,14 +20,17 @@ pub struct Launch {
 /// torchrun's default port, also the default here.
 pub const DEFAULT_PORT: u16 = 29500;
 
-fn parse<T: std::str::FromStr>(get: &dyn Fn(&str) -> Option<String>, key: &str) -> Result<Option<T>> {
+fn parse<T: std::str::FromStr>(
+    get: &dyn Fn(&str) -> Option<String>,
+    key: &str,
+) -> Result<Option<T>> {
     match get(key) {
         None => Ok(None),
-        Some(v) => v
-            .trim()
-            .parse()
-            .map(Some)
-            .map_err(|_| anyhow::anyhow!("environment variable {key}={v:?} is not a valid number")),
+        Some(v) => {
+            v.trim().parse().map(Some).map_err(|_| {
+                anyhow::anyhow!("environment variable {key}={v:?} is not a valid number")
+            })
+        }
     }
 }
 
@@ -205,7 +208,11 @@ pub fn spawn_local(n: usize, args: &[String], grace: Duration) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     if !failures.is_empty() {
-        bail!("{} of {n} ranks failed: {}", failures.len(), failures.join("; "));
+        bail!(
+            "{} of {n} ranks failed: {}",
+            failures.len(),
+            failures.join("; ")
+        );
     }
     Ok(())
 }
@@ -237,9 +244,11 @@ mod tests {
         assert_eq!((l.rank, l.world, l.local_rank), (3, 8, 3));
         assert_eq!((l.master_addr.as_str(), l.master_port), ("node7", 1234));
         assert_eq!(l.launcher, "torchrun");
-        assert!(Launch::from_vars(&env(&[("RANK", "0"), ("WORLD_SIZE", "1")]))
-            .unwrap()
-            .is_none());
+        assert!(
+            Launch::from_vars(&env(&[("RANK", "0"), ("WORLD_SIZE", "1")]))
+                .unwrap()
+                .is_none()
+        );
         assert!(Launch::from_vars(&env(&[("RANK", "2"), ("WORLD_SIZE", "2")])).is_err());
         assert!(Launch::from_vars(&env(&[("RANK", "x"), ("WORLD_SIZE", "2")])).is_err());
     }

@@ -10,7 +10,7 @@
 //! * [`GradReducer`]: DDP's bucketed gradient all-reduce, started from autograd
 //!   hooks on the parameters while the last backward pass of a step runs.
 //! * [`Ddp`]: what the trainer calls (state broadcast and checksum, gradient
-//!   averaging of G and D, BatchNorm statistics, rank-0 output).
+//!   averaging of G and D, discriminator buffers, rank-0 output).
 
 pub mod launch;
 
@@ -36,8 +36,11 @@ mod ffi {
             world: c_int,
             timeout_ms: i64,
         ) -> *mut c_void;
-        pub fn adt_dist_store_set(h: *mut c_void, key: *const c_char, value: *const c_char)
-            -> c_int;
+        pub fn adt_dist_store_set(
+            h: *mut c_void,
+            key: *const c_char,
+            value: *const c_char,
+        ) -> c_int;
         pub fn adt_dist_store_get(
             h: *mut c_void,
             key: *const c_char,
@@ -138,7 +141,9 @@ fn now_ms() -> u128 {
 
 #[cfg(adt_dist_shim)]
 fn ptrs(ts: &[Tensor]) -> Vec<*const ffi::CTensor> {
-    ts.iter().map(|t| t.as_ptr() as *const ffi::CTensor).collect()
+    ts.iter()
+        .map(|t| t.as_ptr() as *const ffi::CTensor)
+        .collect()
 }
 
 impl ProcessGroup {
@@ -367,7 +372,8 @@ impl ProcessGroup {
         {
             let t0 = Instant::now();
             let p = ptrs(ts);
-            let rc = unsafe { ffi::adt_dist_allreduce(self.handle(), p.as_ptr(), p.len() as i64, op) };
+            let rc =
+                unsafe { ffi::adt_dist_allreduce(self.handle(), p.as_ptr(), p.len() as i64, op) };
             self.add_comm(t0);
             self.check(rc, what)
         }
@@ -428,7 +434,11 @@ impl GradReducer {
     /// `params`: leaf tensors that require grad, the same list in the same order on
     /// every rank. Buckets are first laid out in reverse order (gradients of the last
     /// layers come first); the order seen in the first step replaces it.
-    pub fn new(pg: &Arc<ProcessGroup>, params: &[Tensor], bucket_bytes: i64) -> Result<GradReducer> {
+    pub fn new(
+        pg: &Arc<ProcessGroup>,
+        params: &[Tensor],
+        bucket_bytes: i64,
+    ) -> Result<GradReducer> {
         #[cfg(adt_dist_shim)]
         {
             let rev: Vec<Tensor> = params.iter().rev().map(Tensor::shallow_clone).collect();
@@ -525,8 +535,8 @@ pub struct Ddp {
     pub pg: Arc<ProcessGroup>,
     pub g: GradReducer,
     pub d: Option<GradReducer>,
-    /// Buffers of the discriminator (BatchNorm running statistics, spectral-norm
-    /// vectors): averaged across ranks so that the EMA duals stay identical.
+    /// Buffers of the discriminator (spectral-norm vectors; any running statistics):
+    /// averaged across ranks so that the EMA duals stay identical.
     d_buffers: Vec<Tensor>,
 }
 
@@ -556,8 +566,12 @@ impl Ddp {
         let local = checksums(tensors);
         let max = local.to_device(self.pg.device);
         let neg_min = (-&local).to_device(self.pg.device);
-        self.pg.all_reduce_max(&[max.shallow_clone(), neg_min.shallow_clone()])?;
-        let (max, neg_min) = (max.to_device(tch::Device::Cpu), neg_min.to_device(tch::Device::Cpu));
+        self.pg
+            .all_reduce_max(&[max.shallow_clone(), neg_min.shallow_clone()])?;
+        let (max, neg_min) = (
+            max.to_device(tch::Device::Cpu),
+            neg_min.to_device(tch::Device::Cpu),
+        );
         let differs = (max.ne_tensor(&local).any().int64_value(&[]) != 0)
             || ((-neg_min).ne_tensor(&local).any().int64_value(&[]) != 0);
         if differs {
@@ -601,7 +615,8 @@ pub fn rank_seed(seed: u64, rank: usize) -> u64 {
 /// `train.dist_shared_start`: uniform, from a stream that depends on (seed, step) only.
 pub fn shared_start(seed: u64, step: usize, n: usize) -> usize {
     use rand::{Rng, SeedableRng};
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_5a4e ^ ((step as u64) << 22));
+    let mut rng =
+        rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_5a4e ^ ((step as u64) << 22));
     rng.gen_range(0..n.max(1))
 }
 
@@ -682,7 +697,11 @@ pub mod testing {
             hash(ts)
         );
         let path = dir.join(format!("rank{}.jsonl", rank()));
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(&path) {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+        {
             let _ = f.write_all(line.as_bytes());
         }
     }
@@ -700,33 +719,6 @@ pub mod testing {
             .map(|(i, p)| (format!("{i:05}"), p.grad().detach().copy()))
             .collect();
         let _ = crate::weights::save_safetensors(&named, &path, None, None);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shards_cover_the_batch() {
-        for n in [4usize, 5, 8] {
-            for w in [1usize, 2, 3] {
-                let mut next = 0;
-                for r in 0..w {
-                    let (a, b) = shard_range(n, r, w);
-                    assert_eq!(a, next);
-                    next = b;
-                }
-                assert_eq!(next, n);
-            }
-        }
-    }
-
-    #[test]
-    fn rank_seeds_differ() {
-        assert_eq!(rank_seed(7, 0), 7);
-        assert_ne!(rank_seed(7, 1), rank_seed(7, 2));
-        assert_ne!(rank_seed(7, 1), 7);
     }
 }
 
@@ -823,7 +815,11 @@ pub fn attach(tr: &mut crate::train::adt::Trainer, pg: &Arc<ProcessGroup>) -> Re
 impl Ddp {
     /// One line on the communication of this rank so far.
     pub fn summary(&self) -> String {
-        let mut s = format!("rank {}: {:.2} s waiting for collectives", self.pg.rank, self.pg.comm_seconds());
+        let mut s = format!(
+            "rank {}: {:.2} s waiting for collectives",
+            self.pg.rank,
+            self.pg.comm_seconds()
+        );
         for (name, r) in [("G", Some(&self.g)), ("D", self.d.as_ref())] {
             if let Some(r) = r {
                 let (t, b) = r.sent();
@@ -834,5 +830,32 @@ impl Ddp {
             }
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_cover_the_batch() {
+        for n in [4usize, 5, 8] {
+            for w in [1usize, 2, 3] {
+                let mut next = 0;
+                for r in 0..w {
+                    let (a, b) = shard_range(n, r, w);
+                    assert_eq!(a, next);
+                    next = b;
+                }
+                assert_eq!(next, n);
+            }
+        }
+    }
+
+    #[test]
+    fn rank_seeds_differ() {
+        assert_eq!(rank_seed(7, 0), 7);
+        assert_ne!(rank_seed(7, 1), rank_seed(7, 2));
+        assert_ne!(rank_seed(7, 1), 7);
     }
 }

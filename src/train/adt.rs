@@ -425,11 +425,8 @@ impl Trainer {
         data_cfg.resolution = crate::data::Resolution::Square(cfg.train.resolution() as u32);
         // Data-parallel: every rank reads the global batch order and keeps its rows
         // (see `iteration`), so positions and resume are those of one process.
-        let loader = DataLoader::new(
-            &data_cfg,
-            cfg.train.batch_size * crate::dist::world_size(),
-        )
-        .context("opening the dataset ([data] section)")?;
+        let loader = DataLoader::new(&data_cfg, cfg.train.batch_size * crate::dist::world_size())
+            .context("opening the dataset ([data] section)")?;
         let features = if cfg.train.mode == Mode::Adt {
             Some(build_features(&cfg, device, tiny)?)
         } else {
@@ -656,7 +653,10 @@ impl Trainer {
                 // This rank's rows of the global batch.
                 let (lo, hi) = crate::dist::shard_range(b.len(), rank, world);
                 if hi == lo {
-                    bail!("a batch of {} samples cannot be split over {world} ranks", b.len());
+                    bail!(
+                        "a batch of {} samples cannot be split over {world} ranks",
+                        b.len()
+                    );
                 }
                 let n = (hi - lo) as i64;
                 batches.push((
@@ -941,10 +941,6 @@ impl Trainer {
         crate::dist::testing::after_step("g", step, self.opt_g.params());
         self.g_steps += 1;
         self.update_ema();
-        if let Some(d) = &self.ddp {
-            // The generator step's discriminator forward may move BatchNorm statistics.
-            d.sync_d_buffers()?;
-        }
         phases.mark("g_step");
         Ok(GStepLog {
             loss_adv,

@@ -433,7 +433,10 @@ impl Config {
             );
         }
         if !(t.dist_timeout_s > 0.0 && t.dist_timeout_s.is_finite()) {
-            bail!("train.dist_timeout_s = {}: must be a positive number of seconds", t.dist_timeout_s);
+            bail!(
+                "train.dist_timeout_s = {}: must be a positive number of seconds",
+                t.dist_timeout_s
+            );
         }
         let pos = |k: &str, v: usize| -> Result<()> {
             if v == 0 {
