@@ -2,6 +2,7 @@
 pub mod bench;
 pub mod data;
 pub mod demo;
+pub mod demo_data;
 pub mod disc;
 pub mod dist;
 pub mod eval;
@@ -9,6 +10,7 @@ pub mod fixtures;
 pub mod inspect;
 pub mod json;
 pub mod models;
+pub mod progress;
 pub mod report;
 pub mod sample;
 pub mod schedule;

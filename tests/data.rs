@@ -1610,4 +1610,15 @@ fn a_non_utf8_metadata_line_is_skipped_and_counted() {
     assert_eq!(r.bad.get(BadKind::BadRecord), 1, "{r}");
     let err = inspect_data(dir.path(), true).unwrap_err().to_string();
     assert!(err.contains("line 2") && err.contains("UTF-8"), "{err}");
+    // The same in a CSV manifest.
+    let csv = dir.path().join("m.csv");
+    write(
+        &csv,
+        b"file_name,text\nimg_00.png,one\nimg_01.png,caf\xe9\nimg_02.png,three\n",
+    );
+    let r = inspect_data(&csv, false).unwrap();
+    assert_eq!(r.usable, 2, "{r}");
+    assert_eq!(r.bad.get(BadKind::BadRecord), 1, "{r}");
+    let err = inspect_data(&csv, true).unwrap_err().to_string();
+    assert!(err.contains("line 3") && err.contains("UTF-8"), "{err}");
 }

@@ -502,6 +502,12 @@ impl Trainer {
                     text_dim,
                     ..DiscConfig::default()
                 };
+                // The heads' initialisation is a function of the seed alone, not of
+                // whatever drew from libtorch's generator before (pipeline loading, a
+                // previous run in the same process).
+                tch::manual_seed(
+                    (cfg.train.seed as i64).wrapping_add(0x5eed_d15c) & 0x7fff_ffff_ffff,
+                );
                 let disc = Discriminator::new(device, &f.channels(), &dcfg)?;
                 let t = &cfg.train;
                 let opt_d = AdamW::new(

@@ -2,9 +2,9 @@
 //! metrics, periodic sample grids and checkpoints, resume, and the final save.
 
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 
+use crate::progress::Progress;
 use crate::train::adt::Trainer;
 use crate::train::checkpoint;
 use crate::train::config::Config;
@@ -216,17 +216,15 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
         crate::dist::attach(&mut tr, g)?;
     }
     let total = cfg.train.iterations;
-    let pb = if opts.quiet || !rank0 {
-        ProgressBar::hidden()
+    let mut pb = if opts.quiet || !rank0 {
+        Progress::hidden(total as u64)
     } else {
-        ProgressBar::new(total as u64)
+        let name = tr
+            .out_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
+        Progress::new(format!("train {}", name.unwrap_or_default()), total as u64)
     };
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}, {per_sec}] {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
     pb.set_position(tr.step as u64);
     let mut done = 0;
     let started = std::time::Instant::now();
@@ -335,6 +333,8 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
             });
             return Err(explain_stop(e, &tr, &last_ckpt));
         }
+        // A save interrupted earlier may have left temporary files there.
+        checkpoint::clean_atomic_temps(&out)?;
         tr.save_final(&out)?;
         checkpoint::save(&tr)?;
         tracing::info!("tuned pipeline written to {}", out.display());
