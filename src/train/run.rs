@@ -175,7 +175,7 @@ fn plan_start(cfg: &Config, opts: &RunOptions) -> Result<Start> {
 /// Train to the configured number of iterations; returns the trainer.
 pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
     // One rank of a data-parallel run (torchrun, SLURM, `adt train --nproc`)?
-    let pg = crate::dist::setup(&mut cfg)?;
+    let pg = crate::train::ddp::setup(&mut cfg)?;
     cfg.check_device()?;
     let rank0 = crate::dist::is_rank0();
     let barrier = || -> Result<()> {
@@ -213,7 +213,7 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
     // A resumed run logs the steps after its checkpoint again; a new one starts empty.
     tr.truncate_metrics(tr.step)?;
     if let Some(g) = &pg {
-        crate::dist::attach(&mut tr, g)?;
+        crate::train::ddp::attach(&mut tr, g)?;
     }
     let total = cfg.train.iterations;
     let mut pb = if opts.quiet || !rank0 {
