@@ -16,7 +16,9 @@
 // (the operand of the operator new that precedes every call to its constructor in
 // ProcessGroupGloo::split / merge); kGlooAlloc leaves an 8x margin. Destruction
 // goes through the class's own virtual (deleting) destructor, which frees with
-// operator delete, matching the ::operator new used here.
+// operator delete, matching the ::operator new used here. These sizes belong to
+// libtorch 2.11 (the version tch 0.24 binds); check them again on an upgrade
+// (objdump -d libtorch_cpu.so, the `mov $SIZE,%edi` before the constructor call).
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/function.h>
