@@ -117,7 +117,8 @@ fn pool3_features_match_pytorch_fid() {
     let Some(conv) = converted() else { return };
     let dir = fixture_dir();
     let io = load_map(&dir.join("io.safetensors")).unwrap();
-    let loaded = InceptionV3::load(&conv["inception_legacy.pth"], Device::Cpu, Kind::Float).unwrap();
+    let loaded =
+        InceptionV3::load(&conv["inception_legacy.pth"], Device::Cpu, Kind::Float).unwrap();
     let mut worst = 0f64;
     for (name, n, h, w) in CASES {
         let images = images(&io, name);
@@ -235,17 +236,26 @@ fn converter_writes_what_torch_load_reads() {
         let want = case["converted_model_safetensors_sha256"][pth]
             .as_str()
             .unwrap_or_else(|| panic!("case.json: no converted sha256 of {pth}"));
-        assert_eq!(sha, want, "{pth}: the standard-library reader wrote other bytes than torch.load");
+        assert_eq!(
+            sha, want,
+            "{pth}: the standard-library reader wrote other bytes than torch.load"
+        );
         let got = load_map(&dir.join("model.safetensors")).unwrap();
         assert_eq!(got.len(), 472, "{pth}: tensor count");
         assert!(got.keys().all(|k| !k.ends_with("num_batches_tracked")));
         assert!(got.values().all(|t| t.kind() == Kind::Float));
-        assert!(got.contains_key("fc.weight") && got.contains_key("Mixed_7c.branch_pool.bn.running_var"));
+        assert!(
+            got.contains_key("fc.weight")
+                && got.contains_key("Mixed_7c.branch_pool.bn.running_var")
+        );
         let cfg = adt::models::config::read_json(&dir.join("config.json")).unwrap();
         assert_eq!(cfg["model_type"], inception::MODEL_TYPE, "{pth}");
         assert_eq!(cfg["num_tensors"], got.len(), "{pth}");
         assert_eq!(cfg["reader"], "stdlib", "{pth}");
-        println!("{pth}: {} tensors, identical to the torch.load conversion", got.len());
+        println!(
+            "{pth}: {} tensors, identical to the torch.load conversion",
+            got.len()
+        );
     }
 }
 

@@ -37,7 +37,10 @@ pub fn missing(what: &str, how: &str) {
                 .map(|f| f.to_string_lossy().into_owned())
         })
         .unwrap_or_default();
-    let bin = bin.rsplit_once('-').map_or(bin.as_str(), |(b, _)| b).to_string();
+    let bin = bin
+        .rsplit_once('-')
+        .map_or(bin.as_str(), |(b, _)| b)
+        .to_string();
     if !allowed() {
         panic!(
             "{what} is missing: {how}. (To skip the tests that need it instead, set {ALLOW_MISSING}=1.)"
