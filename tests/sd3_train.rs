@@ -175,7 +175,7 @@ fn sd3_adt_trains_saves_reloads_and_samples() {
 }
 
 /// FT on the tiny SD3 pipeline: the flow-matching diffusion loss, finite, the
-/// generator weights move.
+/// generator weights move, the VAE does not, and no discriminator is built.
 #[test]
 fn sd3_ft_trains() {
     let _guard = lock();
@@ -190,8 +190,43 @@ fn sd3_ft_trains() {
             "output.checkpoint_every=0",
         ],
     );
+    // The starting weights: the random pipeline the trainer builds from its seed.
+    let mut spec = RandomSpec::tiny_sd3().unwrap();
+    if let RandomSpec::Sd3(s) = &mut spec {
+        s.with_t5 = cfg.model.use_t5;
+    }
+    let init = Pipeline::random(&spec, Device::Cpu, cfg.train.seed as i64).unwrap();
+    let before = sorted_vars(init.backbone_vs());
+    let vae_before = sorted_vars(&init.vae.as_ref().unwrap().vs);
+    drop(init);
     let tr = run_quiet(cfg).unwrap();
     assert_eq!(tr.step, 3);
+    assert!(
+        tr.disc.is_none() && tr.opt_d.is_none(),
+        "FT built a discriminator"
+    );
+    let after = sorted_vars(tr.pipe.backbone_vs());
+    assert_eq!(before.len(), after.len());
+    let moved = before
+        .iter()
+        .zip(&after)
+        .filter(|((ka, a), (kb, b))| {
+            assert_eq!(ka, kb);
+            max_abs_diff(a, b) > 0.0
+        })
+        .count();
+    println!("FT moved {moved} of {} transformer tensors", after.len());
+    assert!(
+        moved * 2 > after.len(),
+        "only {moved} of {} tensors moved",
+        after.len()
+    );
+    for ((k, a), (_, b)) in vae_before
+        .iter()
+        .zip(&sorted_vars(&tr.pipe.vae.as_ref().unwrap().vs))
+    {
+        assert_eq!(max_abs_diff(a, b), 0.0, "FT changed the frozen VAE's {k}");
+    }
     let m = read_metrics(dir.path());
     assert_eq!(m.len(), 3);
     for line in &m {

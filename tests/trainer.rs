@@ -311,6 +311,251 @@ fn ft_and_ablations_run() {
     }
 }
 
+/// The parameter gradient of `backprop_kept` for the given kept steps, diffusion term
+/// and gradient path, as (name, gradient) sorted by name (undefined -> None).
+fn kept_grads(
+    unet: &LoadedUNet,
+    plan: &Plan,
+    g: &Guidance,
+    xs: &Tensor,
+    start: usize,
+    kept: &[usize],
+    only: Option<usize>,
+    w: &Tensor,
+    path: GradPath,
+    diffusion: Option<(&Tensor, f64)>,
+) -> Vec<(String, Option<Tensor>)> {
+    let den = UNetDenoiser(&unet.model);
+    zero_grads(&unet.vs);
+    let r = rollout(&den, plan, start, xs, kept, g, path).unwrap();
+    let steps: Vec<_> = r
+        .kept
+        .into_iter()
+        .filter(|k| only.is_none_or(|i| k.index == i))
+        .collect();
+    let leaf = r.final_x.detach().set_requires_grad(true);
+    (leaf.tanh() * w).sum(Kind::Double).backward();
+    backprop_kept(
+        &den,
+        plan,
+        &steps,
+        &leaf.grad(),
+        g,
+        diffusion.map(|(t, l)| (start, t, l)),
+    )
+    .unwrap();
+    let mut v: Vec<(String, Tensor)> = unet.vs.variables().into_iter().collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    let out = v
+        .into_iter()
+        .map(|(k, t)| {
+            let g = t.grad();
+            (k, g.defined().then(|| g.copy()))
+        })
+        .collect();
+    zero_grads(&unet.vs);
+    out
+}
+
+/// `max |a - c b| / max |c b|` over every parameter (both defined).
+fn worst_scaled(a: &[(String, Option<Tensor>)], b: &[(String, Option<Tensor>)], c: f64) -> f64 {
+    let mut worst = 0.0f64;
+    for ((k, x), (_, y)) in a.iter().zip(b) {
+        match (x, y) {
+            (Some(x), Some(y)) => worst = worst.max(adt::fixtures::max_rel_err(x, &(y * c))),
+            (None, None) => {}
+            _ => panic!("{k}: gradient defined on one side only"),
+        }
+    }
+    worst
+}
+
+/// Ablation `train.grad_path = drtune` (paper Eq. 4, appendix A.1): a kept step's
+/// gradient is its ADT gradient times the product of the later steps' a, which for
+/// DDIM telescopes to sqrt(alpha_cumprod_final) / sqrt(alpha_cumprod(t_{i+1})) (Eq. A3)
+/// -- computed here by hand from the schedule table, not from the sampler's
+/// coefficients.
+#[test]
+fn drtune_scales_each_kept_step_by_the_later_alphas() {
+    let _guard = lock();
+    let unet = tiny_unet_f64();
+    let opts = (Kind::Double, Device::Cpu);
+    let cond = Cond::new(Tensor::randn([1, 5, 16], opts));
+    let uncond = Cond::new(Tensor::randn([1, 5, 16], opts));
+    let g = Guidance::new(&uncond, &cond, 3.0);
+    let plan = Plan::new(&ScheduleConfig::sd15(), SamplerKind::Ddim, 6).unwrap();
+    let n = plan.len();
+    let xs = Tensor::randn([1, 4, 8, 8], opts);
+    let w = Tensor::randn([1, 4, 8, 8], opts);
+    let (start, kept) = (1, vec![1, 3, 5]);
+    let den = UNetDenoiser(&unet.model);
+    let r_adt = rollout(&den, &plan, start, &xs, &kept, &g, GradPath::Adt).unwrap();
+    let r_dr = rollout(&den, &plan, start, &xs, &kept, &g, GradPath::Drtune).unwrap();
+    // Same sample either way: the paths differ in the gradient only.
+    assert!(r_adt.final_x.equal(&r_dr.final_x));
+    let ac = |i: usize| plan.alphas_cumprod[plan.timesteps[i] as usize];
+    for (ka, kd) in r_adt.kept.iter().zip(&r_dr.kept) {
+        let i = ka.index;
+        let hand = if i + 1 < n {
+            (plan.final_alpha_cumprod / ac(i + 1)).sqrt()
+        } else {
+            1.0
+        };
+        assert_eq!(ka.scale, 1.0, "ADT step {i}");
+        assert!(
+            (kd.scale - hand).abs() <= 1e-12 * hand,
+            "DRTune step {i}: scale {} vs hand {hand}",
+            kd.scale
+        );
+        if i + 1 < n {
+            assert!(
+                hand > 1.05,
+                "step {i}: scale {hand} too close to 1 to discriminate"
+            );
+        }
+        let adt = kept_grads(
+            &unet,
+            &plan,
+            &g,
+            &xs,
+            start,
+            &kept,
+            Some(i),
+            &w,
+            GradPath::Adt,
+            None,
+        );
+        let dr = kept_grads(
+            &unet,
+            &plan,
+            &g,
+            &xs,
+            start,
+            &kept,
+            Some(i),
+            &w,
+            GradPath::Drtune,
+            None,
+        );
+        let e = worst_scaled(&dr, &adt, hand);
+        println!("step {i}: DRTune scale {hand:.6}, gradient vs hand-scaled ADT: {e:.1e}");
+        assert!(e < 1e-12, "step {i}: {e}");
+        assert!(
+            adt.iter().any(|(_, t)| t
+                .as_ref()
+                .is_some_and(|t| t.abs().max().double_value(&[]) > 0.0)),
+            "step {i}: no gradient at all"
+        );
+    }
+}
+
+/// Ablation `train.lambda = 0`: the diffusion term adds nothing to the gradient; with
+/// lambda > 0 it adds lambda times the gradient of the start step's mse alone.
+#[test]
+fn lambda_zero_removes_the_diffusion_gradient() {
+    let _guard = lock();
+    let unet = tiny_unet_f64();
+    let opts = (Kind::Double, Device::Cpu);
+    let cond = Cond::new(Tensor::randn([1, 5, 16], opts));
+    let uncond = Cond::new(Tensor::randn([1, 5, 16], opts));
+    let g = Guidance::new(&uncond, &cond, 3.0);
+    let plan = Plan::new(&ScheduleConfig::sd15(), SamplerKind::Ddim, 5).unwrap();
+    let z0 = Tensor::randn([1, 4, 8, 8], opts);
+    let eps = Tensor::randn([1, 4, 8, 8], opts);
+    let w = Tensor::randn([1, 4, 8, 8], opts);
+    let start = 1;
+    let xs = plan.add_noise(&z0, &eps, start);
+    let target = plan.target(&z0, &eps, start);
+    let kept = vec![1, 3];
+    let grads_at = |diffusion: Option<(&Tensor, f64)>| {
+        kept_grads(
+            &unet,
+            &plan,
+            &g,
+            &xs,
+            start,
+            &kept,
+            None,
+            &w,
+            GradPath::Adt,
+            diffusion,
+        )
+    };
+    let none = grads_at(None);
+    let zero = grads_at(Some((&target, 0.0)));
+    let half = grads_at(Some((&target, 0.5)));
+    let one = grads_at(Some((&target, 1.0)));
+    // lambda = 0: exactly the adversarial gradient.
+    for ((k, a), (_, b)) in none.iter().zip(&zero) {
+        match (a, b) {
+            (Some(a), Some(b)) => assert!(a.equal(b), "{k}: lambda = 0 changed the gradient"),
+            (None, None) => {}
+            _ => panic!("{k}: gradient defined on one side only"),
+        }
+    }
+    // lambda > 0 adds a linear term that is not zero: (G(1) - G(0)) = 2 (G(0.5) - G(0)).
+    let mut moved = 0.0f64;
+    let mut worst = 0.0f64;
+    for (((k, z), (_, h)), (_, o)) in zero.iter().zip(&half).zip(&one) {
+        let (z, h, o) = (
+            z.as_ref().unwrap(),
+            h.as_ref().unwrap(),
+            o.as_ref().unwrap(),
+        );
+        let d1 = o - z;
+        let d5 = (h - z) * 2.0;
+        moved = moved.max(d1.abs().max().double_value(&[]));
+        if d1.abs().max().double_value(&[]) > 0.0 {
+            worst = worst.max(adt::fixtures::max_rel_err(&d5, &d1));
+        } else {
+            assert_eq!(d5.abs().max().double_value(&[]), 0.0, "{k}");
+        }
+    }
+    println!("diffusion term: largest gradient change {moved:.3e}, linearity error {worst:.1e}");
+    assert!(moved > 1e-6, "the diffusion term has no gradient");
+    assert!(worst < 1e-9, "{worst}");
+}
+
+/// Ablation `train.mode = ft`: no discriminator, no discriminator optimiser, no
+/// feature network, and only the diffusion loss logged; an ADT run of the same
+/// configuration has all of them.
+#[test]
+fn ft_touches_no_discriminator() {
+    let _guard = lock();
+    tch::set_num_threads(1);
+    for mode in ["ft", "adt"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mode_kv = format!("train.mode={mode}");
+        let tr = run_quiet(tiny_config(
+            dir.path(),
+            &[
+                &mode_kv,
+                "train.iterations=2",
+                "train.h=1",
+                "output.checkpoint_every=0",
+            ],
+        ))
+        .unwrap();
+        let m = read_metrics(dir.path());
+        assert_eq!(m.len(), 2);
+        if mode == "ft" {
+            assert!(
+                tr.disc.is_none() && tr.opt_d.is_none(),
+                "FT built a discriminator"
+            );
+            for line in &m {
+                assert!(line["loss_diff"].as_f64().is_some(), "{line}");
+                for k in ["loss_d", "d_acc", "loss_g_adv"] {
+                    assert!(line.get(k).is_none(), "FT logged {k}: {line}");
+                }
+            }
+        } else {
+            assert!(tr.disc.is_some() && tr.opt_d.is_some());
+            assert!(m[1]["loss_d"].as_f64().is_some(), "{}", m[1]);
+        }
+    }
+}
+
 /// A diverging run stops with an error naming the step and the loss, and the last
 /// checkpoint stays loadable.
 #[test]
