@@ -533,13 +533,108 @@ fn sd3_ft_with_logit_normal_timesteps() {
     assert!(err.contains("train.flow_timestep"), "{err}");
 }
 
-/// One ADT iteration (G + D, K = 1) on the tiny SD3 pipeline from `overrides`; the
-/// log and the generator's gradients.
+/// Eq. 12 on the tiny SD3 transformer (flow matching, Euler) in float64: with three
+/// kept steps and the diffusion term, the per-step decomposition gives the gradient of
+/// the whole trajectory in one graph to 1e-10, and every parameter that should get a
+/// gradient has a non-zero one (the context-pre-only last block's text query
+/// projections, whose output diffusers discards, get none on either side).
+#[test]
+fn sd3_decomposed_gradient_equals_full_graph_in_float64() {
+    use adt::models::mmdit::{LoadedSd3Transformer, Sd3Config};
+    use adt::train::config::GradPath;
+    use adt::train::path::{backprop_kept, rollout, rollout_graph, Cond, Guidance};
+    let _guard = lock();
+    tch::manual_seed(11);
+    let cfg = Sd3Config::tiny();
+    let tiny = LoadedSd3Transformer::from_config(&cfg, Device::Cpu, Kind::Double).unwrap();
+    let opts = (Kind::Double, Device::Cpu);
+    let cond_of = || Cond {
+        context: Tensor::randn([2, 6, cfg.joint_attention_dim], opts),
+        pooled: Some(Tensor::randn([2, cfg.pooled_projection_dim], opts)),
+        time_ids: None,
+    };
+    let (cond, uncond) = (cond_of(), cond_of());
+    let g = Guidance::new(&uncond, &cond, 4.0);
+    let plan = Plan::new(&ScheduleConfig::sd3(), SamplerKind::FlowEuler, 6).unwrap();
+    let z0 = Tensor::randn([2, 16, 8, 8], opts);
+    let eps = Tensor::randn([2, 16, 8, 8], opts);
+    let w = Tensor::randn([2, 16, 8, 8], opts);
+    let start = 1;
+    let xs = plan.add_noise(&z0, &eps, start);
+    let target = plan.target(&z0, &eps, start);
+    let kept = vec![1, 3, 4];
+    let lambda = 0.5;
+    let trainable = || -> Vec<(String, Tensor)> {
+        sorted_vars(&tiny.vs)
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect()
+    };
+    let take = || -> Vec<(String, Option<Tensor>)> {
+        trainable()
+            .into_iter()
+            .map(|(k, t)| {
+                let gr = t.grad();
+                let out = gr.defined().then(|| gr.copy());
+                if gr.defined() {
+                    let _ = t.grad().zero_();
+                }
+                (k, out)
+            })
+            .collect()
+    };
+    let (xf, sc) = rollout_graph(&tiny.model, &plan, start, &xs, &kept, &g, GradPath::Adt).unwrap();
+    let diff = (sc.unwrap() - &target).square().mean(Kind::Double);
+    ((xf.tanh() * &w).sum(Kind::Double) + diff * lambda).backward();
+    let full = take();
+    let r = rollout(&tiny.model, &plan, start, &xs, &kept, &g, GradPath::Adt).unwrap();
+    assert_eq!(max_abs_diff(&r.final_x, &xf.detach()), 0.0);
+    let leaf = r.final_x.detach().set_requires_grad(true);
+    (leaf.tanh() * &w).sum(Kind::Double).backward();
+    backprop_kept(
+        &tiny.model,
+        &plan,
+        &r.kept,
+        &leaf.grad(),
+        &g,
+        Some((start, &target, lambda)),
+    )
+    .unwrap();
+    let dec = take();
+    let last = cfg.num_layers - 1;
+    let no_grad_expected = |k: &str| {
+        k.starts_with(&format!("transformer_blocks.{last}.attn.add_q_proj"))
+            || k.starts_with(&format!("transformer_blocks.{last}.attn.norm_added_q"))
+    };
+    let mut worst = 0.0f64;
+    let mut checked = 0;
+    for ((k, a), (_, b)) in full.iter().zip(&dec) {
+        match (a, b) {
+            (Some(a), Some(b)) => {
+                assert!(!no_grad_expected(k), "{k}: has a gradient");
+                assert!(a.abs().max().double_value(&[]) > 0.0, "{k}: zero gradient");
+                let e = adt::fixtures::max_rel_err(b, a);
+                assert!(e < 1e-10, "{k}: decomposed vs one graph {e}");
+                worst = worst.max(e);
+                checked += 1;
+            }
+            (None, None) => assert!(no_grad_expected(k), "{k}: no gradient"),
+            _ => panic!("{k}: gradient defined on one side only"),
+        }
+    }
+    println!("SD3 flow, kept {kept:?}: {checked} gradients, decomposed vs one graph worst rel err {worst:.2e}");
+    assert!(checked + 2 >= full.len(), "{checked} of {}", full.len());
+}
+
+/// One ADT iteration (G + D, K = 2: three kept steps of four from t_s = 1) on the
+/// tiny SD3 pipeline from `overrides`; the log and the generator's gradients (every
+/// trainable tensor has one, except the text queries of the context-pre-only last
+/// block, whose output is discarded).
 fn adt_sd3_step(overrides: &[&str]) -> (adt::train::adt::StepLog, Vec<(String, Tensor)>) {
     let dir = tempfile::tempdir().unwrap();
     let mut o = vec![
         "train.h=1",
-        "train.k=1",
+        "train.k=2",
         "train.warmup_g=0",
         "train.warmup_d=0",
         "train.batch_size=1",
@@ -556,21 +651,21 @@ fn adt_sd3_step(overrides: &[&str]) -> (adt::train::adt::StepLog, Vec<(String, T
     let log = tr
         .iteration_on(&images, &["a red circle".to_string()], &ids)
         .unwrap();
-    let grads = sorted_vars(tr.pipe.backbone_vs())
+    let grads: Vec<(String, Tensor)> = sorted_vars(tr.pipe.backbone_vs())
         .into_iter()
         .filter(|(_, t)| t.requires_grad())
-        .map(|(k, t)| {
+        .filter_map(|(k, t)| {
             let g = t.grad();
-            (
-                k,
-                if g.defined() {
-                    g.copy()
-                } else {
-                    t.zeros_like()
-                },
-            )
+            let pre_only = k.contains(".attn.add_q_proj.") || k.contains(".attn.norm_added_q.");
+            if !g.defined() {
+                assert!(pre_only, "{k}: no gradient");
+                return None;
+            }
+            assert!(g.abs().max().double_value(&[]) > 0.0, "{k}: zero gradient");
+            Some((k, g.copy()))
         })
         .collect();
+    assert!(grads.len() > 60, "{} gradients", grads.len());
     (log, grads)
 }
 
@@ -614,7 +709,8 @@ fn sd3_adt_logit_normal_diffusion_term() {
         (dec_log.loss_g_adv.unwrap() - full_log.loss_g_adv.unwrap()).abs() < 1e-5,
         "adversarial loss differs"
     );
-    assert!(e_dec < 1e-3, "decomposed vs one-graph gradient: {e_dec}");
+    // float32 trainer: rounding of two summation orders.
+    assert!(e_dec < 1e-5, "decomposed vs one-graph gradient: {e_dec}");
     assert!(
         e_term > 1e-2,
         "the diffusion term does not reach the gradient: {e_term}"

@@ -223,9 +223,14 @@ pub fn backprop_kept(
         let mut loss = (&out * g_final.detach()).sum(Kind::Double) * (k.b * k.scale);
         if let Some((start, target, lambda)) = diffusion {
             if start == k.index {
-                let d = (cond_out.to_kind(Kind::Float) - target.to_kind(Kind::Float))
+                // At least float32 (a bfloat16 model's loss is upcast), float64 kept.
+                let kind = match cond_out.kind() {
+                    Kind::Double => Kind::Double,
+                    _ => Kind::Float,
+                };
+                let d = (cond_out.to_kind(kind) - target.to_kind(kind))
                     .square()
-                    .mean(Kind::Float);
+                    .mean(kind);
                 diff_value = Some(d.double_value(&[]));
                 loss += d.to_kind(Kind::Double) * lambda;
             }
