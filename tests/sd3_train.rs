@@ -243,7 +243,8 @@ fn sd3_ft_trains() {
 }
 
 /// Checkpoints of an SD3 run hold the transformer; a run stopped after a checkpoint
-/// and resumed gives bit-identical losses.
+/// and resumed gives bit-identical losses and a bit-identical final state (weights,
+/// optimiser moments, discriminator).
 #[test]
 fn sd3_resume_is_bit_identical() {
     let _guard = lock();
@@ -255,7 +256,7 @@ fn sd3_resume_is_bit_identical() {
         "output.checkpoint_every=2",
     ];
     let a = tempfile::tempdir().unwrap();
-    run(
+    let whole = run(
         sd3_config(a.path(), &over),
         &RunOptions {
             quiet: true,
@@ -289,6 +290,7 @@ fn sd3_resume_is_bit_identical() {
     )
     .unwrap();
     assert_eq!(tr.step, 4);
+    common::assert_same_state(&whole, &tr);
     let (ma, mb) = (read_metrics(a.path()), read_metrics(b.path()));
     assert_eq!(ma.len(), 4);
     assert_eq!(mb.len(), 4);
