@@ -371,7 +371,8 @@ fn tiny_sd3_pipeline_on_disk_loads_and_samples() {
     assert_eq!(max_abs_diff(&x, &again), 0.0);
     assert!(x.std(true).double_value(&[]) > 0.0);
 
-    // Without T5: 77 zero tokens replace it.
+    // Without T5: max_sequence_length (default 256) zero tokens replace it, as in
+    // diffusers' encode_prompt.
     let no_t5 = PipelineOptions {
         sd3_text: Sd3TextOptions {
             use_t5: false,
@@ -381,9 +382,9 @@ fn tiny_sd3_pipeline_on_disk_loads_and_samples() {
     let small =
         Pipeline::load_with(dir.path(), Device::Cpu, Kind::Float, Kind::Float, &no_t5).unwrap();
     let (c, _) = small.encode_text(&p, None).unwrap();
-    assert_eq!(c.context.size(), vec![2, 154, 32]);
+    assert_eq!(c.context.size(), vec![2, 77 + 256, 32]);
     assert_eq!(
-        c.context.narrow(1, 77, 77).abs().max().double_value(&[]),
+        c.context.narrow(1, 77, 256).abs().max().double_value(&[]),
         0.0
     );
     let y = adt::sample::generate(&small, &plan, &p, 4.0, 11, 32).unwrap();
