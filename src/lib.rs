@@ -4,7 +4,6 @@ pub mod data;
 pub mod demo;
 pub mod disc;
 pub mod eval;
-pub mod fixtures;
 pub mod inspect;
 pub mod models;
 pub mod report;
@@ -12,3 +11,9 @@ pub mod sample;
 pub mod schedule;
 pub mod train;
 pub mod weights;
+
+/// The parity-test helpers of `tests/common/fixtures.rs`, for the unit tests (not part
+/// of the library).
+#[cfg(test)]
+#[path = "../tests/common/fixtures.rs"]
+mod fixtures;

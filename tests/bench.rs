@@ -1,13 +1,15 @@
 //! `adt bench` on the tiny models (CPU) and the fast trajectory denoiser.
 
+mod common;
+
 use adt::bench::{run_bench, BenchConfig, BenchOptions, Lever, Workload};
-use adt::fixtures::max_rel_err;
 use adt::models::pipeline::Pipeline;
 use adt::models::unet::{LoadedUNet, UNetConfig};
 use adt::train::adt::{build_features, Trainer, UNetDenoiser};
 use adt::train::config::Config;
 use adt::train::fast::{gpu, FastDenoiser, FastOptions};
 use adt::train::path::{Cond, Denoiser};
+use common::fixtures::max_rel_err;
 use tch::{Device, Kind, Tensor};
 
 fn tiny_unet(seed: i64) -> LoadedUNet {

@@ -1,11 +1,13 @@
 //! Parity of the SD3 MMDiT against the diffusers reference outputs, and its
 //! training-side properties: gradients, save / reload, qk RMSNorm, config checks.
 
-use adt::fixtures;
+mod common;
+
 use adt::models::mmdit::{
     run_forward, sincos_pos_embed_2d, LoadedSd3Transformer, SD3Transformer2DModel, Sd3Config,
 };
 use adt::train::path::{Cond, Denoiser};
+use common::fixtures;
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 

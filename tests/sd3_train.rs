@@ -616,7 +616,7 @@ fn sd3_decomposed_gradient_equals_full_graph_in_float64() {
             (Some(a), Some(b)) => {
                 assert!(!no_grad_expected(k), "{k}: has a gradient");
                 assert!(a.abs().max().double_value(&[]) > 0.0, "{k}: zero gradient");
-                let e = adt::fixtures::max_rel_err(b, a);
+                let e = common::fixtures::max_rel_err(b, a);
                 assert!(e < 1e-10, "{k}: decomposed vs one graph {e}");
                 worst = worst.max(e);
                 checked += 1;
@@ -677,7 +677,7 @@ fn worst_rel(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
         .zip(b)
         .map(|((ka, x), (kb, y))| {
             assert_eq!(ka, kb);
-            adt::fixtures::max_rel_err(y, x)
+            common::fixtures::max_rel_err(y, x)
         })
         .fold(0.0, f64::max)
 }
@@ -764,7 +764,7 @@ fn sd3_trainer_uses_and_refreshes_the_bf16_copy() {
     copy.weights_mut().refresh();
     let name = "proj_out.weight";
     let master = &tr.pipe.backbone_vs().variables()[name];
-    let e = adt::fixtures::max_rel_err(
+    let e = common::fixtures::max_rel_err(
         &copy.weights().copy_of(name).unwrap().to_kind(Kind::Float),
         master,
     );

@@ -90,7 +90,7 @@ fn decomposed_gradient_equals_full_graph_on_tiny_unet() {
         assert_eq!(full.len(), dec.len());
         let mut worst = 0.0f64;
         for ((k, a), (_, b)) in full.iter().zip(&dec) {
-            let e = adt::fixtures::max_rel_err(b, a);
+            let e = common::fixtures::max_rel_err(b, a);
             // float64: the two orders of summation agree to rounding.
             assert!(e < 1e-10, "{kind:?}/{path:?} {k}: rel err {e}");
             worst = worst.max(e);
@@ -153,8 +153,10 @@ fn generator_gradient_matches_finite_differences() {
 
 /// Eq. 12 across a multi-step trajectory, against finite differences: the generator
 /// gradient of ADT (and DRTune) is the derivative of
-/// `Phi(theta) = L(x_final + sum_kept b_t s_t (eps_theta(x_t) - eps_theta0(x_t)))
-///   + lambda mse(eps_theta^cond(x_s), target)`,
+///
+/// `Phi(theta) = L(x_final + sum_kept b_t s_t (eps_theta(x_t) - eps_theta0(x_t))) +
+/// lambda mse(eps_theta^cond(x_s), target)`
+///
 /// with the states x_t of the sampled trajectory held fixed (the stop-gradients of
 /// Eq. 11 / Eq. 4) and s_t = 1 (ADT) or the product of the later a's (DRTune). Phi is
 /// evaluated here with plain forward calls at theta +- h d, so the backward machinery
@@ -430,6 +432,7 @@ fn ft_and_ablations_run() {
 
 /// The parameter gradient of `backprop_kept` for the given kept steps, diffusion term
 /// and gradient path, as (name, gradient) sorted by name (undefined -> None).
+#[allow(clippy::too_many_arguments)]
 fn kept_grads(
     unet: &LoadedUNet,
     plan: &Plan,
@@ -479,7 +482,7 @@ fn worst_scaled(a: &[(String, Option<Tensor>)], b: &[(String, Option<Tensor>)], 
     let mut worst = 0.0f64;
     for ((k, x), (_, y)) in a.iter().zip(b) {
         match (x, y) {
-            (Some(x), Some(y)) => worst = worst.max(adt::fixtures::max_rel_err(x, &(y * c))),
+            (Some(x), Some(y)) => worst = worst.max(common::fixtures::max_rel_err(x, &(y * c))),
             (None, None) => {}
             _ => panic!("{k}: gradient defined on one side only"),
         }
@@ -623,7 +626,7 @@ fn lambda_zero_removes_the_diffusion_gradient() {
         let d5 = (h - z) * 2.0;
         moved = moved.max(d1.abs().max().double_value(&[]));
         if d1.abs().max().double_value(&[]) > 0.0 {
-            worst = worst.max(adt::fixtures::max_rel_err(&d5, &d1));
+            worst = worst.max(common::fixtures::max_rel_err(&d5, &d1));
         } else {
             assert_eq!(d5.abs().max().double_value(&[]), 0.0, "{k}");
         }

@@ -179,7 +179,7 @@ pub fn builtin_tokenizer_dir() -> PathBuf {
     if rel.join("vocab.json").is_file() {
         return rel;
     }
-    crate::fixtures::dir("tokenizer_clip/tokenizer")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
 fn tiny_vae_config() -> Result<VaeConfig> {

@@ -1,6 +1,7 @@
 //! Helpers shared by the test binaries (`mod common;` in each).
 #![allow(dead_code)]
 
+pub mod fixtures;
 pub mod inputs;
 
 use adt::train::adt::Trainer;
