@@ -40,6 +40,7 @@ use crate::disc::features::DinoFeatures;
 use crate::disc::FeatureNetwork;
 use crate::models::clip::ClipTextConfig;
 use crate::models::clip::{ClipTextModel, LoadedClipText};
+use crate::models::denoiser::{guided_output, Denoiser, Guidance};
 use crate::models::dinov2::{Dinov2Config, Dinov2Model};
 use crate::models::mmdit::{LoadedSd3Transformer, Sd3Config, Sd3TrajectoryCopy};
 use crate::models::pipeline::{
@@ -54,7 +55,7 @@ use crate::schedule::{Plan, SamplerKind, ScheduleConfig};
 use crate::train::adt::Trainer;
 use crate::train::config::{Config, GradPath};
 use crate::train::fast::{gpu, FastDenoiser, FastOptions};
-use crate::train::path::{guided_output, rollout, Denoiser, Guidance};
+use crate::train::path::rollout;
 
 /// Model sizes to benchmark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -676,7 +677,8 @@ pub fn sd3_medium_random_pipeline(device: Device, seed: i64) -> Result<Pipeline>
 }
 
 /// Randomly initialised, frozen DINOv2 features at `resolution` px tapping the
-/// default blocks 2, 5, 8, 11 (clamped to the last layer of a smaller model), and
+/// default blocks 2, 5, 8, 11 (clamped to the last layer of a smaller model) with
+/// the patch embedding (the default levels), and
 /// the parameter count.
 fn dino_features(
     device: Device,
@@ -692,7 +694,7 @@ fn dino_features(
         .iter()
         .map(|&b| b.min(last))
         .collect();
-    let f = DinoFeatures::new(model, Some(vs), resolution, &blocks)?;
+    let f = DinoFeatures::new(model, Some(vs), resolution, &blocks, Default::default())?;
     Ok((Box::new(f), n))
 }
 
@@ -1056,7 +1058,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
     cfg.model.path = "tiny-random".into();
     cfg.train.device = opts.device.clone();
     cfg.train.batch_size = 1;
-    cfg.train.resolution = resolution;
+    cfg.train.resolution = Some(resolution);
     cfg.train.seed = opts.seed;
     cfg.train.k = 3;
     cfg.train.h = 1;

@@ -2,10 +2,13 @@
 pub mod bench;
 pub mod data;
 pub mod demo;
+pub mod demo_data;
 pub mod disc;
 pub mod eval;
 pub mod inspect;
+pub mod json;
 pub mod models;
+pub mod progress;
 pub mod report;
 pub mod sample;
 pub mod schedule;

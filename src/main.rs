@@ -35,6 +35,10 @@ enum Command {
         /// Stop after this many iterations of this invocation (checkpoints are kept).
         #[arg(long)]
         max_iterations: Option<usize>,
+        /// Start a new run in an output folder that holds checkpoints (or resume from
+        /// a checkpoint older than others there): same-named checkpoints are replaced.
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Generate images from prompts with a pipeline folder.
     Sample {
@@ -110,6 +114,20 @@ enum Command {
         #[arg(long)]
         from_samples: Option<PathBuf>,
     },
+    /// Build the demo's emoji datasets from the emoji-datasource npm tarballs in the cache
+    /// folder (scripts/setup_demo_data.sh fetches them): <cache>/data (32x32) and
+    /// <cache>/data-64px (64x64), {twemoji,noto}/{train,heldout}.
+    PrepareEmoji {
+        #[arg(long, default_value = ".cache/demo")]
+        cache: PathBuf,
+        /// npm package style and dataset name (repeatable; default: twitter=twemoji
+        /// google=noto). Only images that every style has are kept.
+        #[arg(long = "style", value_name = "STYLE=NAME")]
+        styles: Vec<String>,
+        /// Rebuild even when the outputs are up to date.
+        #[arg(long)]
+        force: bool,
+    },
     /// Time the UNet step, sampling and ADT iterations (tiny or real SD1.5 sizes) and measure peak memory.
     Bench(adt::bench::BenchArgs),
     /// Describe a diffusers pipeline folder, a component folder or a .safetensors file.
@@ -130,6 +148,9 @@ enum Command {
         /// Fail on the first bad sample.
         #[arg(long)]
         strict: bool,
+        /// Follow symbolic links that stay inside the dataset folder (data.follow_symlinks).
+        #[arg(long)]
+        follow_symlinks: bool,
     },
     /// Run one component on named inputs and write named outputs (parity checks).
     Forward {
@@ -178,16 +199,24 @@ fn main() -> Result<()> {
             print_config,
             resume,
             max_iterations,
+            overwrite,
         } => {
             let cfg = adt::train::config::Config::load(config.as_deref(), &set)?;
             if print_config {
                 print!("{}", cfg.to_toml()?);
+                println!(
+                    "\n# Not set above, chosen when the model is loaded: train.lr_g and train.lr_d \
+                     (5e-6 for SD 1.x / 2.x, 1e-6 for SDXL and SD3), train.resolution (the \
+                     model's native one), disc.blocks (DINOv2 [2, 5, 8, 11], EfficientNet \
+                     [1, 2, 4, 6]), disc.channels (the width of the features)."
+                );
                 return Ok(());
             }
             let opts = adt::train::run::RunOptions {
                 resume,
                 max_iterations,
                 quiet: false,
+                overwrite,
             };
             let tr = adt::train::run::run(cfg, &opts)?;
             eprintln!(
@@ -222,6 +251,9 @@ fn main() -> Result<()> {
             if all.is_empty() {
                 bail!("no prompts: give --prompt TEXT or --prompts FILE");
             }
+            if let Some(g) = cfg.iter().find(|g| !g.is_finite()) {
+                bail!("--cfg {g}: the guidance scale must be a finite number");
+            }
             let kind: adt::schedule::SamplerKind = sampler.parse()?;
             let device = if tch::Cuda::is_available() {
                 tch::Device::Cuda(0)
@@ -243,7 +275,13 @@ fn main() -> Result<()> {
                     let mut imgs = Vec::new();
                     for (ci, chunk) in all.chunks(batch_size.max(1)).enumerate() {
                         let x =
-                            adt::sample::generate(&pipe, &plan, chunk, g, seed + ci as i64, res)?;
+                            adt::sample::generate(&pipe, &plan, chunk, g, seed + ci as i64, res)
+                                .with_context(|| {
+                                    format!(
+                                        "sampling model {} (cfg {g}, {n} steps)",
+                                        model.display()
+                                    )
+                                })?;
                         imgs.push(x);
                     }
                     let x = tch::Tensor::cat(&imgs, 0);
@@ -270,6 +308,9 @@ fn main() -> Result<()> {
             o.clip = clip;
             let r = adt::eval::metrics::evaluate(&o)?;
             print!("{r}");
+            for w in &r.warnings {
+                tracing::warn!("{w}");
+            }
             if let Some(j) = json {
                 r.save_json(&j)?;
             }
@@ -295,6 +336,31 @@ fn main() -> Result<()> {
             print!("{}", r.markdown());
             eprintln!("report: {}", o.out.join("report.html").display());
         }
+        Command::PrepareEmoji {
+            cache,
+            styles,
+            force,
+        } => {
+            let mut o = adt::demo_data::PrepareOptions::demo(cache);
+            o.force = force;
+            if !styles.is_empty() {
+                o.styles = styles
+                    .iter()
+                    .map(|s| match s.split_once('=') {
+                        Some((st, name)) if !st.is_empty() && !name.is_empty() => {
+                            Ok((st.to_string(), name.to_string()))
+                        }
+                        _ => bail!("--style {s}: expected STYLE=NAME, e.g. twitter=twemoji"),
+                    })
+                    .collect::<Result<_>>()?;
+            }
+            let t0 = std::time::Instant::now();
+            let r = adt::demo_data::prepare_emoji(&o)?;
+            print!("{r}");
+            if !r.up_to_date {
+                println!("demo data: {:.1} s", t0.elapsed().as_secs_f64());
+            }
+        }
         Command::Bench(a) => adt::bench::cli(&a)?,
         Command::Inspect { path } => print!("{}", adt::inspect::inspect(&path)?),
         Command::InitPipeline { preset, seed, out } => {
@@ -306,8 +372,15 @@ fn main() -> Result<()> {
                 out.display()
             );
         }
-        Command::InspectData { path, strict } => {
-            print!("{}", adt::data::inspect_data(&path, strict)?)
+        Command::InspectData {
+            path,
+            strict,
+            follow_symlinks,
+        } => {
+            print!(
+                "{}",
+                adt::data::inspect_data_with(&path, strict, follow_symlinks)?
+            )
         }
         Command::Forward {
             component,

@@ -3,12 +3,12 @@
 mod common;
 
 use adt::bench::{run_bench, BenchConfig, BenchOptions, Lever, Workload};
+use adt::models::denoiser::{Cond, Denoiser, UNetDenoiser};
 use adt::models::pipeline::Pipeline;
 use adt::models::unet::{LoadedUNet, UNetConfig};
-use adt::train::adt::{build_features, Trainer, UNetDenoiser};
+use adt::train::adt::{build_features, Trainer};
 use adt::train::config::Config;
 use adt::train::fast::{gpu, FastDenoiser, FastOptions};
-use adt::train::path::{Cond, Denoiser};
 use common::fixtures::max_rel_err;
 use tch::{Device, Kind, Tensor};
 
@@ -175,11 +175,11 @@ fn trainer_uses_and_refreshes_the_bf16_copy() {
     let mut cfg = Config::default();
     cfg.train.bf16_trajectory = true;
     cfg.train.batch_size = 1;
-    cfg.train.resolution = 32;
+    cfg.train.resolution = Some(32);
     cfg.train.h = 1;
     cfg.train.k = 1;
     cfg.train.warmup_g = 0;
-    cfg.train.lr_g = 1e-3;
+    cfg.train.lr_g = Some(1e-3);
     cfg.sampler.steps = 4;
     cfg.sampler.cfg = 3.0;
     cfg.disc.resolution = 56;

@@ -37,7 +37,7 @@ fn lite1_weights() -> Option<PathBuf> {
     Some(dir)
 }
 
-/// The demo data folder written by `scripts/setup_demo_data.sh`, or None (the opt-out
+/// The demo data folder written by `adt prepare-emoji`, or None (the opt-out
 /// skipped) when it was not built.
 fn demo_data() -> Option<PathBuf> {
     let cache = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/demo");
@@ -46,7 +46,8 @@ fn demo_data() -> Option<PathBuf> {
     }
     common::inputs::missing(
         &format!("the demo emoji data in {}", cache.join("data").display()),
-        "run scripts/setup_demo_data.sh (it fetches the emoji packages with npm once)",
+        "run scripts/setup_demo_data.sh (it fetches the emoji packages with npm once), then \
+         `adt prepare-emoji` (scripts/test.sh does both)",
     );
     None
 }

@@ -3,10 +3,10 @@
 
 mod common;
 
+use adt::models::denoiser::{Cond, Denoiser};
 use adt::models::mmdit::{
     run_forward, sincos_pos_embed_2d, LoadedSd3Transformer, SD3Transformer2DModel, Sd3Config,
 };
-use adt::train::path::{Cond, Denoiser};
 use common::fixtures;
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};

@@ -543,9 +543,10 @@ fn sd3_ft_with_logit_normal_timesteps() {
 /// projections, whose output diffusers discards, get none on either side).
 #[test]
 fn sd3_decomposed_gradient_equals_full_graph_in_float64() {
+    use adt::models::denoiser::{Cond, Guidance};
     use adt::models::mmdit::{LoadedSd3Transformer, Sd3Config};
     use adt::train::config::GradPath;
-    use adt::train::path::{backprop_kept, rollout, rollout_graph, Cond, Guidance};
+    use adt::train::path::{backprop_kept, rollout, rollout_graph};
     let _guard = lock();
     tch::manual_seed(11);
     let cfg = Sd3Config::tiny();

@@ -1,10 +1,10 @@
 //! The ADT trainer on tiny random models of the real architectures (CPU).
 
+use adt::models::denoiser::{guided_output, Cond, Guidance, UNetDenoiser};
 use adt::models::unet::{LoadedUNet, UNetConfig};
 use adt::schedule::{Plan, SamplerKind, ScheduleConfig};
-use adt::train::adt::UNetDenoiser;
 use adt::train::config::GradPath;
-use adt::train::path::{backprop_kept, guided_output, rollout, rollout_graph, Cond, Guidance};
+use adt::train::path::{backprop_kept, rollout, rollout_graph};
 use adt::train::run::{run, RunOptions};
 
 mod common;
@@ -222,7 +222,7 @@ fn kept_step_gradient_matches_finite_differences_over_a_trajectory() {
                 let mut diff = 0.0;
                 for (k, o0) in r.kept.iter().zip(&out0) {
                     let (o, c) = guided_output(&den, &k.x, plan.timesteps[k.index], &g).unwrap();
-                    xf += (o - o0) * (k.b * k.scale);
+                    xf += (o - o0) * k.weight;
                     if k.index == start {
                         diff = (c - &target).square().mean(Kind::Double).double_value(&[]);
                     }
@@ -493,8 +493,8 @@ fn worst_scaled(a: &[(String, Option<Tensor>)], b: &[(String, Option<Tensor>)], 
 /// Ablation `train.grad_path = drtune` (paper Eq. 4, appendix A.1): a kept step's
 /// gradient is its ADT gradient times the product of the later steps' a, which for
 /// DDIM telescopes to sqrt(alpha_cumprod_final) / sqrt(alpha_cumprod(t_{i+1})) (Eq. A3)
-/// -- computed here by hand from the schedule table, not from the sampler's
-/// coefficients.
+/// -- computed here by hand from the schedule table, as is each step's own output
+/// coefficient b, not from the sampler's coefficients.
 #[test]
 fn drtune_scales_each_kept_step_by_the_later_alphas() {
     let _guard = lock();
@@ -521,11 +521,29 @@ fn drtune_scales_each_kept_step_by_the_later_alphas() {
         } else {
             1.0
         };
-        assert_eq!(ka.scale, 1.0, "ADT step {i}");
+        // DDIM (epsilon): x_next = sqrt(ac_prev) x0_hat + sqrt(1 - ac_prev) eps with
+        // x0_hat = (x - sqrt(1 - ac) eps) / sqrt(ac), so the output's own coefficient is
+        // b = sqrt(1 - ac_prev) - sqrt(ac_prev (1 - ac) / ac); ADT's weight is b, DRTune's
+        // b times the product of the later a's.
+        let (a_t, a_prev) = (
+            ac(i),
+            if i + 1 < n {
+                ac(i + 1)
+            } else {
+                plan.final_alpha_cumprod
+            },
+        );
+        let b = (1.0 - a_prev).sqrt() - (a_prev * (1.0 - a_t) / a_t).sqrt();
         assert!(
-            (kd.scale - hand).abs() <= 1e-12 * hand,
-            "DRTune step {i}: scale {} vs hand {hand}",
-            kd.scale
+            (ka.weight - b).abs() <= 1e-12 * b.abs(),
+            "ADT step {i}: weight {} vs hand b {b}",
+            ka.weight
+        );
+        assert!(
+            (kd.weight - b * hand).abs() <= 1e-12 * (b * hand).abs(),
+            "DRTune step {i}: weight {} vs hand b * prod a = {}",
+            kd.weight,
+            b * hand
         );
         if i + 1 < n {
             assert!(
