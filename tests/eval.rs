@@ -46,8 +46,8 @@ fn demo_data() -> Option<PathBuf> {
     }
     common::inputs::missing(
         &format!("the demo emoji data in {}", cache.join("data").display()),
-        "run scripts/setup_demo_data.sh (it fetches the emoji packages with npm once), then \
-         `adt prepare-emoji` (scripts/test.sh does both)",
+        "run scripts/setup_demo_data.sh (it fetches the emoji packages with npm once and \
+         converts them with `adt prepare-emoji`)",
     );
     None
 }
