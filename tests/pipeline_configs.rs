@@ -12,6 +12,8 @@
 //! * transformers text encoders, whose own files list only non-default keys: the file
 //!   over the class defaults (`defaults.json`) gives every key of the full config.
 
+mod common;
+
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 
@@ -127,5 +129,29 @@ fn init_pipeline_configs_are_what_diffusers_saves() {
         );
         let n = check_pipeline(&out, &fixture(preset));
         println!("{preset}: {n} config files identical to the libraries' key by key");
+    }
+}
+
+/// The tiny-random presets' `final/` (a training run on a pipeline built in memory) is
+/// written by the same code: one iteration of each, compared with the same fixtures.
+#[test]
+fn tiny_random_final_configs_are_what_diffusers_saves() {
+    let _guard = common::lock();
+    tch::set_num_threads(1);
+    for (model, preset) in [("tiny-random", "tiny"), ("tiny-random-sd3", "tiny-sd3")] {
+        let dir = tempfile::tempdir().unwrap();
+        let model_kv = format!("model.path={model:?}");
+        let mut o = vec![
+            model_kv.as_str(),
+            "train.iterations=1",
+            "train.h=1",
+            "output.checkpoint_every=0",
+        ];
+        if preset == "tiny-sd3" {
+            o.extend(["sampler.kind=\"flow\"", "sampler.steps=4"]);
+        }
+        common::run_quiet(common::tiny_config(dir.path(), &o)).unwrap();
+        let n = check_pipeline(&dir.path().join("final"), &fixture(preset));
+        println!("{model} final/: {n} config files identical to the libraries' key by key");
     }
 }

@@ -134,7 +134,7 @@ impl ScheduleConfig {
                 );
                 serde_json::json!({
                     "_class_name": class,
-                    "_diffusers_version": crate::models::config::DIFFUSERS_VERSION,
+                    "_diffusers_version": crate::json::DIFFUSERS_VERSION,
                     "beta_end": self.beta_end,
                     "beta_schedule": serde_json::to_value(self.beta_schedule)?,
                     "beta_start": self.beta_start,
@@ -159,7 +159,7 @@ impl ScheduleConfig {
                 );
                 serde_json::json!({
                     "_class_name": class,
-                    "_diffusers_version": crate::models::config::DIFFUSERS_VERSION,
+                    "_diffusers_version": crate::json::DIFFUSERS_VERSION,
                     "base_image_seq_len": 256,
                     "base_shift": 0.5,
                     "invert_sigmas": false,
