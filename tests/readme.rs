@@ -457,3 +457,39 @@ fn demo_base_parameter_count() {
     same("base UNet parameters (M)", &written[0], count as f64 / 1e6);
     println!("base UNet: {count} parameters");
 }
+
+/// "2,981 iterations" of pretraining: the last step of the committed pretraining log;
+/// "478" held-out images in the three-seed evaluation: its report.
+#[test]
+fn demo_base_pretraining_and_evaluation_sizes() {
+    let text = flat(&readme());
+    let log = std::fs::read_to_string(root().join("assets/demo-base-log/pretrain-metrics.jsonl"))
+        .unwrap();
+    let last: Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    let iterations = last["step"].as_u64().unwrap() + 1;
+    // "2,981" is written with a thousands separator: it reads as "2" then "981".
+    let written = after(&text, "captions from the Unicode names) for ");
+    assert_eq!(
+        format!("{},{}", written[0], written[1]),
+        format_thousands(iterations)
+    );
+    let report = json("assets/demo-results/report.json");
+    let n = after(&text, "held-out caption (of ");
+    same(
+        "held-out images",
+        &n[0],
+        report["eval_images"].as_f64().unwrap(),
+    );
+}
+
+fn format_thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
