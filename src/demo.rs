@@ -781,6 +781,47 @@ fn write_demo_html(r: &DemoReport, out: &Path) -> Result<()> {
     crate::weights::atomic_write(&out.join("report.html"), html.as_bytes())
 }
 
+pub mod ablation;
+
+/// Statistics of no images: the slot an [`Evaluator`]'s reference fills before it is
+/// computed.
+fn placeholder_stats() -> SetStats {
+    SetStats {
+        summary: crate::eval::metrics::SetSummary {
+            path: String::new(),
+            count: 0,
+            available: 0,
+            sizes: vec![],
+            mean_rgb: [0.0; 3],
+        },
+        features: tch::Tensor::zeros([1], (tch::Kind::Float, Device::Cpu)),
+        histogram: tch::Tensor::zeros([1], (tch::Kind::Float, Device::Cpu)),
+    }
+}
+
+/// [`generate_set`] with the DDIM step count and image size given (the demo: 10, 32).
+pub fn generate_set_with(
+    pipe: &Pipeline,
+    captions: &[String],
+    dir: &Path,
+    seed: i64,
+    steps: usize,
+    resolution: i64,
+) -> Result<()> {
+    let plan = Plan::new(&pipe.schedule, SamplerKind::Ddim, steps)?;
+    std::fs::create_dir_all(dir)?;
+    let mut k = 0;
+    for (bi, chunk) in captions.chunks(64).enumerate() {
+        let imgs =
+            crate::sample::generate(pipe, &plan, chunk, 2.0, seed * 1000 + bi as i64, resolution)?;
+        for im in crate::sample::to_rgb8(&imgs)? {
+            im.save(dir.join(format!("{k:05}.png")))?;
+            k += 1;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

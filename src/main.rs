@@ -78,7 +78,7 @@ enum Command {
         /// Folder (or imagefolder dataset) of reference images.
         #[arg(long)]
         reference: PathBuf,
-        /// efficientnet-lite1 (default, offline), efficientnet-lite0, dinov2 or inception-v3 (FID; weights from scripts/convert_inception.py).
+        /// efficientnet-lite1 (default, offline), efficientnet-lite0, efficientnet-lite2, dinov2 or inception-v3 (FID; weights from scripts/convert_inception.py).
         #[arg(long, default_value = "efficientnet-lite1")]
         features: String,
         /// Weights folder of the feature network (required for dinov2).
@@ -113,6 +113,51 @@ enum Command {
         /// Only evaluate runs made elsewhere (scripts/gpu_demo.sh output folder).
         #[arg(long)]
         from_samples: Option<PathBuf>,
+    },
+    /// The paper's ablation (Table 3) at the demo's scale: ADT, StyleGAN-T discriminator,
+    /// DRTune path, lambda 0, K 1 / 3, four feature levels and FT, from the same base on the
+    /// same seeds; FD / KID in EfficientNet-Lite1 and Lite2.
+    Ablate {
+        /// Seeds (comma-separated); one run per variant each.
+        #[arg(long, default_value = "0", value_delimiter = ',')]
+        seeds: Vec<u64>,
+        /// Iterations per run (the demo's default).
+        #[arg(long, default_value_t = adt::demo::DemoOptions::default().iterations)]
+        iterations: usize,
+        /// Held-out captions / images used in the evaluation.
+        #[arg(long, default_value_t = adt::demo::DemoOptions::default().eval_images)]
+        eval_images: usize,
+        #[arg(long, default_value = "runs/ablation")]
+        out: PathBuf,
+        /// cpu or cuda.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Variants (comma-separated; adt always runs): adt, stylegan-t, drtune, lambda0,
+        /// k1, k3, levels4, ft, and the optional no-color-aug. Default: all but the optional.
+        #[arg(long, value_delimiter = ',')]
+        variants: Option<Vec<String>>,
+        /// Override a configuration value in every run, FT included (repeatable), e.g.
+        /// --set train.lr_g=2e-5 to test a colour-drift hypothesis.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Switch DiffAugment's colour op off in every run (colour-drift measurement).
+        #[arg(long)]
+        no_color_aug: bool,
+        /// Base pipeline folder.
+        #[arg(long, default_value = "assets/demo-base")]
+        base: PathBuf,
+        /// Demo data root (noto/train, noto/heldout).
+        #[arg(long, default_value = ".cache/demo/data")]
+        data: PathBuf,
+        #[arg(long, default_value = "examples/demo-adt.toml")]
+        adt_config: PathBuf,
+        #[arg(long, default_value = "examples/demo-ft.toml")]
+        ft_config: PathBuf,
+        /// DDIM steps and image size of the evaluation samples.
+        #[arg(long, default_value_t = 10)]
+        sample_steps: usize,
+        #[arg(long, default_value_t = 32)]
+        sample_size: i64,
     },
     /// Build the demo's emoji datasets from the emoji-datasource npm tarballs in the cache
     /// folder (scripts/setup_demo_data.sh fetches them): <cache>/data (32x32) and
@@ -335,6 +380,48 @@ fn main() -> Result<()> {
             let r = adt::demo::run_demo(&o)?;
             print!("{}", r.markdown());
             eprintln!("report: {}", o.out.join("report.html").display());
+        }
+        Command::Ablate {
+            seeds,
+            iterations,
+            eval_images,
+            out,
+            device,
+            variants,
+            mut set,
+            no_color_aug,
+            base,
+            data,
+            adt_config,
+            ft_config,
+            sample_steps,
+            sample_size,
+        } => {
+            if no_color_aug {
+                set.push("disc.diffaug=\"translation,cutout\"".into());
+            }
+            let o = adt::demo::ablation::AblationOptions {
+                demo: adt::demo::DemoOptions {
+                    seeds,
+                    iterations,
+                    eval_images,
+                    out,
+                    device,
+                    base,
+                    data,
+                    adt_config,
+                    ft_config,
+                    ..Default::default()
+                },
+                variants,
+                overrides: set,
+                sample_steps,
+                sample_size,
+                ..Default::default()
+            };
+            let r = adt::demo::ablation::run_ablation(&o)?;
+            print!("{}", r.markdown());
+            eprintln!("report: {}", o.demo.out.join("report.html").display());
         }
         Command::PrepareEmoji {
             cache,
