@@ -72,7 +72,8 @@ pub struct ModelSection {
     pub save_to: Option<PathBuf>,
     /// SD3: run the T5 encoder (`text_encoder_3`) when the pipeline has one.
     pub use_t5: bool,
-    /// SD3: T5 tokens per prompt.
+    /// SD3: T5 tokens per prompt (without T5, as many zero tokens stand in for them,
+    /// as in diffusers).
     pub max_sequence_length: usize,
 }
 
