@@ -4,8 +4,8 @@ pub mod data;
 pub mod demo;
 pub mod demo_data;
 pub mod disc;
+pub mod dist;
 pub mod eval;
-pub mod fixtures;
 pub mod inspect;
 pub mod json;
 pub mod models;
@@ -15,3 +15,9 @@ pub mod sample;
 pub mod schedule;
 pub mod train;
 pub mod weights;
+
+/// The parity-test helpers of `tests/common/fixtures.rs`, for the unit tests (not part
+/// of the library).
+#[cfg(test)]
+#[path = "../tests/common/fixtures.rs"]
+mod fixtures;

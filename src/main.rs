@@ -39,6 +39,10 @@ enum Command {
         /// a checkpoint older than others there): same-named checkpoints are replaced.
         #[arg(long)]
         overwrite: bool,
+        /// Data-parallel training on this machine: start N ranks (processes) and
+        /// wait for them (torchrun and srun launch ranks without it).
+        #[arg(long, value_name = "N")]
+        nproc: Option<usize>,
     },
     /// Generate images from prompts with a pipeline folder.
     Sample {
@@ -245,6 +249,7 @@ fn main() -> Result<()> {
             resume,
             max_iterations,
             overwrite,
+            nproc,
         } => {
             let cfg = adt::train::config::Config::load(config.as_deref(), &set)?;
             if print_config {
@@ -255,6 +260,28 @@ fn main() -> Result<()> {
                      model's native one), disc.blocks (DINOv2 [2, 5, 8, 11], EfficientNet \
                      [1, 2, 4, 6]), disc.channels (the width of the features)."
                 );
+                return Ok(());
+            }
+            if let Some(n) = nproc {
+                if adt::dist::Launch::from_env()?.is_some() {
+                    anyhow::bail!(
+                        "--nproc: this process is already one rank of a launched job (RANK/WORLD_SIZE or SLURM variables are set)"
+                    );
+                }
+                // The same command line without --nproc, for each rank.
+                let mut args: Vec<String> = Vec::new();
+                let mut it = std::env::args().skip(1);
+                while let Some(a) = it.next() {
+                    if a == "--nproc" {
+                        it.next();
+                    } else if !a.starts_with("--nproc=") {
+                        args.push(a);
+                    }
+                }
+                // A rank that fails brings the others down within the collective
+                // timeout; the launcher waits that long before stopping them.
+                let grace = std::time::Duration::from_secs_f64(cfg.train.dist_timeout_s + 30.0);
+                adt::dist::spawn_local(n, &args, grace)?;
                 return Ok(());
             }
             let opts = adt::train::run::RunOptions {

@@ -20,7 +20,7 @@ const FLOORS: &[&[&str]] = &[
     &["schedule"],
     &["models"],
     &["data", "disc"],
-    &["eval", "sample"],
+    &["eval", "sample", "dist"],
     &["train"],
     &["report", "inspect"],
     &["demo", "bench", "demo_data"],
