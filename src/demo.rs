@@ -610,6 +610,12 @@ pub fn run_demo(o: &DemoOptions) -> Result<DemoReport> {
             }
         }
     }
+    // The same samples (and the reference) in EfficientNet-Lite2: 260 px and width 1.1,
+    // counted as 1.5 Lite1 images each.
+    stages.add(
+        "score every model in EfficientNet-Lite2",
+        1.5 * rates.feature_image * ((2 + 2 * o.seeds.len()) * caps.len()) as f64,
+    );
     tracing::info!("{}", rates.describe());
     stages.announce();
 
@@ -727,6 +733,7 @@ pub fn run_demo(o: &DemoOptions) -> Result<DemoReport> {
         second_space: None,
     };
     let mut report = report;
+    stages.begin();
     spaces::add_second_space(
         &mut report,
         FeatureSpace::EfficientNetLite2,
@@ -735,6 +742,7 @@ pub fn run_demo(o: &DemoOptions) -> Result<DemoReport> {
         &cache,
         device,
     )?;
+    stages.end();
     report.wall_seconds = started.elapsed().as_secs_f64();
     std::fs::write(
         o.out.join("report.json"),
