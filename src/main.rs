@@ -12,6 +12,11 @@ use std::path::PathBuf;
     about = "Adversarial Diffusion Tuning for Stable Diffusion models"
 )]
 struct Cli {
+    /// CPU threads for tensor operations (libtorch intra-op threads). Default: libtorch's
+    /// choice, one per physical core, or OMP_NUM_THREADS when set. When several adt
+    /// processes share a machine, give each a share of the cores.
+    #[arg(long, global = true, value_name = "N")]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -154,7 +159,32 @@ enum Command {
     },
 }
 
+/// OpenMP threads that wait for work spin by default (libgomp's active wait), which
+/// starves every other process on the machine: two `adt` processes on two cores ran the
+/// tiny smoke test 25 to 50 times slower than one. Passive waiting (threads sleep) keeps
+/// the single-process speed and lets processes share. libgomp reads `OMP_WAIT_POLICY`
+/// once, when it is loaded with the program, before `main`: so when the user has not
+/// chosen a policy (`OMP_WAIT_POLICY` or `GOMP_SPINCOUNT`), the program sets it and
+/// replaces itself with a fresh copy of itself (`exec`), which loads libgomp again.
+fn ensure_passive_omp_wait() {
+    use std::os::unix::process::CommandExt;
+    if std::env::var_os("OMP_WAIT_POLICY").is_some() || std::env::var_os("GOMP_SPINCOUNT").is_some()
+    {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let err = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env("OMP_WAIT_POLICY", "PASSIVE")
+        .exec();
+    // exec only returns on failure: carry on with the active policy.
+    eprintln!("warning: could not restart with OMP_WAIT_POLICY=PASSIVE ({err}); OpenMP threads will spin while waiting");
+}
+
 fn main() -> Result<()> {
+    ensure_passive_omp_wait();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -162,6 +192,17 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        tch::set_num_threads(n as i32);
+    }
+    tracing::debug!(
+        "OMP_WAIT_POLICY={}, {} tensor threads",
+        std::env::var("OMP_WAIT_POLICY").unwrap_or_default(),
+        tch::get_num_threads()
+    );
     // Large tensors are allocated and freed every iteration; glibc's default of
     // returning every block above 128 KiB to the kernel turns that into page faults
     // (measured: half of the evaluation's time was system time). Keep freed memory.
