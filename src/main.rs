@@ -68,6 +68,22 @@ enum Command {
         resolution: Option<i64>,
         #[arg(long, default_value_t = 8)]
         batch_size: usize,
+        /// A LoRA file (diffusers / PEFT layout, e.g. pytorch_lora_weights.safetensors or
+        /// its folder) merged into the model, with an optional scale: FILE or FILE:SCALE
+        /// (repeatable; the scales multiply the file's alpha / rank).
+        #[arg(long, value_name = "FILE[:SCALE]")]
+        lora: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Merge LoRA files into a pipeline and write the merged diffusers folder.
+    MergeLora {
+        /// Diffusers pipeline folder (the base model).
+        #[arg(long)]
+        model: PathBuf,
+        /// FILE or FILE:SCALE (repeatable).
+        #[arg(long, value_name = "FILE[:SCALE]", required = true)]
+        lora: Vec<String>,
         #[arg(long)]
         out: PathBuf,
     },
@@ -159,6 +175,19 @@ enum Command {
     },
 }
 
+/// `FILE` or `FILE:SCALE` (scale 1 by default).
+fn parse_lora_args(args: &[String]) -> Result<Vec<(PathBuf, f64)>> {
+    args.iter()
+        .map(|a| match a.rsplit_once(':') {
+            Some((f, s)) if !f.is_empty() && s.parse::<f64>().is_ok() => {
+                Ok((PathBuf::from(f), s.parse::<f64>()?))
+            }
+            _ if a.is_empty() => bail!("--lora: empty file name"),
+            _ => Ok((PathBuf::from(a), 1.0)),
+        })
+        .collect()
+}
+
 /// OpenMP threads that wait for work spin by default (libgomp's active wait), which
 /// starves every other process on the machine: two `adt` processes on two cores ran the
 /// tiny smoke test 25 to 50 times slower than one. Passive waiting (threads sleep) keeps
@@ -247,6 +276,7 @@ fn main() -> Result<()> {
             seed,
             resolution,
             batch_size,
+            lora,
             out,
         } => {
             let mut all = prompt;
@@ -269,12 +299,13 @@ fn main() -> Result<()> {
             } else {
                 tch::Device::Cpu
             };
-            let pipe = adt::models::pipeline::Pipeline::load(
+            let mut pipe = adt::models::pipeline::Pipeline::load(
                 &model,
                 device,
                 tch::Kind::Float,
                 tch::Kind::Float,
             )?;
+            pipe.merge_lora(&parse_lora_args(&lora)?)?;
             let res = resolution.unwrap_or_else(|| pipe.default_resolution());
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             for &n in &steps {
@@ -335,6 +366,17 @@ fn main() -> Result<()> {
             let r = adt::demo::run_demo(&o)?;
             print!("{}", r.markdown());
             eprintln!("report: {}", o.out.join("report.html").display());
+        }
+        Command::MergeLora { model, lora, out } => {
+            let mut pipe = adt::models::pipeline::Pipeline::load(
+                &model,
+                tch::Device::Cpu,
+                tch::Kind::Float,
+                tch::Kind::Float,
+            )?;
+            pipe.merge_lora(&parse_lora_args(&lora)?)?;
+            pipe.save(&out)?;
+            eprintln!("wrote the merged pipeline to {}", out.display());
         }
         Command::Bench(a) => adt::bench::cli(&a)?,
         Command::Inspect { path } => print!("{}", adt::inspect::inspect(&path)?),

@@ -6,6 +6,7 @@ pub mod config;
 pub mod dinov2;
 pub mod efficientnet;
 pub mod inception;
+pub mod lora;
 pub mod master_copy;
 pub mod mmdit;
 pub mod pipeline;

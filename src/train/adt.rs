@@ -334,9 +334,13 @@ impl Trainer {
     /// [`Trainer::iteration_on`] (used by the benchmark).
     pub fn with_parts(
         cfg: Config,
-        pipe: Pipeline,
+        mut pipe: Pipeline,
         features: Option<Box<dyn FeatureNetwork>>,
     ) -> Result<Trainer> {
+        if let Some(l) = &cfg.train.lora {
+            let n = pipe.attach_lora(&l.spec()).context("train.lora")?.len();
+            tracing::info!("LoRA: {n} adapted layers, base weights frozen");
+        }
         let device = pipe.device;
         let kind_name = serde_json::to_string(&cfg.sampler.kind).unwrap_or_default();
         let flow_sampler = cfg.sampler.kind == SamplerKind::FlowEuler;
@@ -435,7 +439,7 @@ impl Trainer {
             let unet = pipe.unet().context(
                 "train.bf16_trajectory / cuda_graph / channels_last are supported for UNet models only",
             )?;
-            Some(FastDenoiser::new(
+            Some(FastDenoiser::with_lora(
                 &unet.vs,
                 &unet.config,
                 FastOptions {
@@ -447,6 +451,7 @@ impl Trainer {
                     channels_last: tt.channels_last,
                     cuda_graph: tt.cuda_graph,
                 },
+                Some(&unet.model.lora),
             )?)
         } else {
             None
@@ -975,7 +980,22 @@ impl Trainer {
     }
 
     /// Write the tuned pipeline in the diffusers layout.
+    /// The output of the run: the pipeline folder, or with `train.lora` the adapters
+    /// alone (`out/pytorch_lora_weights.safetensors`, for diffusers' `load_lora_weights`
+    /// or `adt sample --lora`).
     pub fn save_final(&self, out: &Path) -> Result<()> {
+        self.with_ema_weights(|| match &self.cfg.train.lora {
+            Some(l) => crate::models::lora::save_peft(
+                self.pipe.lora_slots(),
+                &l.spec(),
+                self.pipe.lora_prefix(),
+                out,
+            ),
+            None => self.pipe.save(out),
+        })
+    }
+
+    fn with_ema_weights(&self, save: impl Fn() -> Result<()>) -> Result<()> {
         if let Some(ema) = &self.ema {
             // Swap the EMA weights in for saving, then restore.
             let vars = self.pipe.backbone_vs().variables();
@@ -988,7 +1008,7 @@ impl Trainer {
                     vars[k].shallow_clone().copy_(e);
                 }
             });
-            let r = self.pipe.save(out);
+            let r = save();
             tch::no_grad(|| {
                 for (k, b) in &backup {
                     vars[k].shallow_clone().copy_(b);
@@ -996,7 +1016,7 @@ impl Trainer {
             });
             r
         } else {
-            self.pipe.save(out)
+            save()
         }
     }
 

@@ -156,6 +156,47 @@ pub struct TrainSection {
     pub profile_phases: bool,
     /// Stop after this many minutes of training and save as if finished.
     pub time_limit_minutes: Option<f64>,
+    /// Train LoRA adapters instead of the backbone (`train.lora = { rank = 16 }`): the
+    /// base weights are frozen and only the adapters are optimised; the run writes
+    /// `pytorch_lora_weights.safetensors` (diffusers / PEFT layout) instead of a pipeline.
+    pub lora: Option<LoraSection>,
+}
+
+/// `train.lora`: the LoRA adapters to train.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraSection {
+    pub rank: i64,
+    /// Scale numerator: the adapter output is multiplied by `alpha / rank` (default: rank).
+    pub alpha: Option<f64>,
+    /// Dropout on the adapter input during training.
+    pub dropout: f64,
+    /// Module-name suffixes to adapt (PEFT's `target_modules`): by default the attention
+    /// projections; also possible: `ff.net.0.proj`, `ff.net.2` (feed-forward), and for
+    /// SD3 `add_q_proj`, `add_k_proj`, `add_v_proj`, `to_add_out`.
+    pub targets: Vec<String>,
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        LoraSection {
+            rank: 16,
+            alpha: None,
+            dropout: 0.0,
+            targets: crate::models::lora::default_targets(),
+        }
+    }
+}
+
+impl LoraSection {
+    pub fn spec(&self) -> crate::models::lora::LoraSpec {
+        crate::models::lora::LoraSpec {
+            rank: self.rank,
+            alpha: self.alpha.unwrap_or(self.rank as f64),
+            dropout: self.dropout,
+            targets: self.targets.clone(),
+        }
+    }
 }
 
 impl Default for TrainSection {
@@ -197,6 +238,7 @@ impl Default for TrainSection {
             autocast_bf16: false,
             profile_phases: false,
             time_limit_minutes: None,
+            lora: None,
         }
     }
 }
