@@ -149,7 +149,14 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
             .unwrap_or_else(|| tr.out_dir.join("final"));
         tr.save_final(&out)?;
         checkpoint::save(&tr)?;
-        tracing::info!("tuned pipeline written to {}", out.display());
+        if cfg.train.lora.is_some() {
+            tracing::info!(
+                "LoRA adapters written to {}",
+                out.join(crate::models::lora::LORA_FILE).display()
+            );
+        } else {
+            tracing::info!("tuned pipeline written to {}", out.display());
+        }
     }
     Ok(tr)
 }
