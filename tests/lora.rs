@@ -196,26 +196,29 @@ fn bad_targets_and_files_are_named() {
     );
 }
 
-#[test]
-fn lora_training_changes_only_the_adapters() {
+/// A tiny LoRA training run (with the bf16 trajectory copy): the base weights are
+/// bit-identical to a fresh copy of the model afterwards, only adapters were optimised,
+/// and they moved; the output is the adapter file.
+fn lora_training_run(
+    extra: &[&str],
+    base: impl Fn(&adt::train::config::Config) -> Pipeline,
+    prefix: &str,
+) {
     let _g = common::lock();
     let dir = tempfile::tempdir().unwrap();
-    let cfg = common::tiny_config(
-        dir.path(),
-        &[
-            "train.iterations=6",
-            "train.h=2",
-            "train.warmup_g=1",
-            "train.warmup_d=1",
-            "train.lr_g=1e-2",
-            "train.bf16_trajectory=true",
-            "train.lora={ rank = 2, alpha = 4.0 }",
-            "output.checkpoint_every=0",
-        ],
-    );
-    let seed = cfg.train.seed as i64;
-    let base = Pipeline::tiny_random(Device::Cpu, seed).unwrap();
-    let before = common::sorted_vars(base.backbone_vs());
+    let mut o = vec![
+        "train.iterations=6",
+        "train.h=2",
+        "train.warmup_g=1",
+        "train.warmup_d=1",
+        "train.lr_g=1e-2",
+        "train.bf16_trajectory=true",
+        "train.lora={ rank = 2, alpha = 4.0 }",
+        "output.checkpoint_every=0",
+    ];
+    o.extend_from_slice(extra);
+    let cfg = common::tiny_config(dir.path(), &o);
+    let before = common::sorted_vars(base(&cfg).backbone_vs());
     let tr = common::run_quiet(cfg).unwrap();
     let after: HashMap<String, Tensor> = tr.pipe.backbone_vs().variables();
     let adapters: Vec<&String> = after.keys().filter(|k| k.contains(".lora_")).collect();
@@ -234,9 +237,97 @@ fn lora_training_changes_only_the_adapters() {
         .iter()
         .filter(|(_, _, b)| b.abs().max().double_value(&[]) > 0.0)
         .count();
-    assert!(moved > 0, "no lora_B left zero initialisation");
+    assert!(moved > 0, "no lora_B left its zero initialisation");
     // The run's output is the adapter file, loadable as a diffusers LoRA.
-    let file = LoraFile::load(&dir.path().join("final"), "unet").unwrap();
+    let file = LoraFile::load(&dir.path().join("final"), prefix).unwrap();
     assert_eq!(file.modules.len() * 2, adapters.len());
     assert_eq!((file.rank, file.alpha), (2, 4.0));
+}
+
+#[test]
+fn lora_training_changes_only_the_adapters() {
+    lora_training_run(
+        &[],
+        |cfg| Pipeline::tiny_random(Device::Cpu, cfg.train.seed as i64).unwrap(),
+        "unet",
+    );
+}
+
+#[test]
+fn sd3_lora_training_changes_only_the_adapters() {
+    use adt::models::pipeline::RandomSpec;
+    lora_training_run(
+        &[
+            "model.path=\"tiny-random-sd3\"",
+            "sampler.kind=\"flow\"",
+            "sampler.steps=4",
+        ],
+        |cfg| {
+            let mut spec = RandomSpec::tiny_sd3().unwrap();
+            if let RandomSpec::Sd3(s) = &mut spec {
+                s.with_t5 = cfg.model.use_t5;
+            }
+            Pipeline::random(&spec, Device::Cpu, cfg.train.seed as i64).unwrap()
+        },
+        "transformer",
+    );
+}
+
+#[test]
+fn sd3_adapters_merge_equals_runtime_and_round_trip() {
+    use adt::models::mmdit::LoadedSd3Transformer;
+    let _g = common::lock();
+    tch::manual_seed(5);
+    let load =
+        || LoadedSd3Transformer::load(&fixture("sd3_dual"), Device::Cpu, Kind::Float).unwrap();
+    let t = load();
+    let spec = LoraSpec {
+        rank: 2,
+        alpha: 3.0,
+        dropout: 0.0,
+        targets: vec![
+            "to_q".into(),
+            "to_out.0".into(),
+            "add_q_proj".into(),
+            "to_add_out".into(),
+            "ff_context.net.2".into(),
+        ],
+    };
+    let names = t.model.lora.attach_new(&t.vs.root(), &spec).unwrap();
+    // Block 0 has the dual (second self-) attention `attn2`.
+    for n in [
+        "transformer_blocks.0.attn.add_q_proj",
+        "transformer_blocks.0.attn2.to_q",
+    ] {
+        assert!(names.iter().any(|m| m == n), "{n} not adapted: {names:?}");
+    }
+    tch::no_grad(|| {
+        for (_, _, b) in t.model.lora.adapters() {
+            let mut b = b;
+            let _ = b.copy_(&(Tensor::randn_like(&b) * 0.1));
+        }
+    });
+    let x = Tensor::randn([1, 16, 16, 16], (Kind::Float, Device::Cpu));
+    let ctx = Tensor::randn([1, 5, 32], (Kind::Float, Device::Cpu));
+    let pooled = Tensor::randn([1, 24], (Kind::Float, Device::Cpu));
+    let ts = Tensor::from_slice(&[500.0f32]);
+    let run = |m: &LoadedSd3Transformer| {
+        tch::no_grad(|| m.model.forward(&x, &ctx, &pooled, &ts)).unwrap()
+    };
+    let runtime = run(&t);
+    let dir = tempfile::tempdir().unwrap();
+    lora::save_peft(&t.model.lora, &spec, "transformer", dir.path()).unwrap();
+    let (shapes, _) = layout(&dir.path().join(lora::LORA_FILE));
+    assert!(shapes.contains_key("transformer.transformer_blocks.0.attn.add_q_proj.lora_A.weight"));
+    let merged = load();
+    let base = run(&merged);
+    assert!(
+        max_abs(&base, &runtime) > 1e-3,
+        "the adapters changed nothing"
+    );
+    let file = LoraFile::load(dir.path(), "transformer").unwrap();
+    merged.model.lora.merge_file(&file, 1.0).unwrap();
+    let d = max_abs(&run(&merged), &runtime);
+    println!("SD3 merged vs run-time adapters: {d:.2e}");
+    assert!(d < TOL);
 }
