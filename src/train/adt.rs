@@ -388,12 +388,13 @@ impl Trainer {
             _ => (None, None),
         };
         let t = &cfg.train;
-        let opt_g = AdamW::new(
+        let opt_g = AdamW::with_moments(
             pipe.backbone_vs(),
             t.lr_g,
             t.adam_beta1,
             t.adam_beta2,
             t.weight_decay_g,
+            t.optimizer_state,
         );
         let ema = t.ema_decay.map(|_| {
             let mut v: Vec<(String, Tensor)> = pipe

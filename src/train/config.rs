@@ -160,6 +160,10 @@ pub struct TrainSection {
     /// base weights are frozen and only the adapters are optimised; the run writes
     /// `pytorch_lora_weights.safetensors` (diffusers / PEFT layout) instead of a pipeline.
     pub lora: Option<LoraSection>,
+    /// Storage of the generator's AdamW moments: "fp32" (8 bytes per trainable
+    /// parameter), "bf16" (4) or "8bit" (block-wise 8-bit as bitsandbytes' AdamW8bit,
+    /// about 2). The update itself is computed in float32.
+    pub optimizer_state: crate::train::optim::MomentStorage,
 }
 
 /// `train.lora`: the LoRA adapters to train.
@@ -239,6 +243,7 @@ impl Default for TrainSection {
             profile_phases: false,
             time_limit_minutes: None,
             lora: None,
+            optimizer_state: Default::default(),
         }
     }
 }
