@@ -5,7 +5,8 @@
 //! The account follows how `adt train` runs today: float32 master weights, float32
 //! AdamW moments (8 bytes per trainable parameter), float32 gradients, a bfloat16
 //! trajectory copy of the backbone (`train.bf16_trajectory`), and the frozen networks
-//! (VAE, text encoders, DINOv2 features) in float32. With `train.lora` the base weights
+//! (VAE, text encoders, DINOv2 features) in float32; one more SD1.5 column has 8-bit
+//! AdamW moments (`train.optimizer_state = "8bit"`). With `train.lora` the base weights
 //! are frozen and only the adapters (default targets, rank 16) have gradients and
 //! moments.
 //!
@@ -25,6 +26,7 @@ use crate::models::dinov2::Dinov2Config;
 use crate::models::lora::{default_targets, LoraSpec};
 use crate::models::mmdit::{LoadedSd3Transformer, Sd3Config};
 use crate::models::unet::{LoadedUNet, UNetConfig};
+use crate::train::optim::MomentStorage;
 
 const GIB: f64 = (1u64 << 30) as f64;
 
@@ -45,6 +47,8 @@ pub struct MemoryTarget {
     pub name: &'static str,
     pub model: TargetModel,
     pub lora: bool,
+    /// Storage of the AdamW moments (`train.optimizer_state`).
+    pub moments: MomentStorage,
     pub resolution: i64,
     pub target_gib: f64,
 }
@@ -56,13 +60,22 @@ pub enum TargetModel {
     Sd3Medium,
 }
 
-/// The four targets: SD1.5 full at most 12 GiB, SD1.5 LoRA 8, SDXL LoRA 20, SD3-medium
-/// LoRA 24 (batch 1, CFG, K = 3).
-pub const TARGETS: [MemoryTarget; 4] = [
+/// The four targets: SD1.5 full at most 12 GiB (with float32 and with 8-bit AdamW
+/// moments), SD1.5 LoRA 8, SDXL LoRA 20, SD3-medium LoRA 24 (batch 1, CFG, K = 3).
+pub const TARGETS: [MemoryTarget; 5] = [
     MemoryTarget {
         name: "SD1.5 full, 512 px",
         model: TargetModel::Sd15,
         lora: false,
+        moments: MomentStorage::Fp32,
+        resolution: 512,
+        target_gib: 12.0,
+    },
+    MemoryTarget {
+        name: "SD1.5 full, 8-bit AdamW",
+        model: TargetModel::Sd15,
+        lora: false,
+        moments: MomentStorage::Int8Blockwise,
         resolution: 512,
         target_gib: 12.0,
     },
@@ -70,6 +83,7 @@ pub const TARGETS: [MemoryTarget; 4] = [
         name: "SD1.5 LoRA r16, 512 px",
         model: TargetModel::Sd15,
         lora: true,
+        moments: MomentStorage::Fp32,
         resolution: 512,
         target_gib: 8.0,
     },
@@ -77,6 +91,7 @@ pub const TARGETS: [MemoryTarget; 4] = [
         name: "SDXL LoRA r16, 1024 px",
         model: TargetModel::Sdxl,
         lora: true,
+        moments: MomentStorage::Fp32,
         resolution: 1024,
         target_gib: 20.0,
     },
@@ -84,6 +99,7 @@ pub const TARGETS: [MemoryTarget; 4] = [
         name: "SD3-medium LoRA r16, 1024 px",
         model: TargetModel::Sd3Medium,
         lora: true,
+        moments: MomentStorage::Fp32,
         resolution: 1024,
         target_gib: 24.0,
     },
@@ -143,7 +159,15 @@ pub fn account(target: MemoryTarget, sizes: ModelSizes) -> AccountRow {
     let mut lines = vec![
         ("trainable weights (fp32)", 4.0 * trainable),
         ("gradients (fp32)", 4.0 * trainable),
-        ("AdamW moments (fp32)", 8.0 * trainable),
+        (
+            "AdamW moments",
+            match target.moments {
+                MomentStorage::Fp32 => 8.0,
+                MomentStorage::Bf16 => 4.0,
+                // One byte per moment value plus a float32 scale per block of 2048.
+                MomentStorage::Int8Blockwise => 2.0 * (1.0 + 4.0 / 2048.0),
+            } * trainable,
+        ),
     ];
     if target.lora {
         lines.push(("frozen base weights (fp32)", 4.0 * p));
@@ -378,13 +402,15 @@ mod tests {
         let full = account(TARGETS[0], sizes);
         let get = |r: &AccountRow, n: &str| r.lines.iter().find(|(k, _)| *k == n).unwrap().1;
         assert_eq!(get(&full, "trainable weights (fp32)"), 4000.0);
-        assert_eq!(get(&full, "AdamW moments (fp32)"), 8000.0);
+        assert_eq!(get(&full, "AdamW moments"), 8000.0);
+        let q8 = account(TARGETS[1], sizes);
+        assert_eq!(get(&q8, "AdamW moments"), 2000.0 * (1.0 + 4.0 / 2048.0));
         assert_eq!(get(&full, "bf16 trajectory copy"), 2000.0);
         assert!(!full
             .lines
             .iter()
             .any(|(k, _)| *k == "frozen base weights (fp32)"));
-        let lora = account(TARGETS[1], sizes);
+        let lora = account(TARGETS[2], sizes);
         assert_eq!(get(&lora, "gradients (fp32)"), 40.0);
         assert_eq!(get(&lora, "frozen base weights (fp32)"), 4000.0);
         assert_eq!(get(&lora, "bf16 trajectory copy"), 2020.0);
@@ -394,6 +420,6 @@ mod tests {
             40.0 + 40.0 + 80.0 + 4000.0 + 2020.0 + 400.0 + 200.0 + 80.0 + 80.0
         );
         assert_eq!(lora.activations, Some(SD15_ACTIVATION_BYTES));
-        assert_eq!(account(TARGETS[2], sizes).activations, None);
+        assert_eq!(account(TARGETS[3], sizes).activations, None);
     }
 }
