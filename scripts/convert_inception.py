@@ -71,8 +71,27 @@ def log(msg):
 # ---------------------------------------------------------------- readers
 
 
+def _coalesce(size, stride):
+    """The same strided view with size-1 dimensions dropped and every run of dimensions
+    that is contiguous within itself merged into one, so that a view whose rows are
+    contiguous is copied row by row (not one element at a time)."""
+    dims = [(d, s) for d, s in zip(size, stride) if d != 1]
+    out = []
+    for d, s in dims:
+        if out and out[-1][1] == s * d:
+            out[-1] = (out[-1][0] * d, s)
+        else:
+            out.append((d, s))
+    return [d for d, _ in out], [s for _, s in out]
+
+
 def _gather(storage, esize, offset, size, stride, _strided=ce.gather_strided):
-    """ce.gather_strided with a fast path for contiguous tensors (all of a state dict)."""
+    """ce.gather_strided with a fast path for contiguous tensors (all of a state dict)
+    and merged dimensions for the other views."""
+    if any(d == 0 for d in size):
+        return b""
+    if size:
+        size, stride = _coalesce(size, stride)
     numel = 1
     expect = []
     for d in reversed(size):

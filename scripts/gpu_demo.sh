@@ -29,7 +29,7 @@ for s in $SEEDS; do
     t0=$(date +%s)
     $ADT train --config examples/demo-$m.toml --set train.device=cuda --set train.seed="$s" \
       --set train.iterations="$ITERS" --set output.dir="$W/$m-seed$s" --set disc.features_path="$EFF" \
-      --set data.num_workers=4 --set train.time_limit_minutes="$lim" > "$OUTDIR/$m-seed$s.log" 2>&1
+      --set data.num_workers=4 --set train.time_limit_minutes="$lim" --overwrite > "$OUTDIR/$m-seed$s.log" 2>&1
     t1=$(date +%s)
     n=$(wc -l < "$W/$m-seed$s/metrics.jsonl" 2>/dev/null || echo 0)
     echo "$m-seed$s $n $((t1-t0))" >> "$table"

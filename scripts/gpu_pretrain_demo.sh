@@ -16,7 +16,7 @@ $ADT init-pipeline --preset demo --seed 0 --out runs/demo-init 2>&1 | tee "$OUTD
 start=$(date +%s)
 $ADT train --config examples/demo-pretrain.toml \
   --set train.device=cuda --set train.time_limit_minutes="$MIN" \
-  --set output.dir=runs/demo-pretrain --set model.save_to=runs/demo-base \
+  --set output.dir=runs/demo-pretrain --set model.save_to=runs/demo-base --overwrite \
   > "$OUTDIR/train.log" 2>&1
 rc=$?
 end=$(date +%s)

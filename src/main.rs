@@ -40,6 +40,10 @@ enum Command {
         /// Stop after this many iterations of this invocation (checkpoints are kept).
         #[arg(long)]
         max_iterations: Option<usize>,
+        /// Start a new run in an output folder that holds checkpoints (or resume from
+        /// a checkpoint older than others there): same-named checkpoints are replaced.
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Generate images from prompts with a pipeline folder.
     Sample {
@@ -248,16 +252,24 @@ fn main() -> Result<()> {
             print_config,
             resume,
             max_iterations,
+            overwrite,
         } => {
             let cfg = adt::train::config::Config::load(config.as_deref(), &set)?;
             if print_config {
                 print!("{}", cfg.to_toml()?);
+                println!(
+                    "\n# Not set above, chosen when the model is loaded: train.lr_g and train.lr_d \
+                     (5e-6 for SD 1.x / 2.x, 1e-6 for SDXL and SD3), train.resolution (the \
+                     model's native one), disc.blocks (DINOv2 [2, 5, 8, 11], EfficientNet \
+                     [1, 2, 4, 6]), disc.channels (the width of the features)."
+                );
                 return Ok(());
             }
             let opts = adt::train::run::RunOptions {
                 resume,
                 max_iterations,
                 quiet: false,
+                overwrite,
             };
             let tr = adt::train::run::run(cfg, &opts)?;
             eprintln!(
@@ -293,6 +305,9 @@ fn main() -> Result<()> {
             if all.is_empty() {
                 bail!("no prompts: give --prompt TEXT or --prompts FILE");
             }
+            if let Some(g) = cfg.iter().find(|g| !g.is_finite()) {
+                bail!("--cfg {g}: the guidance scale must be a finite number");
+            }
             let kind: adt::schedule::SamplerKind = sampler.parse()?;
             let device = if tch::Cuda::is_available() {
                 tch::Device::Cuda(0)
@@ -315,7 +330,13 @@ fn main() -> Result<()> {
                     let mut imgs = Vec::new();
                     for (ci, chunk) in all.chunks(batch_size.max(1)).enumerate() {
                         let x =
-                            adt::sample::generate(&pipe, &plan, chunk, g, seed + ci as i64, res)?;
+                            adt::sample::generate(&pipe, &plan, chunk, g, seed + ci as i64, res)
+                                .with_context(|| {
+                                    format!(
+                                        "sampling model {} (cfg {g}, {n} steps)",
+                                        model.display()
+                                    )
+                                })?;
                         imgs.push(x);
                     }
                     let x = tch::Tensor::cat(&imgs, 0);
@@ -342,6 +363,9 @@ fn main() -> Result<()> {
             o.clip = clip;
             let r = adt::eval::metrics::evaluate(&o)?;
             print!("{r}");
+            for w in &r.warnings {
+                tracing::warn!("{w}");
+            }
             if let Some(j) = json {
                 r.save_json(&j)?;
             }

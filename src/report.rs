@@ -1,5 +1,6 @@
-//! Reports: loss curves (SVG, drawn with plotters), sample grids and result tables
-//! in one self-contained HTML page.
+//! Building blocks of reports: loss curves (SVG, drawn with plotters), sample grids,
+//! images and markdown tables for one self-contained HTML page (the demo's page is
+//! assembled in `demo`).
 
 use anyhow::{Context, Result};
 use plotters::prelude::*;
@@ -98,7 +99,7 @@ pub fn line_plot_svg(title: &str, series: &[Series]) -> Result<String> {
     Ok(svg)
 }
 
-fn png_data_uri(path: &Path) -> Result<String> {
+pub fn png_data_uri(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     Ok(format!("data:image/png;base64,{}", base64(&bytes)))
 }
@@ -171,7 +172,7 @@ pub fn rows_grid(rows: &[&Path], cols: usize, scale: u32, out: &Path) -> Result<
     Ok(())
 }
 
-fn md_table_to_html(md: &str) -> String {
+pub fn md_table_to_html(md: &str) -> String {
     let mut html = String::new();
     let mut in_table = false;
     for line in md.lines() {
@@ -202,57 +203,6 @@ fn md_table_to_html(md: &str) -> String {
         html += "</table>";
     }
     html
-}
-
-/// The demo's one-page report: table, side-by-side samples, loss curves.
-pub fn write_demo_html(r: &crate::demo::DemoReport, out: &Path) -> Result<()> {
-    let mut body = String::new();
-    body += "<h1>ADT vs FT: Twemoji base tuned towards Noto emoji</h1>";
-    body += &md_table_to_html(&r.markdown());
-    // Side-by-side samples of the first seed.
-    let seed = r.seeds.first().copied().unwrap_or(0);
-    let find = |name: &str, s: Option<u64>| {
-        r.models
-            .iter()
-            .find(|m| m.name == name && m.seed == s)
-            .map(|m| m.samples.clone())
-    };
-    let mut rows: Vec<String> = Vec::new();
-    let mut labels = Vec::new();
-    for (label, name, s) in [
-        ("base", "base", None),
-        ("FT", "ft", Some(seed)),
-        ("ADT", "adt", Some(seed)),
-    ] {
-        if let Some(p) = find(name, s) {
-            rows.push(p);
-            labels.push(label);
-        }
-    }
-    if !rows.is_empty() {
-        let paths: Vec<&Path> = rows.iter().map(|s| Path::new(s.as_str())).collect();
-        let grid = out.join("samples-side-by-side.png");
-        rows_grid(&paths, 12, 3, &grid)?;
-        body += &format!(
-            "<h2>Samples (held-out captions, seed {seed}; rows: {})</h2><img src=\"{}\">",
-            labels.join(", "),
-            png_data_uri(&grid)?
-        );
-    }
-    body += "<h2>Training curves</h2>";
-    for m in r.models.iter().filter(|m| m.name != "base") {
-        let metrics = out
-            .join(format!("{}-seed{}", m.name, m.seed.unwrap_or(0)))
-            .join("metrics.jsonl");
-        if metrics.is_file() {
-            let series = read_series(&metrics, &["loss_d", "loss_g_adv", "loss_diff", "d_acc"])?;
-            body += &line_plot_svg(&format!("{} seed {}", m.name, m.seed.unwrap_or(0)), &series)?;
-        }
-    }
-    let html = format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>adt demo report</title><style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}td{{border:1px solid #ccc;padding:3px 8px}}img{{image-rendering:pixelated;max-width:100%}}</style></head><body>{body}</body></html>"
-    );
-    crate::weights::atomic_write(&out.join("report.html"), html.as_bytes())
 }
 
 #[cfg(test)]

@@ -4,9 +4,9 @@ use anyhow::{ensure, Context, Result};
 use std::path::Path;
 use tch::{Kind, Tensor};
 
+use crate::models::denoiser::{guided_output, Guidance};
 use crate::models::pipeline::{Family, Pipeline};
 use crate::schedule::{sample_loop, Plan, SamplerKind};
-use crate::train::path::{guided_output, Guidance};
 
 /// Generate one image per prompt at `resolution` pixels with classifier-free
 /// guidance `cfg`; images in [-1, 1], [B, 3, H, W]. Deterministic for a seed.
@@ -21,6 +21,10 @@ pub fn generate(
     seed: i64,
     resolution: i64,
 ) -> Result<Tensor> {
+    ensure!(
+        cfg.is_finite(),
+        "guidance scale {cfg} is not a finite number"
+    );
     let flow_plan = plan.kind == SamplerKind::FlowEuler;
     ensure!(
         flow_plan == pipe.is_flow(),
@@ -73,7 +77,20 @@ pub fn generate(
         if let Some(e) = err {
             return Err(e);
         }
-        Ok(pipe.to_images(&z)?.clamp(-1.0, 1.0))
+        let images = pipe.to_images(&z)?;
+        // NaN would be written as black images: refuse them.
+        let bad = images
+            .isfinite()
+            .logical_not()
+            .sum(Kind::Int64)
+            .int64_value(&[]);
+        ensure!(
+            bad == 0,
+            "{bad} of {} generated values are NaN or infinite (non-finite weights, or a \
+             diverging sampler / guidance scale {cfg}); no image written",
+            images.numel()
+        );
+        Ok(images.clamp(-1.0, 1.0))
     })
 }
 

@@ -54,7 +54,10 @@ pub fn read_header(path: &Path) -> Result<serde_json::Map<String, serde_json::Va
     f.read_exact(&mut len)
         .with_context(|| format!("{}: too short for a safetensors file", path.display()))?;
     let n = u64::from_le_bytes(len);
-    let size = f.metadata()?.len();
+    let size = f
+        .metadata()
+        .with_context(|| format!("reading {}", path.display()))?
+        .len();
     if n > 100_000_000 || n + 8 > size {
         bail!(
             "{}: corrupt safetensors header (header length {n}, file size {size})",
@@ -66,10 +69,117 @@ pub fn read_header(path: &Path) -> Result<serde_json::Map<String, serde_json::Va
         .with_context(|| format!("{}: reading safetensors header", path.display()))?;
     let v: serde_json::Value = serde_json::from_slice(&buf)
         .with_context(|| format!("{}: safetensors header is not valid JSON", path.display()))?;
-    match v {
-        serde_json::Value::Object(m) => Ok(m),
+    let m = match v {
+        serde_json::Value::Object(m) => m,
         _ => bail!("{}: safetensors header is not an object", path.display()),
+    };
+    check_header(&m, size - 8 - n).with_context(|| format!("{}", path.display()))?;
+    Ok(m)
+}
+
+/// Bytes per element of a safetensors dtype name.
+fn dtype_size(name: &str) -> Option<u64> {
+    Some(match name {
+        "F64" | "I64" | "U64" => 8,
+        "F32" | "I32" | "U32" => 4,
+        "F16" | "BF16" | "I16" | "U16" => 2,
+        "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => 1,
+        _ => return None,
+    })
+}
+
+/// Check a parsed safetensors header against the size of the data that follows
+/// it: every tensor has a known dtype, a shape, and data offsets that lie inside
+/// the data and match its byte size (a truncated file fails here).
+pub fn check_header(
+    header: &serde_json::Map<String, serde_json::Value>,
+    data_len: u64,
+) -> Result<()> {
+    let mut spans: Vec<(u64, u64, &str)> = Vec::new();
+    for (name, v) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let o = v
+            .as_object()
+            .with_context(|| format!("tensor {name}: header entry is not an object"))?;
+        let dtype = o
+            .get("dtype")
+            .and_then(|d| d.as_str())
+            .with_context(|| format!("tensor {name}: no dtype"))?;
+        let size =
+            dtype_size(dtype).with_context(|| format!("tensor {name}: unknown dtype {dtype:?}"))?;
+        let shape = o
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .with_context(|| format!("tensor {name}: no shape"))?;
+        let mut numel: u64 = 1;
+        for d in shape {
+            let d = d.as_u64().with_context(|| {
+                format!("tensor {name}: shape {shape:?} is not a list of sizes")
+            })?;
+            numel = numel
+                .checked_mul(d)
+                .with_context(|| format!("tensor {name}: shape {shape:?} overflows"))?;
+        }
+        let offs = o
+            .get("data_offsets")
+            .and_then(|s| s.as_array())
+            .filter(|a| a.len() == 2)
+            .with_context(|| format!("tensor {name}: no data_offsets [begin, end]"))?;
+        let (Some(b), Some(e)) = (offs[0].as_u64(), offs[1].as_u64()) else {
+            bail!("tensor {name}: data_offsets {offs:?} are not byte offsets");
+        };
+        if b > e || e > data_len {
+            bail!(
+                "tensor {name}: data_offsets [{b}, {e}] do not fit the {data_len} bytes of data (truncated or corrupt file)"
+            );
+        }
+        let want = numel.checked_mul(size);
+        if want != Some(e - b) {
+            bail!(
+                "tensor {name}: {dtype} {shape:?} needs {} bytes but data_offsets [{b}, {e}] hold {}",
+                want.map(|w| w.to_string()).unwrap_or_else(|| "too many".into()),
+                e - b
+            );
+        }
+        spans.push((b, e, name));
     }
+    // The data regions tile the data exactly, as the format requires.
+    spans.sort();
+    let mut at = 0;
+    for (b, e, name) in spans {
+        if b != at {
+            bail!(
+                "tensor {name}: data_offsets start at {b}, expected {at} (overlapping tensors or a gap in the data)"
+            );
+        }
+        at = e;
+    }
+    if at != data_len {
+        bail!("the tensors' data_offsets end at {at} but the file holds {data_len} bytes of data");
+    }
+    Ok(())
+}
+
+/// Parse the header of an in-memory safetensors file and check its offsets (see
+/// [`check_header`]); never panics on any input.
+pub fn header_from_bytes(bytes: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>> {
+    if bytes.len() < 8 {
+        bail!("too short for a safetensors file ({} bytes)", bytes.len());
+    }
+    let n = u64::from_le_bytes(bytes[..8].try_into()?);
+    let size = bytes.len() as u64;
+    if n > 100_000_000 || n + 8 > size {
+        bail!("corrupt safetensors header (header length {n}, file size {size})");
+    }
+    let v: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n as usize])
+        .context("safetensors header is not valid JSON")?;
+    let serde_json::Value::Object(m) = v else {
+        bail!("safetensors header is not an object");
+    };
+    check_header(&m, size - 8 - n)?;
+    Ok(m)
 }
 
 /// Names of the tensors in a safetensors file, from its header only.
@@ -314,16 +424,21 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
         path.file_name().and_then(|s| s.to_str()).unwrap_or("file"),
         std::process::id()
     ));
-    {
+    let written = (|| -> Result<()> {
         let mut f =
             std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         f.write_all(bytes)
             .with_context(|| format!("writing {}", tmp.display()))?;
-        f.sync_all()?;
+        f.sync_all()
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    })();
+    if written.is_err() {
+        // A full disk must not leave the temporary file behind.
+        let _ = std::fs::remove_file(&tmp);
     }
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    Ok(())
+    written
 }
 
 /// Save every variable of a VarStore under its own name.

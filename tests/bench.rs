@@ -2,12 +2,12 @@
 
 use adt::bench::{run_bench, BenchConfig, BenchOptions, Lever, Workload};
 use adt::fixtures::max_rel_err;
+use adt::models::denoiser::{Cond, Denoiser, UNetDenoiser};
 use adt::models::pipeline::Pipeline;
 use adt::models::unet::{LoadedUNet, UNetConfig};
-use adt::train::adt::{build_features, Trainer, UNetDenoiser};
+use adt::train::adt::{build_features, Trainer};
 use adt::train::config::Config;
 use adt::train::fast::{gpu, FastDenoiser, FastOptions};
-use adt::train::path::{Cond, Denoiser};
 use tch::{Device, Kind, Tensor};
 
 fn tiny_unet(seed: i64) -> LoadedUNet {
@@ -173,11 +173,11 @@ fn trainer_uses_and_refreshes_the_bf16_copy() {
     let mut cfg = Config::default();
     cfg.train.bf16_trajectory = true;
     cfg.train.batch_size = 1;
-    cfg.train.resolution = 32;
+    cfg.train.resolution = Some(32);
     cfg.train.h = 1;
     cfg.train.k = 1;
     cfg.train.warmup_g = 0;
-    cfg.train.lr_g = 1e-3;
+    cfg.train.lr_g = Some(1e-3);
     cfg.sampler.steps = 4;
     cfg.sampler.cfg = 3.0;
     cfg.disc.resolution = 56;

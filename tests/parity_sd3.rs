@@ -2,10 +2,10 @@
 //! training-side properties: gradients, save / reload, qk RMSNorm, config checks.
 
 use adt::fixtures;
+use adt::models::denoiser::{Cond, Denoiser};
 use adt::models::mmdit::{
     run_forward, sincos_pos_embed_2d, LoadedSd3Transformer, SD3Transformer2DModel, Sd3Config,
 };
-use adt::train::path::{Cond, Denoiser};
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 

@@ -1,10 +1,10 @@
 //! The ADT trainer on tiny random models of the real architectures (CPU).
 
+use adt::models::denoiser::{Cond, Guidance, UNetDenoiser};
 use adt::models::unet::{LoadedUNet, UNetConfig};
 use adt::schedule::{Plan, SamplerKind, ScheduleConfig};
-use adt::train::adt::UNetDenoiser;
 use adt::train::config::GradPath;
-use adt::train::path::{backprop_kept, rollout, rollout_graph, Cond, Guidance};
+use adt::train::path::{backprop_kept, rollout, rollout_graph};
 use adt::train::run::{run, RunOptions};
 
 mod common;

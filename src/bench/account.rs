@@ -294,6 +294,9 @@ pub fn memory_account() -> Result<Vec<AccountRow>> {
     Ok(out)
 }
 
+/// A parameter count of a model family (the flag: LoRA).
+type ParamOf = fn(&ModelSizes, bool) -> i64;
+
 /// The account as a table: one column per target, GiB.
 pub struct AccountTable<'a>(pub &'a [AccountRow]);
 
@@ -310,7 +313,7 @@ impl fmt::Display for AccountTable<'_> {
         }
         writeln!(f)?;
         let m = |n: i64| format!("{:.1} M", n as f64 / 1e6);
-        let param_lines: [(&str, fn(&ModelSizes, bool) -> i64); 2] = [
+        let param_lines: [(&str, ParamOf); 2] = [
             ("backbone parameters", |s, _| s.backbone),
             ("trainable parameters", |s, lora| {
                 if lora {

@@ -55,7 +55,7 @@ pub(crate) fn run_iterations(
             // Align to an H-cycle (four D-only iterations, then G+D),
             // untimed.
             while tr.step % 5 != 0 {
-                tr.iteration_on(&images, &captions, &time_ids)?;
+                tr.iteration_on(images, captions, time_ids)?;
             }
         }
         // Phase times of the last timed G+D (or D-only) iteration.

@@ -436,7 +436,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
     cfg.model.path = "tiny-random".into();
     cfg.train.device = opts.device.clone();
     cfg.train.batch_size = 1;
-    cfg.train.resolution = resolution;
+    cfg.train.resolution = Some(resolution);
     cfg.train.seed = opts.seed;
     cfg.train.k = 3;
     cfg.train.h = 1;
@@ -545,8 +545,8 @@ pub(crate) struct Inputs {
     pub captions: Vec<String>,
     pub time_ids: Tensor,
     /// Text conditioning of the caption and of the empty prompt.
-    pub cond: crate::train::path::Cond,
-    pub uncond: crate::train::path::Cond,
+    pub cond: crate::models::denoiser::Cond,
+    pub uncond: crate::models::denoiser::Cond,
     /// The starting latent of the trajectory.
     pub x_t: Tensor,
     pub plan: Plan,

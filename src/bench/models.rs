@@ -154,7 +154,8 @@ pub fn sd3_medium_random_pipeline(device: Device, seed: i64) -> Result<Pipeline>
 }
 
 /// Randomly initialised, frozen DINOv2 features at `resolution` px tapping the
-/// default blocks 2, 5, 8, 11 (clamped to the last layer of a smaller model), and
+/// default blocks 2, 5, 8, 11 (clamped to the last layer of a smaller model) with
+/// the patch embedding (the default levels), and
 /// the parameter count.
 pub(crate) fn dino_features(
     device: Device,
@@ -170,7 +171,7 @@ pub(crate) fn dino_features(
         .iter()
         .map(|&b| b.min(last))
         .collect();
-    let f = DinoFeatures::new(model, Some(vs), resolution, &blocks)?;
+    let f = DinoFeatures::new(model, Some(vs), resolution, &blocks, Default::default())?;
     Ok((Box::new(f), n))
 }
 

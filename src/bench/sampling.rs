@@ -6,8 +6,9 @@ use anyhow::Result;
 
 use super::runner::{trajectory_for, Bench};
 use super::{Inputs, Lever, Workload};
+use crate::models::denoiser::{guided_output, Denoiser, Guidance};
 use crate::train::config::GradPath;
-use crate::train::path::{guided_output, rollout, Denoiser, Guidance};
+use crate::train::path::rollout;
 
 /// Measure workload `w` (`UnetCfgStep` or `Sample`) for each lever set.
 pub(crate) fn run(

@@ -34,6 +34,9 @@ pub enum BadKind {
     CorruptShard,
     /// A key that appears twice in a shard (the later sample is skipped).
     DuplicateKey,
+    /// A path that leads outside the dataset folder (absolute, `..`, or a symbolic
+    /// link without `data.follow_symlinks`).
+    OutsideDataset,
 }
 
 impl BadKind {
@@ -52,6 +55,7 @@ impl BadKind {
             BadKind::MissingShard => "missing shard",
             BadKind::CorruptShard => "corrupt shard",
             BadKind::DuplicateKey => "duplicate key",
+            BadKind::OutsideDataset => "outside the dataset",
         }
     }
 }

@@ -89,6 +89,12 @@ pub struct DataConfig {
     /// Captions longer than this (in tokens of the loader's token counter, or in words
     /// without one) are counted as truncated by the text encoder's window.
     pub max_caption_tokens: Option<usize>,
+    /// Follow symbolic links inside the dataset (their targets must still lie in the
+    /// dataset folder). Off: a link is refused as a bad sample.
+    pub follow_symlinks: bool,
+    /// For a manifest: the folder every path it names must stay in (default: the
+    /// manifest's own folder). Paths stay relative to the manifest.
+    pub root: Option<PathBuf>,
 }
 
 impl Default for DataConfig {
@@ -112,6 +118,8 @@ impl Default for DataConfig {
             caption_column: None,
             image_column: None,
             max_caption_tokens: None,
+            follow_symlinks: false,
+            root: None,
         }
     }
 }

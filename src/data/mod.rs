@@ -22,6 +22,7 @@ mod config;
 mod image;
 mod inspect;
 mod loader;
+mod paths;
 mod pipeline;
 mod source;
 mod synth;

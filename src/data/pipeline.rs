@@ -357,7 +357,7 @@ fn worker(shared: &Shared, jobs: Receiver<Job>, results: Sender<Outcome>) {
 fn process(shared: &Shared, job: Job) -> Body {
     let bytes = match job.payload {
         Payload::Bytes(b) => b,
-        Payload::File(path) => match std::fs::read(&path) {
+        Payload::File(path) => match super::paths::read_regular(&path) {
             Ok(b) => b,
             Err(e) => {
                 let kind = if e.kind() == std::io::ErrorKind::NotFound {

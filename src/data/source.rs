@@ -3,6 +3,7 @@
 
 use super::bad::{BadKind, BadSample};
 use super::config::{DataConfig, DataFormat};
+use super::paths::{absolute, open_regular, read_regular, DataRoot};
 use anyhow::{bail, Context, Result};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -137,7 +138,21 @@ pub fn expand_braces(pattern: &str) -> Result<Vec<String>> {
     Ok(out)
 }
 
-fn walk_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+fn walk_images(dir: &Path, root: &DataRoot, out: &mut Vec<PathBuf>) -> Result<()> {
+    let mut seen = HashSet::new();
+    walk_images_in(dir, root, &mut seen, out)
+}
+
+fn walk_images_in(
+    dir: &Path,
+    root: &DataRoot,
+    seen: &mut HashSet<PathBuf>,
+    out: &mut Vec<PathBuf>,
+) -> Result<()> {
+    // A link cycle (with follow_symlinks) must not recurse forever.
+    if !seen.insert(std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf())) {
+        return Ok(());
+    }
     let mut items: Vec<_> = std::fs::read_dir(dir)
         .with_context(|| format!("listing {}", dir.display()))?
         .collect::<std::io::Result<_>>()
@@ -150,12 +165,23 @@ fn walk_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         }
         let path = item.path();
         // Follow symlinks for the type; a dangling link to an image name is kept
-        // (it is reported when read).
+        // (it is reported when read). A linked folder is entered only when links
+        // may be followed and it stays inside the dataset.
         let is_dir = std::fs::metadata(&path)
             .map(|m| m.is_dir())
             .unwrap_or(false);
         if is_dir {
-            walk_images(&path, out)?;
+            let is_link = std::fs::symlink_metadata(&path)
+                .map(|m| m.file_type().is_symlink())
+                .unwrap_or(false);
+            if is_link && root.check(&path).is_err() {
+                tracing::warn!(
+                    "skipping the linked folder {} (outside the dataset, or data.follow_symlinks = false)",
+                    path.display()
+                );
+                continue;
+            }
+            walk_images_in(&path, root, seen, out)?;
         } else if is_image_name(&path) {
             out.push(path);
         }
@@ -176,15 +202,23 @@ fn clean_caption(text: &str) -> Option<String> {
     (!t.is_empty()).then(|| t.to_string())
 }
 
-fn imagefolder_txt(root: &Path, cfg_strict: bool) -> Result<(Vec<Entry>, Vec<BadSample>)> {
+fn imagefolder_txt(data_root: &DataRoot, cfg_strict: bool) -> Result<(Vec<Entry>, Vec<BadSample>)> {
+    let root = data_root.path();
     let mut images = Vec::new();
-    walk_images(root, &mut images)?;
+    walk_images(root, data_root, &mut images)?;
     let mut entries = Vec::new();
     let mut bad = Vec::new();
     for image in images {
         let txt = image.with_extension("txt");
         let loc = image.display().to_string();
-        let caption = match std::fs::read(&txt) {
+        if let Err(why) = data_root.check(&image).and_then(|_| data_root.check(&txt)) {
+            bad.push(BadSample::new(BadKind::OutsideDataset, loc, why));
+            if cfg_strict {
+                break;
+            }
+            continue;
+        }
+        let caption = match read_regular(&txt) {
             Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 bad.push(BadSample::new(
@@ -281,17 +315,26 @@ fn pick_column(
         })
 }
 
-fn read_manifest(manifest: &Path, base: &Path, cfg: &DataConfig) -> Result<Manifest> {
+fn read_manifest(manifest: &Path, root: &DataRoot, cfg: &DataConfig) -> Result<Manifest> {
     let name = manifest
         .file_name()
         .map(|n| n.to_string_lossy().to_lowercase())
         .unwrap_or_default();
     let mut bad = Vec::new();
     let rows = if name.ends_with(".jsonl") || name.ends_with(".ndjson") {
-        let text = std::fs::read_to_string(manifest)
+        let bytes = read_regular(manifest)
             .with_context(|| format!("reading manifest {}", manifest.display()))?;
         let mut rows = Vec::new();
-        for (i, line) in text.lines().enumerate() {
+        for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+            let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+            let Ok(line) = std::str::from_utf8(raw) else {
+                bad.push(BadSample::new(
+                    BadKind::BadRecord,
+                    format!("{} line {}", manifest.display(), i + 1),
+                    "not valid UTF-8 text",
+                ));
+                continue;
+            };
             if line.trim().is_empty() {
                 continue;
             }
@@ -315,11 +358,12 @@ fn read_manifest(manifest: &Path, base: &Path, cfg: &DataConfig) -> Result<Manif
         Rows::Json(rows)
     } else if name.ends_with(".csv") || name.ends_with(".tsv") {
         let delimiter = if name.ends_with(".tsv") { b'\t' } else { b',' };
+        let file = open_regular(manifest)
+            .with_context(|| format!("reading manifest {}", manifest.display()))?;
         let mut rdr = csv::ReaderBuilder::new()
             .delimiter(delimiter)
             .flexible(true)
-            .from_path(manifest)
-            .with_context(|| format!("reading manifest {}", manifest.display()))?;
+            .from_reader(std::io::BufReader::new(file));
         let headers: Vec<String> = rdr
             .headers()
             .with_context(|| format!("reading the header line of {}", manifest.display()))?
@@ -341,7 +385,10 @@ fn read_manifest(manifest: &Path, base: &Path, cfg: &DataConfig) -> Result<Manif
                 )),
                 Err(e) => bad.push(BadSample::new(
                     BadKind::BadRecord,
-                    format!("{} record {}", manifest.display(), i + 1),
+                    match e.position() {
+                        Some(p) => format!("{} line {}", manifest.display(), p.line()),
+                        None => format!("{} record {}", manifest.display(), i + 1),
+                    },
                     format!("{e}"),
                 )),
             }
@@ -406,7 +453,13 @@ fn read_manifest(manifest: &Path, base: &Path, cfg: &DataConfig) -> Result<Manif
             ));
             continue;
         };
-        let image = base.join(img.trim());
+        let image = match root.resolve(img.trim()) {
+            Ok(p) => p,
+            Err(why) => {
+                bad.push(BadSample::new(BadKind::OutsideDataset, loc, why));
+                continue;
+            }
+        };
         referenced.insert(normalize(&image));
         let file_loc = format!("{} ({loc})", image.display());
         match cap {
@@ -551,6 +604,12 @@ pub(crate) fn open(cfg: &DataConfig) -> Result<Opened> {
                     shards.extend(expand_braces(&cfg.path)?.into_iter().map(PathBuf::from));
                 } else if path.is_dir() {
                     let found = list_shards_in(&path)?;
+                    let root = DataRoot::new(&path, cfg.follow_symlinks);
+                    for s in &found {
+                        if let Err(why) = root.check(s) {
+                            bail!("data.path: shard {why}");
+                        }
+                    }
                     if found.is_empty() {
                         bail!(
                             "data.path {}: no .tar shards in this folder",
@@ -563,6 +622,14 @@ pub(crate) fn open(cfg: &DataConfig) -> Result<Opened> {
                 }
             }
             shards.extend(cfg.shards.iter().cloned());
+            // A shard named in the configuration may not be a link either (unless
+            // following links, and then it must stay in its folder).
+            for s in &shards {
+                let parent = s.parent().unwrap_or(Path::new(""));
+                if let Err(why) = DataRoot::new(parent, cfg.follow_symlinks).check(s) {
+                    bail!("shard {why}");
+                }
+            }
             let missing: Vec<&PathBuf> = shards.iter().filter(|s| !s.exists()).collect();
             if cfg.strict {
                 if let Some(m) = missing.first() {
@@ -596,6 +663,7 @@ pub(crate) fn open(cfg: &DataConfig) -> Result<Opened> {
                     path.display()
                 );
             }
+            let root = DataRoot::new(&path, cfg.follow_symlinks);
             let (entries, bad, kind) =
                 if path.join("metadata.jsonl").is_file() || path.join("metadata.csv").is_file() {
                     let meta = if path.join("metadata.jsonl").is_file() {
@@ -603,14 +671,17 @@ pub(crate) fn open(cfg: &DataConfig) -> Result<Opened> {
                     } else {
                         path.join("metadata.csv")
                     };
+                    if let Err(why) = root.check(&meta) {
+                        bail!("{why}");
+                    }
                     let Manifest {
                         entries,
                         mut bad,
                         referenced,
-                    } = read_manifest(&meta, &path, cfg)?;
+                    } = read_manifest(&meta, &root, cfg)?;
                     // Images present in the folder but not named by the metadata have no caption.
                     let mut images = Vec::new();
-                    walk_images(&path, &mut images)?;
+                    walk_images(&path, &root, &mut images)?;
                     for img in images {
                         if !referenced.contains(&normalize(&img)) {
                             bad.push(BadSample::new(
@@ -622,7 +693,7 @@ pub(crate) fn open(cfg: &DataConfig) -> Result<Opened> {
                     }
                     (entries, bad, "imagefolder with metadata")
                 } else {
-                    let (e, b) = imagefolder_txt(&path, cfg.strict)?;
+                    let (e, b) = imagefolder_txt(&root, cfg.strict)?;
                     (e, b, "imagefolder with .txt captions")
                 };
             finish_indexed(cfg, format, kind, entries, bad)
@@ -635,7 +706,20 @@ pub(crate) fn open(cfg: &DataConfig) -> Result<Opened> {
                 );
             }
             let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-            let Manifest { entries, bad, .. } = read_manifest(&path, &base, cfg)?;
+            let root = match &cfg.root {
+                Some(r) => {
+                    if !absolute(&base).starts_with(absolute(r)) {
+                        bail!(
+                            "data.root {} does not contain the manifest {}",
+                            r.display(),
+                            path.display()
+                        );
+                    }
+                    DataRoot::with_base(r, &base, cfg.follow_symlinks)
+                }
+                None => DataRoot::new(&base, cfg.follow_symlinks),
+            };
+            let Manifest { entries, bad, .. } = read_manifest(&path, &root, cfg)?;
             finish_indexed(cfg, format, "manifest", entries, bad)
         }
         DataFormat::Auto => unreachable!("auto is resolved above"),
@@ -843,7 +927,7 @@ pub(crate) fn stream_shard(
     caption_column: Option<&str>,
     emit: &mut dyn FnMut(ShardItem) -> bool,
 ) -> bool {
-    let file = match std::fs::File::open(shard) {
+    let file = match open_regular(shard) {
         Ok(f) => f,
         Err(e) => {
             let kind = if e.kind() == std::io::ErrorKind::NotFound {

@@ -6,12 +6,26 @@
 //! gradient flows to the images.
 
 use anyhow::{ensure, Result};
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
 use super::FeatureNetwork;
 use crate::models::dinov2::{Dinov2Model, LoadedDinov2};
 use crate::models::efficientnet::{self, EfficientNet, LoadedEfficientNet, NUM_STAGES};
+
+/// Which levels of the feature network feed discriminator heads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Levels {
+    /// StyleGAN-T's ViT hooks (and the paper's five levels, appendix A.2): the patch
+    /// embedding (EfficientNet: the stem) plus the tapped blocks (stages); DINOv2
+    /// tokens carry the CLS token added as readout.
+    #[default]
+    PatchAndBlocks,
+    /// The tapped blocks (stages) only, DINOv2's CLS token dropped (ablation).
+    Blocks,
+}
 
 /// ImageNet mean / std (RGB), as DINOv2 was trained with.
 pub const IMAGENET_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
@@ -58,12 +72,21 @@ pub fn imagenet_normalize(images: &Tensor) -> Tensor {
 /// Block indices are 0-based layer indices: block `l` is the output of transformer
 /// layer `l` (`hidden_states[l + 1]` in transformers' numbering), before the final
 /// layernorm. The default `[2, 5, 8, 11]` taps a 12-layer ViT after its 3rd, 6th, 9th
-/// and 12th (last) layer. The CLS token is dropped: each level is [B, D, N_patches].
+/// and 12th (last) layer.
+///
+/// With [`Levels::PatchAndBlocks`] (the default) the levels are those of StyleGAN-T's
+/// ViT feature hooks (`make_vit_backbone`, `hook_patch = True`, `AddReadout`): the
+/// blocks in order, then the patch embedding (the embedding output after the
+/// position embeddings, `hidden_states[0]`), and every level is its patch tokens
+/// plus its own CLS token (`x[:, 1:] + x[:, 0]`): five levels of [B, D, N_patches]
+/// for a 12-layer ViT-S. With [`Levels::Blocks`] the CLS token is dropped and the
+/// patch embedding is not tapped.
 pub struct DinoFeatures {
     model: Dinov2Model,
     _vs: Option<VarStore>,
     resolution: i64,
     blocks: Vec<usize>,
+    levels: Levels,
 }
 
 impl DinoFeatures {
@@ -77,6 +100,7 @@ impl DinoFeatures {
         vs: Option<VarStore>,
         resolution: i64,
         blocks: &[usize],
+        levels: Levels,
     ) -> Result<Self> {
         let p = model.config.patch_size;
         ensure!(
@@ -96,10 +120,12 @@ impl DinoFeatures {
             _vs: vs,
             resolution,
             blocks: blocks.to_vec(),
+            levels,
         })
     }
 
-    /// Load a transformers DINOv2 folder, frozen, with the default resolution and blocks.
+    /// Load a transformers DINOv2 folder, frozen, with the default resolution, blocks
+    /// and levels.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
         let LoadedDinov2 { vs, model, .. } = Dinov2Model::load(dir, device, kind)?;
         Self::new(
@@ -107,7 +133,12 @@ impl DinoFeatures {
             Some(vs),
             Self::DEFAULT_RESOLUTION,
             &Self::DEFAULT_BLOCKS,
+            Levels::default(),
         )
+    }
+
+    pub fn levels(&self) -> Levels {
+        self.levels
     }
 
     pub fn model(&self) -> &Dinov2Model {
@@ -132,18 +163,26 @@ impl FeatureNetwork for DinoFeatures {
             .model
             .hidden_states(&x, depth)
             .unwrap_or_else(|e| panic!("DINOv2 features: {e:#}"));
-        self.blocks
-            .iter()
-            .map(|&b| {
-                let h = &hs[b + 1];
-                let n = h.size()[1];
-                h.narrow(1, 1, n - 1).transpose(1, 2)
-            })
-            .collect()
+        let tokens = |h: &Tensor| {
+            let n = h.size()[1];
+            let patches = h.narrow(1, 1, n - 1);
+            match self.levels {
+                // AddReadout(start_index = 1): patch tokens + the CLS token.
+                Levels::PatchAndBlocks => patches + h.narrow(1, 0, 1),
+                Levels::Blocks => patches,
+            }
+            .transpose(1, 2)
+        };
+        let mut out: Vec<Tensor> = self.blocks.iter().map(|&b| tokens(&hs[b + 1])).collect();
+        if self.levels == Levels::PatchAndBlocks {
+            out.push(tokens(&hs[0]));
+        }
+        out
     }
 
     fn channels(&self) -> Vec<i64> {
-        vec![self.model.config.hidden_size; self.blocks.len()]
+        let n = self.blocks.len() + usize::from(self.levels == Levels::PatchAndBlocks);
+        vec![self.model.config.hidden_size; n]
     }
 }
 
@@ -152,11 +191,18 @@ impl FeatureNetwork for DinoFeatures {
 /// Taps are 0-based stage indices (0..7; stage `i` outputs 16, 24, 40, 80, 112, 192,
 /// 320 channels). The default `[1, 2, 4, 6]` (24, 40, 112, 320 channels at strides
 /// 4, 8, 16, 32) is the split Projected GAN uses for its EfficientNet-Lite0 features.
+///
+/// With [`Levels::PatchAndBlocks`] (the default) a fifth level comes first: the stem
+/// (3x3 stride-2 convolution, BatchNorm, ReLU6; 32 channels at stride 2), the
+/// counterpart of a ViT's patch embedding (the network's first representation,
+/// before any block), as StyleGAN-T adds the patch embedding to its four block
+/// hooks. A convolutional network has no CLS token, so there is no readout.
 pub struct EfficientNetFeatures {
     model: EfficientNet,
     _vs: Option<VarStore>,
     resolution: i64,
     taps: Vec<usize>,
+    levels: Levels,
 }
 
 impl EfficientNetFeatures {
@@ -167,6 +213,7 @@ impl EfficientNetFeatures {
         vs: Option<VarStore>,
         resolution: i64,
         taps: &[usize],
+        levels: Levels,
     ) -> Result<Self> {
         ensure!(
             resolution >= 32,
@@ -184,13 +231,25 @@ impl EfficientNetFeatures {
             _vs: vs,
             resolution,
             taps: taps.to_vec(),
+            levels,
         })
     }
 
-    /// Load a converted checkpoint folder, frozen, at its training resolution with the default taps.
+    /// Load a converted checkpoint folder, frozen, at its training resolution with the
+    /// default taps and levels.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
         let LoadedEfficientNet { vs, model, config } = EfficientNet::load(dir, device, kind)?;
-        Self::new(model, Some(vs), config.image_size, &Self::DEFAULT_TAPS)
+        Self::new(
+            model,
+            Some(vs),
+            config.image_size,
+            &Self::DEFAULT_TAPS,
+            Levels::default(),
+        )
+    }
+
+    pub fn levels(&self) -> Levels {
+        self.levels
     }
 
     pub fn model(&self) -> &EfficientNet {
@@ -219,15 +278,21 @@ impl EfficientNetFeatures {
 impl FeatureNetwork for EfficientNetFeatures {
     fn features(&self, images: &Tensor) -> Vec<Tensor> {
         check_images(images, "EfficientNet features");
+        let stem = self.levels == Levels::PatchAndBlocks;
         let outs = self
             .model
-            .stage_outputs(&self.prepare(images), &self.taps)
+            .tap_outputs(&self.prepare(images), stem, &self.taps)
             .unwrap_or_else(|e| panic!("EfficientNet features: {e:#}"));
         outs.into_iter().map(|t| t.flatten(2, 3)).collect()
     }
 
     fn channels(&self) -> Vec<i64> {
         let ch = self.model.config.stage_channels();
-        self.taps.iter().map(|&t| ch[t]).collect()
+        let mut out = Vec::new();
+        if self.levels == Levels::PatchAndBlocks {
+            out.push(efficientnet::STEM_CHANNELS);
+        }
+        out.extend(self.taps.iter().map(|&t| ch[t]));
+        out
     }
 }

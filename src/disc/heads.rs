@@ -1,18 +1,26 @@
-//! Convolutional discriminator heads on token sequences `[B, C, N]`, in the style of
-//! StyleGAN-T: spectral-normalised 1-D convolutions, batch normalisation and
+//! Convolutional discriminator heads on token sequences `[B, C, N]`, as StyleGAN-T's
+//! `DiscHead` (Sauer et al. 2023, `networks/discriminator.py`): spectral-normalised
+//! 1-D convolutions, `BatchNormLocal` (batch normalisation over virtual batches) and
 //! LeakyReLU(0.2).
 //!
 //! A [`Head`] is
 //!
 //! ```text
 //! x [B, C_in, N]
-//!   -> block(1x1 conv C_in -> C, BatchNorm, LeakyReLU 0.2)               "main.0"
-//!   -> (block(kernel-k conv C -> C, circular padding, BN, LReLU)(y) + y) / sqrt(2)   "main.1"
+//!   -> block(1x1 conv C_in -> C, BatchNormLocal, LeakyReLU 0.2)               "main.0"
+//!   -> (block(kernel-k conv C -> C, circular padding, BNL, LReLU)(y) + y) / sqrt(2)   "main.1"
 //!   -> optional 1x1 conv C -> C_out without normalisation or activation  "out"
 //! ```
 //!
-//! The kernel-k convolution pads circularly, as StyleGAN-T does, so the token count is
-//! preserved. The residual sum is scaled by 1/sqrt(2), also as in StyleGAN-T.
+//! StyleGAN-T runs the blocks at the width of the features (C = C_in, 384 for
+//! DINOv2 ViT-S) and ends with a 1x1 convolution to its 64-channel conditioning
+//! space (`cls`); [`HeadConfig`] allows another width. The kernel-k convolution pads
+//! circularly, as StyleGAN-T does, so the token count is preserved. The residual sum
+//! is scaled by 1/sqrt(2), also as in StyleGAN-T.
+//!
+//! [`BatchNormLocal`] normalises each channel over groups of `virtual_batch`
+//! consecutive samples and all tokens (biased variance, no running statistics: it
+//! behaves the same in training and evaluation, as StyleGAN-T's does).
 //!
 //! Spectral normalisation (Miyato et al. 2018) divides the weight, viewed as a matrix
 //! `[out, in * k]`, by an estimate of its largest singular value
@@ -26,15 +34,16 @@ use anyhow::{bail, Result};
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
-/// How a forward treats batch normalisation and spectral-norm state.
+/// How a forward treats the spectral-norm state ([`BatchNormLocal`] has none: it
+/// always normalises with the statistics of the batch it is given).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
-    /// Discriminator step: batch statistics, running statistics updated (for heads
-    /// that track them), one power iteration per spectral-normalised weight.
+    /// Discriminator step: one power iteration per spectral-normalised weight.
     Train,
-    /// Batch statistics, no state changes at all (used for the generator step).
+    /// No state changes at all (used for the generator step).
     Frozen,
-    /// Running statistics and stored spectral vectors, no state changes.
+    /// Stored spectral vectors, no state changes (evaluation; the same as
+    /// `Frozen`).
     Eval,
 }
 
@@ -225,84 +234,72 @@ impl Conv1d {
     }
 }
 
-/// Batch normalisation over `[B, C, N]` (statistics over batch and tokens), with
-/// affine parameters `weight`, `bias` and buffers `running_mean`, `running_var`.
+/// StyleGAN-T's `BatchNormLocal` on `[B, C, N]`: the batch is split into
+/// `G = ceil(B / virtual_batch)` groups of consecutive samples (`Tensor::chunk`, so
+/// the groups are `B / G` samples when G divides B, as StyleGAN-T's `view`), and
+/// each channel is normalised with the mean and biased variance over its group's
+/// samples and tokens, then scaled and shifted by `weight` and `bias`. No running
+/// statistics.
 #[derive(Debug)]
-pub struct BatchNorm1d {
+pub struct BatchNormLocal {
     weight: Tensor,
     bias: Tensor,
-    running_mean: Tensor,
-    running_var: Tensor,
-    momentum: f64,
+    virtual_batch: i64,
     eps: f64,
-    track_running_stats: bool,
 }
 
-impl BatchNorm1d {
-    pub fn new(
-        p: &nn::Path,
-        channels: i64,
-        momentum: f64,
-        eps: f64,
-        track_running_stats: bool,
-    ) -> Self {
-        BatchNorm1d {
+impl BatchNormLocal {
+    pub fn new(p: &nn::Path, channels: i64, virtual_batch: i64, eps: f64) -> Result<Self> {
+        if virtual_batch <= 0 {
+            bail!(
+                "{}: virtual batch size must be positive, got {virtual_batch}",
+                path_name(p)
+            );
+        }
+        Ok(BatchNormLocal {
             weight: p.var("weight", &[channels], Init::Const(1.0)),
             bias: p.var("bias", &[channels], Init::Const(0.0)),
-            running_mean: p.zeros_no_train("running_mean", &[channels]),
-            running_var: p.ones_no_train("running_var", &[channels]),
-            momentum,
+            virtual_batch,
             eps,
-            track_running_stats,
-        }
+        })
     }
 
-    pub fn forward(&self, x: &Tensor, mode: Mode) -> Tensor {
-        match mode {
-            Mode::Eval => x.batch_norm(
-                Some(&self.weight),
-                Some(&self.bias),
-                Some(&self.running_mean),
-                Some(&self.running_var),
-                false,
-                self.momentum,
-                self.eps,
-                false,
-            ),
-            Mode::Train if self.track_running_stats => x.batch_norm(
-                Some(&self.weight),
-                Some(&self.bias),
-                Some(&self.running_mean),
-                Some(&self.running_var),
-                true,
-                self.momentum,
-                self.eps,
-                false,
-            ),
-            _ => x.batch_norm(
-                Some(&self.weight),
-                Some(&self.bias),
-                None::<&Tensor>,
-                None::<&Tensor>,
-                true,
-                self.momentum,
-                self.eps,
-                false,
-            ),
-        }
+    pub fn virtual_batch(&self) -> i64 {
+        self.virtual_batch
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let b = x.size()[0];
+        let groups = (b + self.virtual_batch - 1) / self.virtual_batch;
+        let normed: Vec<Tensor> = x
+            .chunk(groups.max(1), 0)
+            .iter()
+            .map(|g| {
+                let dims = [0i64, 2].as_slice();
+                let mean = g.mean_dim(dims, true, g.kind());
+                let var = g.var_correction(dims, 0, true);
+                (g - mean) / (var + self.eps).sqrt()
+            })
+            .collect();
+        let y = if normed.len() == 1 {
+            normed.into_iter().next().expect("one group")
+        } else {
+            Tensor::cat(&normed, 0)
+        };
+        y * self.weight.view([1, -1, 1]) + self.bias.view([1, -1, 1])
     }
 }
 
-/// Convolution, batch normalisation and LeakyReLU(0.2).
+/// Convolution, [`BatchNormLocal`] and LeakyReLU(0.2).
 #[derive(Debug)]
 pub struct ConvBlock {
     pub conv: Conv1d,
-    pub norm: BatchNorm1d,
+    pub norm: BatchNormLocal,
 }
 
 impl ConvBlock {
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Tensor {
-        leaky_relu(&self.norm.forward(&self.conv.forward(x, mode), mode))
+        leaky_relu(&self.norm.forward(&self.conv.forward(x, mode)))
     }
 }
 
@@ -311,7 +308,7 @@ impl ConvBlock {
 pub struct HeadConfig {
     /// Channels of the input token sequence.
     pub in_channels: i64,
-    /// Width of the two convolution blocks (64 in the paper).
+    /// Width of the two convolution blocks (StyleGAN-T: the input width).
     pub channels: i64,
     /// Kernel size of the residual block's convolution (9 in StyleGAN-T).
     pub kernel: i64,
@@ -319,11 +316,9 @@ pub struct HeadConfig {
     pub out_channels: Option<i64>,
     /// Spectral normalisation of every convolution.
     pub spectral_norm: bool,
-    pub bn_momentum: f64,
+    /// Samples per normalisation group of [`BatchNormLocal`] (8 in StyleGAN-T).
+    pub virtual_batch: i64,
     pub bn_eps: f64,
-    /// Whether a [`Mode::Train`] forward updates the BatchNorm running statistics
-    /// (false for EMA copies, whose statistics are set by the EMA).
-    pub track_running_stats: bool,
 }
 
 /// A discriminator head (see the module documentation).
@@ -356,13 +351,12 @@ impl Head {
         let block = |q: nn::Path, cin: i64, k: i64| -> Result<ConvBlock> {
             Ok(ConvBlock {
                 conv: Conv1d::new(&(&q / "conv"), cin, cfg.channels, k, cfg.spectral_norm)?,
-                norm: BatchNorm1d::new(
+                norm: BatchNormLocal::new(
                     &(&q / "norm"),
                     cfg.channels,
-                    cfg.bn_momentum,
+                    cfg.virtual_batch,
                     cfg.bn_eps,
-                    cfg.track_running_stats,
-                ),
+                )?,
             })
         };
         let main = p / "main";
@@ -407,6 +401,15 @@ impl Head {
         }
         if size[0] * size[2] < 2 && mode != Mode::Eval {
             bail!("head input {size:?}: batch statistics need at least two values per channel (B * N >= 2)");
+        }
+        let kernel = self.blocks.iter().map(|b| b.conv.kernel).max().unwrap_or(1);
+        let pad = kernel / 2;
+        if size[2] < pad.max(1) {
+            bail!(
+                "head input {size:?}: {} feature tokens, fewer than the circular padding ({pad}) of the \
+                 kernel-{kernel} convolution; the feature map is too small (raise disc.resolution)",
+                size[2]
+            );
         }
         let x = x.to_kind(self.blocks[0].conv.weight.kind());
         let h = self.blocks[0].forward(&x, mode);

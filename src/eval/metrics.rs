@@ -214,6 +214,37 @@ pub struct EvalReport {
     /// model was given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clip_score: Option<f64>,
+    /// Cautions about the numbers (too few images for a stable FD).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// Warnings for sample counts too small for the statistics: below `dim` images per
+/// set the feature covariance is rank-deficient, and FD (biased upward at any finite
+/// count) changes strongly with the count, so values are comparable only at one
+/// count and stable only from about `dim` images up.
+pub fn sample_count_warnings(
+    n_gen: usize,
+    n_ref: usize,
+    dim: i64,
+    kid_subset_size: i64,
+) -> Vec<String> {
+    let n = n_gen.min(n_ref);
+    let mut w = Vec::new();
+    if (n as i64) < dim {
+        w.push(format!(
+            "FD from {n} images (generated {n_gen}, reference {n_ref}): fewer than the {dim} feature \
+             dimensions, so the covariances are rank-deficient and FD depends strongly on the count; \
+             use at least {dim} images per set for a stable FD, and compare FDs only at equal counts"
+        ));
+    }
+    if (n as i64) < kid_subset_size {
+        w.push(format!(
+            "KID from subsets of {n} images (fewer than the configured {kid_subset_size}): its mean and \
+             spread are noisy at this count"
+        ));
+    }
+    w
 }
 
 impl EvalReport {
@@ -292,6 +323,9 @@ impl fmt::Display for EvalReport {
             "colour histogram L1    {:.4}  ({} bins per channel; 0 = same, 2 = disjoint)",
             self.histogram_l1, self.histogram_bins
         )?;
+        for w in &self.warnings {
+            writeln!(f, "warning: {w}")?;
+        }
         if let Some(c) = self.clip_score {
             writeln!(
                 f,
@@ -791,5 +825,11 @@ pub fn compare(
         seed: opts.seed,
         seconds: 0.0,
         clip_score: None,
+        warnings: sample_count_warnings(
+            gen.summary.count,
+            reference.summary.count,
+            extractor.dim(),
+            opts.kid_subset_size,
+        ),
     })
 }

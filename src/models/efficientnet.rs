@@ -386,6 +386,12 @@ impl EfficientNet {
     /// order asked. `x` is normalised (see [`normalize`]). Stops after the last
     /// needed stage.
     pub fn stage_outputs(&self, x: &Tensor, stages: &[usize]) -> Result<Vec<Tensor>> {
+        self.tap_outputs(x, false, stages)
+    }
+
+    /// The stem output (conv, BatchNorm, ReLU6: [B, 32, H/2, W/2]) when `stem`, then
+    /// the outputs of `stages` as [`Self::stage_outputs`].
+    pub fn tap_outputs(&self, x: &Tensor, stem: bool, stages: &[usize]) -> Result<Vec<Tensor>> {
         self.check_input(x)?;
         for &s in stages {
             ensure!(
@@ -393,10 +399,11 @@ impl EfficientNet {
                 "EfficientNet tap stage {s} is out of range 0..{NUM_STAGES}"
             );
         }
-        let Some(&max_stage) = stages.iter().max() else {
-            return Ok(vec![]);
-        };
         let mut h = self.bn0.forward(&self.conv_stem.forward(x)).relu6();
+        let stem_out = stem.then(|| h.shallow_clone());
+        let Some(&max_stage) = stages.iter().max() else {
+            return Ok(stem_out.into_iter().collect());
+        };
         let mut found: Vec<Option<Tensor>> = (0..NUM_STAGES).map(|_| None).collect();
         let mut start = 0;
         for (stage, &end) in self.stage_ends.iter().enumerate().take(max_stage + 1) {
@@ -408,9 +415,13 @@ impl EfficientNet {
                 found[stage] = Some(h.shallow_clone());
             }
         }
-        Ok(stages
-            .iter()
-            .map(|&s| found[s].as_ref().expect("computed").shallow_clone())
+        Ok(stem_out
+            .into_iter()
+            .chain(
+                stages
+                    .iter()
+                    .map(|&s| found[s].as_ref().expect("computed").shallow_clone()),
+            )
             .collect())
     }
 

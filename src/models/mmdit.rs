@@ -31,10 +31,10 @@
 //! The timestep is a float `[B]` tensor of `sigma * 1000` (flow matching).
 
 use crate::models::blocks::{linear, timestep_embedding, TimestepEmbedding};
+use crate::models::denoiser::{Cond, Denoiser};
 use crate::models::forward_input as input;
 use crate::models::lora::{lora_linear, LoraLinear};
 use crate::models::master_copy::MasterCopy;
-use crate::train::path::{Cond, Denoiser};
 use crate::weights;
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};

@@ -3,6 +3,7 @@ pub mod blocks;
 pub mod clip;
 pub mod clip_vision;
 pub mod config;
+pub mod denoiser;
 pub mod dinov2;
 pub mod efficientnet;
 pub mod inception;

@@ -15,14 +15,14 @@ use std::path::{Path, PathBuf};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::models::clip::{ClipTextConfig, ClipTextModel, LoadedClipText};
+use crate::models::denoiser::{Cond, Denoiser, UNetDenoiser};
 use crate::models::mmdit::{LoadedSd3Transformer, Sd3Config};
 use crate::models::sd3_text::{Sd3TextEncoders, Sd3TextOptions};
+pub use crate::models::tokenizer::builtin_tokenizer_dir;
 use crate::models::tokenizer::{ClipTokenizer, Pad};
 use crate::models::unet::{LoadedUNet, UNetConfig};
 use crate::models::vae::{AutoencoderKL, LoadedVae, VaeConfig};
 use crate::schedule::{BetaSchedule, ScheduleConfig};
-use crate::train::adt::UNetDenoiser;
-use crate::train::path::{Cond, Denoiser};
 
 /// One CLIP text encoder with its tokenizer.
 pub struct TextEncoder {
@@ -165,21 +165,6 @@ pub struct Pipeline {
 pub struct PipelineOptions {
     /// SD3: whether to run T5 (`text_encoder_3`) and its sequence length.
     pub sd3_text: Sd3TextOptions,
-}
-
-/// The tokenizer that ships in `tests/fixtures` (the real CLIP BPE vocabulary) is used
-/// by the random-weight pipelines (tests, `adt bench`, `adt init-pipeline`). It is looked
-/// for under the current directory first (a binary run from a checkout other than the
-/// one it was built in, e.g. on a GPU machine), then in the source tree it was built from.
-pub fn builtin_tokenizer_dir() -> PathBuf {
-    let rel = Path::new("tests")
-        .join("fixtures")
-        .join("tokenizer_clip")
-        .join("tokenizer");
-    if rel.join("vocab.json").is_file() {
-        return rel;
-    }
-    crate::fixtures::dir("tokenizer_clip/tokenizer")
 }
 
 fn tiny_vae_config() -> Result<VaeConfig> {
@@ -709,6 +694,17 @@ impl Pipeline {
         })
     }
 
+    /// The floating-point kind the backbone computes in (float32 for training;
+    /// float64 in gradient tests).
+    pub fn kind(&self) -> Kind {
+        self.backbone_vs()
+            .variables()
+            .values()
+            .next()
+            .map(|t| t.kind())
+            .unwrap_or(Kind::Float)
+    }
+
     /// Whether the model is trained with flow matching (SD3).
     pub fn is_flow(&self) -> bool {
         self.schedule.beta_schedule == BetaSchedule::FlowMatching
@@ -794,6 +790,37 @@ impl Pipeline {
                 });
             }
             Ok((cond, truncated))
+        })
+    }
+
+    /// A pooled text embedding of each caption, [B, P] (no gradient): the last CLIP
+    /// encoder's projected embedding (`text_embeds`), or its `pooler_output` when it
+    /// has no projection (SD 1.x / 2.x); SD3: the pooled projections of CLIP-L and
+    /// CLIP-G. Used to condition the StyleGAN-T discriminator.
+    pub fn pooled_text(&self, captions: &[String]) -> Result<Tensor> {
+        let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
+        let encoders = match &self.text {
+            TextStack::Sd3(s) => {
+                let (cond, _) = s.encode_with_truncation(&refs)?;
+                return cond
+                    .pooled
+                    .context("SD3 text encoders gave no pooled projections");
+            }
+            TextStack::Clip(v) => v,
+        };
+        let te = encoders
+            .last()
+            .context("the pipeline has no text encoder")?;
+        tch::no_grad(|| {
+            let (ids, _) = te.tokenizer.encode_padded(&refs, te.pad)?;
+            let out = te
+                .encoder
+                .model
+                .forward(&ids.to_device(self.device), None)?;
+            Ok(out
+                .text_embeds
+                .unwrap_or(out.pooler_output)
+                .to_kind(Kind::Float))
         })
     }
 

@@ -21,9 +21,9 @@
 //! (convert them once, e.g. by saving `T5TokenizerFast` with transformers).
 
 use crate::models::clip::{ClipTextConfig, ClipTextModel, LoadedClipText};
+use crate::models::denoiser::Cond;
 use crate::models::t5::{LoadedT5, T5Config, T5EncoderModel};
 use crate::models::tokenizer::{ClipTokenizer, Pad};
-use crate::train::path::Cond;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
@@ -351,7 +351,7 @@ impl Sd3TextEncoders {
         max_sequence_length: usize,
     ) -> Result<Self> {
         tch::manual_seed(seed);
-        let tok_dir = crate::models::pipeline::builtin_tokenizer_dir();
+        let tok_dir = crate::models::tokenizer::builtin_tokenizer_dir();
         let clip = |hidden: i64, layers: i64, act: &str, pad: Pad| -> Result<ClipBranch> {
             let config = ClipTextConfig {
                 hidden_size: hidden,

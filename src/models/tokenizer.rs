@@ -21,7 +21,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use tch::Tensor;
 use tokenizers::models::bpe::BPE;
@@ -756,6 +756,21 @@ fn ftfy_unescape_html(text: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// The tokenizer that ships in `tests/fixtures` (the real CLIP BPE vocabulary) is used
+/// by the random-weight pipelines (tests, `adt bench`, `adt init-pipeline`). It is looked
+/// for under the current directory first (a binary run from a checkout other than the
+/// one it was built in, e.g. on a GPU machine), then in the source tree it was built from.
+pub fn builtin_tokenizer_dir() -> PathBuf {
+    let rel = Path::new("tests")
+        .join("fixtures")
+        .join("tokenizer_clip")
+        .join("tokenizer");
+    if rel.join("vocab.json").is_file() {
+        return rel;
+    }
+    crate::fixtures::dir("tokenizer_clip/tokenizer")
 }
 
 #[cfg(test)]

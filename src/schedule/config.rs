@@ -123,7 +123,7 @@ impl ScheduleConfig {
     /// Read a diffusers `scheduler_config.json` (DDIM, DPMSolverMultistep,
     /// FlowMatchEulerDiscrete, PNDM, Euler... any DDPM-family file gives the schedule).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let v = crate::models::config::read_json(path)?;
+        let v = crate::json::read_json(path)?;
         Self::from_json(&v)
             .with_context(|| format!("{}: unsupported scheduler config", path.display()))
     }

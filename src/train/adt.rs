@@ -8,12 +8,17 @@
 //! 3. Kept steps S: s plus up to K later ones (line 5).
 //! 4. The inference sampler with CFG from t_s to the end (lines 6-14) under the path
 //!    constraint of Eq. 11 (or DRTune's Eq. 4), run without a graph: see `path.rs`.
-//! 5. Discriminator step (lines 16-18): DiffAugment on fake and real, frozen features,
-//!    hinge loss Eq. 9, AdamW, then the EMA update of the dual heads.
-//! 6. Every H iterations the generator step (lines 19-21): L^G of Eq. 8,
-//!    -sum_i D_i(x_hat0) + lambda ||eps_theta(x_{t_s}, t_s) - eps||^2, whose gradient
-//!    decomposes exactly over the kept steps (Eq. 12), so each kept step is recomputed
-//!    and backpropagated on its own (peak memory: one UNet graph).
+//! 5. Discriminator step (lines 16-18, [`Trainer::d_step`]): DiffAugment on fake and
+//!    real, frozen features, hinge loss Eq. 9, AdamW, then the EMA update of the dual
+//!    heads.
+//! 6. Every H iterations the generator step (lines 19-21, [`Trainer::g_step`]): L^G of
+//!    Eq. 8, -sum_i D_i(x_hat0) + lambda ||eps_theta(x_{t_s}, t_s) - eps||^2, whose
+//!    gradient decomposes exactly over the kept steps (Eq. 12), so each kept step is
+//!    recomputed and backpropagated on its own (peak memory: one UNet graph).
+//!
+//! Both steps score the same images: [`Trainer::disc_images`], the decoded x_hat0
+//! without clamping (the G step's gradient reaches every pixel, and the D step sees
+//! what the G step is scored on).
 
 use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
@@ -25,34 +30,19 @@ use crate::disc::diffaug::{diff_augment, Policy};
 use crate::disc::features::{DinoFeatures, EfficientNetFeatures};
 use crate::disc::siamese::{DiscConfig, DiscVariant, Discriminator};
 use crate::disc::FeatureNetwork;
+use crate::models::denoiser::{Cond, Denoiser, Guidance};
 use crate::models::dinov2::{Dinov2Config, Dinov2Model};
 use crate::models::efficientnet::EfficientNet;
 use crate::models::mmdit::Sd3TrajectoryCopy;
 use crate::models::pipeline::{Backbone, Family, Pipeline, PipelineOptions, RandomSpec};
 use crate::models::sd3_text::Sd3TextOptions;
-use crate::models::unet::UNet2DConditionModel;
 use crate::schedule::Plan;
 use crate::schedule::{SamplerKind, ScheduleConfig};
 use crate::train::config::{Config, DiscKind, FeatureNet, FlowTimestep, Mode};
 use crate::train::fast::{FastDenoiser, FastOptions};
 use crate::train::logging::{EventWriter, JsonlWriter};
 use crate::train::optim::{warmup_lr, AdamW};
-use crate::train::path::{
-    backprop_kept, choose_kept, rollout, rollout_graph, Cond, Denoiser, Guidance,
-};
-
-/// The UNet as a [`Denoiser`].
-pub struct UNetDenoiser<'a>(pub &'a UNet2DConditionModel);
-
-impl Denoiser for UNetDenoiser<'_> {
-    fn predict(&self, x: &Tensor, t: &Tensor, cond: &Cond) -> Result<Tensor> {
-        let added = match (&cond.pooled, &cond.time_ids) {
-            (Some(p), Some(ids)) => Some((p, ids)),
-            _ => None,
-        };
-        self.0.forward(x, t, &cond.context, added)
-    }
-}
+use crate::train::path::{backprop_kept, choose_kept, loss_kind, rollout, rollout_graph, KeptStep};
 
 /// `model.path` of the built-in tiny random SD1.x-style pipeline.
 pub const TINY_RANDOM: &str = "tiny-random";
@@ -91,6 +81,70 @@ fn shallow(c: &Cond) -> Cond {
         pooled: c.pooled.as_ref().map(Tensor::shallow_clone),
         time_ids: c.time_ids.as_ref().map(Tensor::shallow_clone),
     }
+}
+
+/// The text embedding c of StyleGAN-T's conditional heads: the pipeline's pooled
+/// text embedding ([`Pipeline::pooled_text`]; SDXL and SD3: the pooled conditioning
+/// the backbone receives), L2-normalised as CLIP embeddings are compared.
+fn disc_text_embedding(
+    pipe: &Pipeline,
+    captions: &[String],
+    cond: Option<&Cond>,
+) -> Result<Tensor> {
+    let pooled = match cond.and_then(|c| c.pooled.as_ref()) {
+        Some(p) => p.detach(),
+        None => pipe.pooled_text(captions)?,
+    };
+    let norm = pooled
+        .square()
+        .sum_dim_intlist([1i64].as_slice(), true, pooled.kind())
+        .sqrt()
+        .clamp_min(1e-12);
+    Ok(pooled / norm)
+}
+
+/// One micro-batch after line 3 of Alg. 1: images, latents, text conditioning.
+struct Batch {
+    x0: Tensor,
+    z0: Tensor,
+    cond: Cond,
+    uncond: Cond,
+    /// The discriminator's text embedding (conditional StyleGAN-T heads only).
+    text: Option<Tensor>,
+}
+
+/// Lines 3-14 of Alg. 1 for one micro-batch, kept for the G step.
+struct Trajectory {
+    batch: Batch,
+    eps: Tensor,
+    /// Start step index s.
+    s: usize,
+    x_s: Tensor,
+    /// Kept step indices S (with s).
+    kept: Vec<usize>,
+    /// x_hat0 (latents), without a graph.
+    final_x: Tensor,
+    kept_steps: Vec<KeptStep>,
+    /// `train.flow_timestep = "logit_normal"`: the noise levels of the
+    /// diffusion-loss term, one per sample.
+    diff_sigmas: Option<Vec<f32>>,
+}
+
+/// What the D step reports (micro-batch means).
+#[derive(Default)]
+struct DStepLog {
+    loss: f64,
+    accuracy: f64,
+    real_score: f64,
+    fake_score: f64,
+    lr: f64,
+}
+
+/// What the G step reports.
+struct GStepLog {
+    loss_adv: f64,
+    loss_diff: f64,
+    grad_norm: f64,
 }
 
 /// Per-iteration numbers (one JSON line of metrics.jsonl).
@@ -167,13 +221,46 @@ impl Phases {
     }
 }
 
+/// A NaN or infinite loss (or gradient norm) stops the run; `adt train` adds which
+/// checkpoint is the last one with finite numbers.
+#[derive(Debug)]
+pub struct NonFiniteLoss {
+    /// The iteration (0-based, as in metrics.jsonl).
+    pub step: usize,
+    pub name: String,
+    pub value: f64,
+}
+
+impl std::fmt::Display for NonFiniteLoss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "step {}: {} is {}; stopping (lower the learning rates or check the data)",
+            self.step, self.name, self.value
+        )
+    }
+}
+
+impl std::error::Error for NonFiniteLoss {}
+
 fn check_finite(step: usize, name: &str, v: f64) -> Result<()> {
     if !v.is_finite() {
-        bail!(
-            "step {step}: {name} is {v}; stopping. The last checkpoint is intact; lower the learning rates or check the data"
-        );
+        bail!(NonFiniteLoss {
+            step,
+            name: name.to_string(),
+            value: v,
+        });
     }
     Ok(())
+}
+
+/// A run id: time and process, unique enough to tell runs in one folder apart.
+fn new_run_id() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{t:x}-{:x}", std::process::id())
 }
 
 /// The feature network F of the discriminator.
@@ -186,11 +273,16 @@ pub fn build_features(cfg: &Config, device: Device, tiny: bool) -> Result<Box<dy
                     .with_context(|| format!("loading DINOv2 from {}", path.display()))?;
                 let mut vs = loaded.vs;
                 vs.freeze();
+                let blocks = d
+                    .blocks
+                    .clone()
+                    .unwrap_or(DinoFeatures::DEFAULT_BLOCKS.to_vec());
                 Ok(Box::new(DinoFeatures::new(
                     loaded.model,
                     Some(vs),
                     d.resolution,
-                    &d.blocks,
+                    &blocks,
+                    d.levels,
                 )?))
             } else if tiny {
                 let mut vs = VarStore::new(device);
@@ -198,13 +290,20 @@ pub fn build_features(cfg: &Config, device: Device, tiny: bool) -> Result<Box<dy
                 let model = Dinov2Model::new(&vs.root(), &dcfg)?;
                 vs.freeze();
                 let n = dcfg.num_hidden_layers;
-                let blocks: Vec<usize> = d.blocks.iter().map(|&b| b.min(n as usize - 1)).collect();
+                let blocks: Vec<usize> = d
+                    .blocks
+                    .as_deref()
+                    .unwrap_or(&DinoFeatures::DEFAULT_BLOCKS)
+                    .iter()
+                    .map(|&b| b.min(n as usize - 1))
+                    .collect();
                 let res = (d.resolution / dcfg.patch_size).max(1) * dcfg.patch_size;
                 Ok(Box::new(DinoFeatures::new(
                     model,
                     Some(vs),
                     res.min(56),
                     &blocks,
+                    d.levels,
                 )?))
             } else {
                 bail!(
@@ -237,12 +336,16 @@ pub fn build_features(cfg: &Config, device: Device, tiny: bool) -> Result<Box<dy
                 .with_context(|| format!("loading EfficientNet-{name} from {}", dir.display()))?;
             let mut vs = loaded.vs;
             vs.freeze();
-            let taps: Vec<usize> = d.blocks.clone();
+            let taps = d
+                .blocks
+                .clone()
+                .unwrap_or(EfficientNetFeatures::DEFAULT_TAPS.to_vec());
             Ok(Box::new(EfficientNetFeatures::new(
                 loaded.model,
                 Some(vs),
                 d.resolution,
                 &taps,
+                d.levels,
             )?))
         }
     }
@@ -267,6 +370,8 @@ pub struct Trainer {
     /// Generator updates completed.
     pub g_steps: usize,
     pub out_dir: PathBuf,
+    /// Identifies this run's checkpoints (inherited when a run is resumed).
+    pub run_id: String,
     metrics: Option<JsonlWriter>,
     events: Option<EventWriter>,
     uncond_cache: Option<(usize, Cond)>,
@@ -280,7 +385,7 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    pub fn new(cfg: Config) -> Result<Trainer> {
+    pub fn new(mut cfg: Config) -> Result<Trainer> {
         let device = cfg.device();
         let seed = cfg.train.seed as i64;
         let (pipe, tiny) = match cfg.model.path.as_str() {
@@ -305,13 +410,16 @@ impl Trainer {
                 (pipe, false)
             }
         };
+        for line in cfg.apply_model_defaults(pipe.family, pipe.default_resolution()) {
+            tracing::info!("{line}");
+        }
         let mut data_cfg: DataConfig = toml::Value::Table(cfg.data.clone())
             .try_into()
             .map_err(|e: toml::de::Error| anyhow::anyhow!("[data]: {}", e.message().trim()))?;
         if !cfg.data.contains_key("seed") {
             data_cfg.seed = cfg.train.seed;
         }
-        data_cfg.resolution = crate::data::Resolution::Square(cfg.train.resolution as u32);
+        data_cfg.resolution = crate::data::Resolution::Square(cfg.train.resolution() as u32);
         let loader = DataLoader::new(&data_cfg, cfg.train.batch_size)
             .context("opening the dataset ([data] section)")?;
         let features = if cfg.train.mode == Mode::Adt {
@@ -324,7 +432,9 @@ impl Trainer {
         let out_dir = tr.out_dir.clone();
         std::fs::create_dir_all(&out_dir)
             .with_context(|| format!("creating {}", out_dir.display()))?;
-        std::fs::write(out_dir.join("config.toml"), tr.cfg.to_toml()?)?;
+        let cfg_path = out_dir.join("config.toml");
+        std::fs::write(&cfg_path, tr.cfg.to_toml()?)
+            .with_context(|| format!("writing {}", cfg_path.display()))?;
         tr.metrics = Some(JsonlWriter::open(&out_dir.join("metrics.jsonl"))?);
         tr.events = Some(EventWriter::create(&out_dir.join("tensorboard"))?);
         Ok(tr)
@@ -333,7 +443,7 @@ impl Trainer {
     /// A trainer over given models, without data or logs: feed it with
     /// [`Trainer::iteration_on`] (used by the benchmark).
     pub fn with_parts(
-        cfg: Config,
+        mut cfg: Config,
         mut pipe: Pipeline,
         features: Option<Box<dyn FeatureNetwork>>,
     ) -> Result<Trainer> {
@@ -342,6 +452,10 @@ impl Trainer {
             tracing::info!("LoRA: {n} adapted layers, base weights frozen");
         }
         let device = pipe.device;
+        // Per-model learning rates and resolution (section 5) where the user set none.
+        for line in cfg.apply_model_defaults(pipe.family, pipe.default_resolution()) {
+            tracing::info!("{line}");
+        }
         let kind_name = serde_json::to_string(&cfg.sampler.kind).unwrap_or_default();
         let flow_sampler = cfg.sampler.kind == SamplerKind::FlowEuler;
         if flow_sampler != pipe.is_flow() {
@@ -365,19 +479,29 @@ impl Trainer {
             })?;
         let (disc, opt_d) = match (&features, cfg.train.mode) {
             (Some(f), Mode::Adt) => {
+                let variant = match cfg.disc.kind {
+                    DiscKind::Siamese => DiscVariant::Siamese,
+                    DiscKind::StyleganT => DiscVariant::StyleganT,
+                };
+                // StyleGAN-T's heads are conditioned on the pooled text embedding.
+                let text_dim = match variant {
+                    DiscVariant::StyleganT => {
+                        disc_text_embedding(&pipe, &[String::new()], None)?.size()[1]
+                    }
+                    DiscVariant::Siamese => 0,
+                };
                 let dcfg = DiscConfig {
-                    variant: match cfg.disc.kind {
-                        DiscKind::Siamese => DiscVariant::Siamese,
-                        DiscKind::StyleganT => DiscVariant::StyleganT,
-                    },
+                    variant,
                     head_channels: cfg.disc.channels,
+                    out_channels: cfg.disc.out_channels,
+                    text_dim,
                     ..DiscConfig::default()
                 };
                 let disc = Discriminator::new(device, &f.channels(), &dcfg)?;
                 let t = &cfg.train;
                 let opt_d = AdamW::new(
                     &disc.vs,
-                    t.lr_d,
+                    t.lr_d(),
                     t.adam_beta1,
                     t.adam_beta2,
                     t.weight_decay_d,
@@ -390,7 +514,7 @@ impl Trainer {
         let t = &cfg.train;
         let opt_g = AdamW::with_moments(
             pipe.backbone_vs(),
-            t.lr_g,
+            t.lr_g(),
             t.adam_beta1,
             t.adam_beta2,
             t.weight_decay_g,
@@ -472,6 +596,7 @@ impl Trainer {
             step: 0,
             g_steps: 0,
             out_dir,
+            run_id: new_run_id(),
             metrics: None,
             events: None,
             uncond_cache: None,
@@ -579,9 +704,9 @@ impl Trainer {
         captions: &[String],
         time_ids: &Tensor,
         rng: &mut impl Rng,
-    ) -> Result<(Tensor, Tensor, Cond, Cond)> {
+    ) -> Result<Batch> {
         let dev = self.device();
-        let x0 = images.to_device(dev).to_kind(Kind::Float);
+        let x0 = images.to_device(dev).to_kind(self.pipe.kind());
         let z0 = tch::no_grad(|| self.pipe.to_latents(&x0))?;
         let p = self.cfg.train.caption_dropout;
         let captions: Vec<String> = captions
@@ -596,20 +721,72 @@ impl Trainer {
             .collect();
         let (cond, _) = self.pipe.encode_text(&captions, Some(time_ids))?;
         let uncond = self.uncond(captions.len(), Some(time_ids))?;
-        Ok((x0, z0, cond, uncond))
+        let text = match &self.disc {
+            Some(d) if d.needs_text() => {
+                Some(disc_text_embedding(&self.pipe, &captions, Some(&cond))?)
+            }
+            _ => None,
+        };
+        Ok(Batch {
+            x0,
+            z0,
+            cond,
+            uncond,
+            text,
+        })
+    }
+
+    /// The images the discriminator scores for latents x_hat0, in both the D step
+    /// and the G step: the decoded images, not clamped (so that the G step's
+    /// gradient reaches every pixel, and the D step sees exactly what the G step
+    /// is scored on). Differentiable.
+    pub fn disc_images(&self, final_x: &Tensor) -> Result<Tensor> {
+        self.pipe.to_images(final_x)
+    }
+
+    /// Lines 3-14 of Alg. 1 for one micro-batch: start index s, noised start
+    /// x_{t_s}, kept steps S, and the sampler from t_s to the end under the path
+    /// constraint (Eq. 11, or DRTune's Eq. 4), run without a graph (the constraint
+    /// decides only the gradient, not values; see `path.rs`).
+    fn sample_trajectory(&self, b: Batch, rng: &mut impl Rng) -> Result<Trajectory> {
+        let t = &self.cfg.train;
+        let n = self.plan.len();
+        let s = match self.force_start {
+            Some(s) if s >= n => bail!("force_start = {s}, but the sampler has {n} steps"),
+            Some(s) => s,
+            None => rng.gen_range(0..n),
+        };
+        let eps = b.z0.randn_like();
+        let x_s = self.plan.add_noise(&b.z0, &eps, s);
+        let kept = choose_kept(rng, s, n, t.k);
+        let diff_sigmas = (t.flow_timestep == FlowTimestep::LogitNormal)
+            .then(|| self.logit_normal_sigmas(rng, b.z0.size()[0]));
+        let guidance = Guidance::new(&b.uncond, &b.cond, self.cfg.sampler.cfg);
+        let traj: &dyn Denoiser = match (&self.fast, &self.fast_sd3) {
+            (Some(f), _) => f,
+            (None, Some(f)) => f,
+            (None, None) => self.pipe.denoiser(),
+        };
+        let r = rollout(traj, &self.plan, s, &x_s, &kept, &guidance, t.grad_path)?;
+        Ok(Trajectory {
+            batch: b,
+            eps,
+            s,
+            x_s,
+            kept,
+            final_x: r.final_x,
+            kept_steps: r.kept,
+            diff_sigmas,
+        })
     }
 
     fn adt_iteration(
         &mut self,
         step: usize,
-        micro: Vec<(Tensor, Tensor, Cond, Cond)>,
+        micro: Vec<Batch>,
         rng: &mut impl Rng,
     ) -> Result<StepLog> {
         let t = self.cfg.train.clone();
-        let n = self.plan.len();
-        // Gradient accumulation: losses are batch means, so each micro-batch's loss is
-        // scaled by 1 / A and the gradients add up to those of the whole batch.
-        let a = micro.len() as f64;
         // The trajectory copy follows the master weights (refreshed after a G step).
         if let Some(f) = &mut self.fast_sd3 {
             f.sync();
@@ -617,198 +794,210 @@ impl Trainer {
         if let Some(f) = &mut self.fast {
             f.sync();
         }
-        struct Micro {
-            x0: Tensor,
-            z0: Tensor,
-            eps: Tensor,
-            s: usize,
-            x_s: Tensor,
-            kept: Vec<usize>,
-            final_x: Tensor,
-            kept_steps: Vec<crate::train::path::KeptStep>,
-            cond: Cond,
-            uncond: Cond,
-            /// `train.flow_timestep = "logit_normal"`: the noise levels of the
-            /// diffusion-loss term, one per sample.
-            diff_sigmas: Option<Vec<f32>>,
-        }
-        let mut mbs = Vec::with_capacity(micro.len());
         let mut phases = Phases::new(t.profile_phases, self.device());
-        let lr_d = warmup_lr(t.lr_d, step, t.warmup_d);
-        self.opt_d.as_mut().unwrap().zero_grad();
-        let (mut loss_d, mut acc, mut real_s, mut fake_s) = (0.0, 0.0, 0.0, 0.0);
-        for (x0, z0, cond, uncond) in micro {
-            // Lines 3-5: start index, noised start, kept steps.
-            let s = match self.force_start {
-                Some(s) if s >= n => bail!("force_start = {s}, but the sampler has {n} steps"),
-                Some(s) => s,
-                None => rng.gen_range(0..n),
-            };
-            let eps = z0.randn_like();
-            let x_s = self.plan.add_noise(&z0, &eps, s);
-            let kept = choose_kept(rng, s, n, t.k);
-            let diff_sigmas = (t.flow_timestep == FlowTimestep::LogitNormal)
-                .then(|| self.logit_normal_sigmas(rng, z0.size()[0]));
-            let guidance = Guidance::new(&uncond, &cond, self.cfg.sampler.cfg);
-            let traj: &dyn Denoiser = match (&self.fast, &self.fast_sd3) {
-                (Some(f), _) => f,
-                (None, Some(f)) => f,
-                (None, None) => self.pipe.denoiser(),
-            };
-            // Lines 6-14, without a graph (Eq. 11 decides only the gradient, not values).
-            let r = rollout(traj, &self.plan, s, &x_s, &kept, &guidance, t.grad_path)?;
-            let fake = tch::no_grad(|| self.pipe.to_images(&r.final_x))?.clamp(-1.0, 1.0);
-            phases.mark("trajectory");
-            // Lines 16-18: discriminator loss on DiffAugment-ed real / fake images.
-            let real_ref = tch::no_grad(|| diff_augment(&x0, &self.policy))?;
-            let real = tch::no_grad(|| diff_augment(&x0, &self.policy))?;
-            let fake_aug = tch::no_grad(|| diff_augment(&fake, &self.policy))?;
-            let (f_ref, f_real, f_fake) = tch::no_grad(|| {
-                (
-                    self.features(&real_ref),
-                    self.features(&real),
-                    self.features(&fake_aug),
-                )
-            });
-            let (loss, stats) = self
-                .disc
-                .as_ref()
-                .unwrap()
-                .d_loss(&f_ref, &f_real, &f_fake)?;
-            check_finite(step, "loss_d", stats.loss)?;
-            (loss / a).backward();
-            phases.mark("d_loss");
-            loss_d += stats.loss / a;
-            acc += stats.accuracy / a;
-            real_s += stats.real_score / a;
-            fake_s += stats.fake_score / a;
-            mbs.push(Micro {
-                x0,
-                z0,
-                eps,
-                s,
-                x_s,
-                kept,
-                final_x: r.final_x,
-                kept_steps: r.kept,
-                cond,
-                uncond,
-                diff_sigmas,
-            });
-        }
-        {
-            let opt = self.opt_d.as_mut().unwrap();
-            opt.lr = lr_d;
-            opt.step();
-            self.disc.as_ref().unwrap().ema_update(t.tau)?;
-            phases.mark("d_step");
-        }
+        // Lines 3-14: the sampled trajectories, one per micro-batch.
+        let trajs = micro
+            .into_iter()
+            .map(|b| self.sample_trajectory(b, rng))
+            .collect::<Result<Vec<_>>>()?;
+        phases.mark("trajectory");
+        // Lines 16-18: the discriminator step.
+        let d = self.d_step(step, &trajs, &mut phases)?;
         let mut log = StepLog {
             step,
-            loss_d: Some(loss_d),
-            d_acc: Some(acc),
-            real_score: Some(real_s),
-            fake_score: Some(fake_s),
-            lr_d,
-            lr_g: warmup_lr(t.lr_g, self.g_steps, t.warmup_g),
-            t_start: mbs[0].s as i64,
-            kept: mbs[0].kept.len(),
+            loss_d: Some(d.loss),
+            d_acc: Some(d.accuracy),
+            real_score: Some(d.real_score),
+            fake_score: Some(d.fake_score),
+            lr_d: d.lr,
+            lr_g: warmup_lr(t.lr_g(), self.g_steps, t.warmup_g),
+            t_start: trajs[0].s as i64,
+            kept: trajs[0].kept.len(),
             ..Default::default()
         };
-
-        // Lines 19-21: generator step every H iterations.
+        // Lines 19-21: the generator step, every H iterations.
         if (step + 1).is_multiple_of(t.h) && step >= t.d_only_iterations {
-            self.opt_g.zero_grad();
-            let denoiser = self.pipe.denoiser();
-            let (mut adv, mut diff) = (0.0, 0.0);
-            for mb in &mbs {
-                let guidance = Guidance::new(&mb.uncond, &mb.cond, self.cfg.sampler.cfg);
-                let target = self.plan.target(&mb.z0, &mb.eps, mb.s);
-                let feats_ref = tch::no_grad(|| -> Result<Vec<Tensor>> {
-                    Ok(self.features(&diff_augment(&mb.x0, &self.policy)?))
-                })?;
-                let (av, dv) = if t.decompose {
-                    // g = dL_adv / dx_hat0 through decoder, DiffAugment, F and the heads.
-                    let leaf = mb.final_x.detach().set_requires_grad(true);
-                    let img = self.pipe.to_images(&leaf)?;
-                    let feats = self.features(&diff_augment(&img, &self.policy)?);
-                    let (loss_adv, _) = self.disc.as_ref().unwrap().g_loss(&feats_ref, &feats)?;
-                    let av = loss_adv.double_value(&[]);
-                    check_finite(step, "loss_g_adv", av)?;
-                    (loss_adv / a).backward();
-                    phases.mark("g_adversarial");
-                    let g = leaf.grad();
-                    // Eq. 12: one kept step at a time (with the diffusion loss at t_s,
-                    // unless it has noise levels of its own).
-                    let at_start = match &mb.diff_sigmas {
-                        None => Some((mb.s, &target, t.lambda / a)),
-                        Some(_) => None,
-                    };
-                    let dv = backprop_kept(
-                        denoiser,
-                        &self.plan,
-                        &mb.kept_steps,
-                        &g,
-                        &guidance,
-                        at_start,
-                    )?;
-                    phases.mark("g_kept_steps");
-                    let dv = match &mb.diff_sigmas {
-                        None => dv.unwrap_or(0.0),
-                        Some(sig) => {
-                            let noise = mb.z0.randn_like();
-                            let d = self.flow_diffusion_loss(&mb.z0, &noise, sig, &mb.cond)?;
-                            let v = d.double_value(&[]);
-                            (d * (t.lambda / a)).backward();
-                            v
-                        }
-                    };
-                    (av, dv)
-                } else {
-                    let (xf, start_cond) = rollout_graph(
-                        denoiser,
-                        &self.plan,
-                        mb.s,
-                        &mb.x_s,
-                        &mb.kept,
-                        &guidance,
-                        t.grad_path,
-                    )?;
-                    let img = self.pipe.to_images(&xf)?;
-                    let feats = self.features(&diff_augment(&img, &self.policy)?);
-                    let (loss_adv, _) = self.disc.as_ref().unwrap().g_loss(&feats_ref, &feats)?;
-                    let d = match &mb.diff_sigmas {
-                        None => (start_cond.unwrap() - &target).square().mean(Kind::Float),
-                        Some(sig) => {
-                            let noise = mb.z0.randn_like();
-                            self.flow_diffusion_loss(&mb.z0, &noise, sig, &mb.cond)?
-                        }
-                    };
-                    let (av, dv) = (loss_adv.double_value(&[]), d.double_value(&[]));
-                    check_finite(step, "loss_g_adv", av)?;
-                    ((loss_adv + d * t.lambda) / a).backward();
-                    (av, dv)
-                };
-                check_finite(step, "loss_diff", dv)?;
-                adv += av / a;
-                diff += dv / a;
-            }
-            // The discriminator's gradients from the generator loss are discarded.
-            self.opt_d.as_mut().unwrap().zero_grad();
-            let norm = self.opt_g.clip_grad_norm(t.grad_clip);
-            check_finite(step, "generator gradient norm", norm)?;
-            self.opt_g.lr = log.lr_g;
-            self.opt_g.step();
-            self.g_steps += 1;
-            self.update_ema();
-            phases.mark("g_step");
-            log.loss_g_adv = Some(adv);
-            log.loss_diff = Some(diff);
-            log.grad_norm_g = Some(norm);
+            let g = self.g_step(step, &trajs, &mut phases)?;
+            log.loss_g_adv = Some(g.loss_adv);
+            log.loss_diff = Some(g.loss_diff);
+            log.grad_norm_g = Some(g.grad_norm);
         }
         phases.mark("other");
         log.phases_ms = phases.finish();
         Ok(log)
+    }
+
+    /// Lines 16-18 of Alg. 1: the discriminator loss of Eq. 9 on DiffAugment-ed real
+    /// and generated images (frozen features, no gradient into the generator),
+    /// AdamW on the heads and predictors [phi, eta], then the EMA of the dual heads
+    /// (phi' <- tau phi' + (1 - tau) phi). Micro-batch losses are scaled by 1 / A so
+    /// that their gradients add up to those of the whole batch.
+    fn d_step(
+        &mut self,
+        step: usize,
+        trajs: &[Trajectory],
+        phases: &mut Phases,
+    ) -> Result<DStepLog> {
+        let t = &self.cfg.train;
+        let a = trajs.len() as f64;
+        let lr = warmup_lr(t.lr_d(), step, t.warmup_d);
+        self.opt_d.as_mut().unwrap().zero_grad();
+        let disc = self.disc.as_ref().unwrap();
+        let mut out = DStepLog {
+            lr,
+            ..Default::default()
+        };
+        for tr in trajs {
+            let x0 = &tr.batch.x0;
+            let (f_ref, f_real, f_fake) = tch::no_grad(|| -> Result<_> {
+                let fake = self.disc_images(&tr.final_x)?;
+                let real_ref = diff_augment(x0, &self.policy)?;
+                let real = diff_augment(x0, &self.policy)?;
+                let fake = diff_augment(&fake, &self.policy)?;
+                Ok((
+                    self.features(&real_ref),
+                    self.features(&real),
+                    self.features(&fake),
+                ))
+            })?;
+            let (loss, stats) = disc.d_loss(&f_ref, tr.batch.text.as_ref(), &f_real, &f_fake)?;
+            check_finite(step, "loss_d", stats.loss)?;
+            (loss / a).backward();
+            out.loss += stats.loss / a;
+            out.accuracy += stats.accuracy / a;
+            out.real_score += stats.real_score / a;
+            out.fake_score += stats.fake_score / a;
+        }
+        phases.mark("d_loss");
+        let opt = self.opt_d.as_mut().unwrap();
+        opt.lr = lr;
+        opt.step();
+        self.disc.as_ref().unwrap().ema_update(t.tau)?;
+        phases.mark("d_step");
+        Ok(out)
+    }
+
+    /// Lines 19-21 of Alg. 1: the generator gradient of L^G (Eq. 8), then
+    /// (optional) gradient clipping and AdamW on theta, and the generator EMA.
+    fn g_step(
+        &mut self,
+        step: usize,
+        trajs: &[Trajectory],
+        phases: &mut Phases,
+    ) -> Result<GStepLog> {
+        self.opt_g.zero_grad();
+        let (loss_adv, loss_diff) = self.generator_gradient(step, trajs, phases)?;
+        // The discriminator's gradients from the generator loss are discarded.
+        self.opt_d.as_mut().unwrap().zero_grad();
+        let t = &self.cfg.train;
+        let grad_norm = self.opt_g.clip_grad_norm(t.grad_clip);
+        check_finite(step, "generator gradient norm", grad_norm)?;
+        self.opt_g.lr = warmup_lr(t.lr_g(), self.g_steps, t.warmup_g);
+        self.opt_g.step();
+        self.g_steps += 1;
+        self.update_ema();
+        phases.mark("g_step");
+        Ok(GStepLog {
+            loss_adv,
+            loss_diff,
+            grad_norm,
+        })
+    }
+
+    /// Line 20 of Alg. 1: accumulate the gradient of L^G (Eq. 8) into the generator
+    /// parameters, `-sum_i D_i(x_hat0) + lambda ||eps_theta(x_{t_s}, t_s) - eps||^2`
+    /// for every micro-batch (scaled by 1 / A). With `train.decompose` one kept step
+    /// at a time (Eq. 12): the adversarial gradient g = dL_adv / dx_hat0 through
+    /// the decoder, DiffAugment, F and the heads, then each kept step recomputed
+    /// with grad and backpropagated against its weight times g; otherwise the whole
+    /// trajectory in one graph. Returns the (adversarial, diffusion) loss values.
+    fn generator_gradient(
+        &self,
+        step: usize,
+        trajs: &[Trajectory],
+        phases: &mut Phases,
+    ) -> Result<(f64, f64)> {
+        let t = &self.cfg.train;
+        let a = trajs.len() as f64;
+        let denoiser = self.pipe.denoiser();
+        let disc = self.disc.as_ref().unwrap();
+        let (mut adv, mut diff) = (0.0, 0.0);
+        for tr in trajs {
+            let b = &tr.batch;
+            let guidance = Guidance::new(&b.uncond, &b.cond, self.cfg.sampler.cfg);
+            let target = self.plan.target(&b.z0, &tr.eps, tr.s);
+            let feats_ref = tch::no_grad(|| -> Result<Vec<Tensor>> {
+                Ok(self.features(&diff_augment(&b.x0, &self.policy)?))
+            })?;
+            let adv_loss = |x_hat0: &Tensor| -> Result<Tensor> {
+                let img = self.disc_images(x_hat0)?;
+                let feats = self.features(&diff_augment(&img, &self.policy)?);
+                Ok(disc.g_loss(&feats_ref, b.text.as_ref(), &feats)?.0)
+            };
+            let (av, dv) = if t.decompose {
+                let leaf = tr.final_x.detach().set_requires_grad(true);
+                let loss_adv = adv_loss(&leaf)?;
+                let av = loss_adv.double_value(&[]);
+                check_finite(step, "loss_g_adv", av)?;
+                (loss_adv / a).backward();
+                phases.mark("g_adversarial");
+                // Eq. 12: one kept step at a time (with the diffusion loss at t_s,
+                // unless it has noise levels of its own).
+                let at_start = match &tr.diff_sigmas {
+                    None => Some((tr.s, &target, t.lambda / a)),
+                    Some(_) => None,
+                };
+                let dv = backprop_kept(
+                    denoiser,
+                    &self.plan,
+                    &tr.kept_steps,
+                    &leaf.grad(),
+                    &guidance,
+                    at_start,
+                )?;
+                phases.mark("g_kept_steps");
+                let dv = match &tr.diff_sigmas {
+                    None => dv.unwrap_or(0.0),
+                    Some(sig) => {
+                        let noise = b.z0.randn_like();
+                        let d = self.flow_diffusion_loss(&b.z0, &noise, sig, &b.cond)?;
+                        let v = d.double_value(&[]);
+                        (d * (t.lambda / a)).backward();
+                        v
+                    }
+                };
+                (av, dv)
+            } else {
+                let (xf, start_cond) = rollout_graph(
+                    denoiser,
+                    &self.plan,
+                    tr.s,
+                    &tr.x_s,
+                    &tr.kept,
+                    &guidance,
+                    t.grad_path,
+                )?;
+                let loss_adv = adv_loss(&xf)?;
+                let d = match &tr.diff_sigmas {
+                    None => {
+                        let d = start_cond.unwrap() - &target;
+                        d.square().mean(loss_kind(&d))
+                    }
+                    Some(sig) => {
+                        let noise = b.z0.randn_like();
+                        self.flow_diffusion_loss(&b.z0, &noise, sig, &b.cond)?
+                    }
+                };
+                let (av, dv) = (loss_adv.double_value(&[]), d.double_value(&[]));
+                check_finite(step, "loss_g_adv", av)?;
+                ((loss_adv + d * t.lambda) / a).backward();
+                (av, dv)
+            };
+            check_finite(step, "loss_diff", dv)?;
+            adv += av / a;
+            diff += dv / a;
+        }
+        Ok((adv, diff))
     }
 
     /// The FT baseline: the diffusion loss at a uniformly drawn training timestep.
@@ -823,14 +1012,14 @@ impl Trainer {
     fn ft_iteration(
         &mut self,
         step: usize,
-        micro: Vec<(Tensor, Tensor, Cond, Cond)>,
+        micro: Vec<Batch>,
         rng: &mut impl Rng,
     ) -> Result<StepLog> {
         let t = self.cfg.train.clone();
         let a = micro.len() as f64;
         self.opt_g.zero_grad();
         let (mut lv, mut t0) = (0.0, 0);
-        for (k, (_x0, z0, cond, _uncond)) in micro.into_iter().enumerate() {
+        for (k, Batch { z0, cond, .. }) in micro.into_iter().enumerate() {
             let b = z0.size()[0];
             let n_train = self.pipe.schedule.num_train_timesteps;
             let ts: Vec<usize> = (0..b).map(|_| rng.gen_range(0..n_train)).collect();
@@ -884,7 +1073,7 @@ impl Trainer {
         }
         let norm = self.opt_g.clip_grad_norm(t.grad_clip);
         check_finite(step, "generator gradient norm", norm)?;
-        let lr = warmup_lr(t.lr_g, self.g_steps, t.warmup_g);
+        let lr = warmup_lr(t.lr_g(), self.g_steps, t.warmup_g);
         self.opt_g.lr = lr;
         self.opt_g.step();
         self.g_steps += 1;
@@ -947,6 +1136,19 @@ impl Trainer {
                 }
             });
         }
+    }
+
+    /// Drop the lines of metrics.jsonl at or after iteration `step` (a resumed run
+    /// logs them again; a new run starts an empty log), and torn lines.
+    pub fn truncate_metrics(&mut self, step: usize) -> Result<()> {
+        let path = self.out_dir.join("metrics.jsonl");
+        if self.metrics.is_none() || !path.is_file() {
+            return Ok(());
+        }
+        self.metrics = None;
+        crate::train::logging::truncate_jsonl(&path, step)?;
+        self.metrics = Some(JsonlWriter::open(&path)?);
+        Ok(())
     }
 
     /// Write one metrics line and the TensorBoard scalars.

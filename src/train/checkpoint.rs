@@ -1,5 +1,5 @@
 //! Checkpoints: the backbone (UNet or SD3 transformer) in the diffusers layout plus
-//! the whole trainer state (both optimisers, discriminator heads with their BatchNorm statistics and EMA
+//! the whole trainer state (both optimisers, discriminator heads with their spectral-norm state and EMA
 //! duals, generator EMA, data position, step counters).
 //!
 //! A checkpoint is written into a temporary folder and renamed into place, then the
@@ -23,25 +23,101 @@ pub struct TrainerState {
     pub data: DataState,
     /// The effective configuration the run was started with.
     pub config: String,
+    /// Identifies the run (kept across resumes): pruning removes only checkpoints
+    /// of the run that wrote them.
+    #[serde(default)]
+    pub run_id: String,
 }
 
 pub fn checkpoints_dir(out: &Path) -> PathBuf {
     out.join("checkpoints")
 }
 
-/// Save a checkpoint of `tr` as `checkpoints/step-NNNNNNN`; keep the newest `keep`.
-pub fn save(tr: &Trainer) -> Result<PathBuf> {
-    let root = checkpoints_dir(&tr.out_dir);
-    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-    let name = format!("step-{:07}", tr.step);
-    let final_dir = root.join(&name);
-    let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
+/// The step of a checkpoint folder name `step-NNNNNNN`.
+fn step_of(name: &str) -> Option<usize> {
+    name.strip_prefix("step-")?.parse().ok()
+}
+
+/// A complete checkpoint found in an output folder.
+#[derive(Debug, Clone)]
+pub struct Found {
+    pub path: PathBuf,
+    pub step: usize,
+    /// The run that wrote it (empty for checkpoints older than run ids).
+    pub run_id: String,
+}
+
+/// Read the `state.json` of a checkpoint folder.
+pub fn read_state(dir: &Path) -> Result<TrainerState> {
+    let path = dir.join("state.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// Every `step-*` entry of `out/checkpoints`, complete or not, sorted by name.
+pub fn step_entries(out: &Path) -> Result<Vec<PathBuf>> {
+    let root = checkpoints_dir(out);
+    if !root.is_dir() {
+        return Ok(Vec::new());
     }
-    std::fs::create_dir_all(&tmp)?;
-    let backbone = &tr.pipe.backbone;
-    backbone.save_pretrained(&tmp.join(backbone.folder()), tch::Kind::Float)?;
+    let mut all: Vec<PathBuf> = std::fs::read_dir(&root)
+        .with_context(|| format!("listing {}", root.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .and_then(step_of)
+                .is_some()
+        })
+        .collect();
+    all.sort();
+    Ok(all)
+}
+
+/// The complete checkpoints (a `step-*` folder whose `state.json` parses), by step.
+pub fn complete_checkpoints(out: &Path) -> Result<Vec<Found>> {
+    let mut found = Vec::new();
+    for path in step_entries(out)? {
+        if let Ok(state) = read_state(&path) {
+            found.push(Found {
+                path,
+                step: state.step,
+                run_id: state.run_id,
+            });
+        }
+    }
+    found.sort_by_key(|f| f.step);
+    Ok(found)
+}
+
+/// Remove the temporary folders (`.tmp-step-*`) that a killed or failed save left
+/// behind; returns what was removed.
+pub fn clean_temporaries(out: &Path) -> Result<Vec<PathBuf>> {
+    let root = checkpoints_dir(out);
+    if !root.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut removed = Vec::new();
+    for e in std::fs::read_dir(&root).with_context(|| format!("listing {}", root.display()))? {
+        let e = e.with_context(|| format!("listing {}", root.display()))?;
+        if !e.file_name().to_string_lossy().starts_with(".tmp-step-") {
+            continue;
+        }
+        let p = e.path();
+        let r = if p.is_dir() && !p.is_symlink() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        r.with_context(|| format!("removing the leftover temporary checkpoint {}", p.display()))?;
+        removed.push(p);
+    }
+    Ok(removed)
+}
+
+/// The tensors of a trainer that go into a checkpoint, by name.
+fn state_tensors(tr: &Trainer) -> Vec<(String, Tensor)> {
     let mut tensors: Vec<(String, Tensor)> = tr.opt_g.state("opt_g");
     if let Some(o) = &tr.opt_d {
         tensors.extend(o.state("opt_d"));
@@ -52,7 +128,93 @@ pub fn save(tr: &Trainer) -> Result<PathBuf> {
                 .map(|(k, t)| (format!("ema.{k}"), t.shallow_clone())),
         );
     }
-    save_safetensors(&tensors, &tmp.join("optimizer.safetensors"), None, None)?;
+    tensors
+}
+
+/// The first tensor of the training state (generator weights, optimiser moments,
+/// EMA, discriminator) holding a NaN or an infinity, by name.
+pub fn first_nonfinite(tr: &Trainer) -> Option<String> {
+    let finite = |t: &Tensor| -> bool {
+        if !t.is_floating_point() {
+            return true;
+        }
+        tch::no_grad(|| t.isfinite().all().int64_value(&[]) != 0)
+    };
+    let mut vars: Vec<(String, Tensor)> = tr.pipe.backbone_vs().variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    for (k, t) in &vars {
+        if !finite(t) {
+            return Some(format!("{} weight {k}", tr.pipe.backbone.folder()));
+        }
+    }
+    for (k, t) in state_tensors(tr) {
+        if !finite(&t) {
+            return Some(format!("optimiser/EMA tensor {k}"));
+        }
+    }
+    if let Some(d) = &tr.disc {
+        for (prefix, vs) in [("discriminator", &d.vs), ("discriminator dual", &d.dual_vs)] {
+            let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+            vars.sort_by(|a, b| a.0.cmp(&b.0));
+            for (k, t) in &vars {
+                if !finite(t) {
+                    return Some(format!("{prefix} tensor {k}"));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Save a checkpoint of `tr` as `checkpoints/step-NNNNNNN`.
+///
+/// The training state is checked first: a NaN or infinity anywhere refuses the
+/// checkpoint (the error names the tensor), so every checkpoint written holds finite
+/// numbers. After the save, older checkpoints of this run (same run id) beyond the
+/// newest `output.keep_checkpoints` are removed; the one just written and
+/// checkpoints of other runs are never removed.
+pub fn save(tr: &Trainer) -> Result<PathBuf> {
+    if let Some(bad) = first_nonfinite(tr) {
+        bail!(NonFiniteState {
+            step: tr.step,
+            what: bad,
+        });
+    }
+    let root = checkpoints_dir(&tr.out_dir);
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    let name = format!("step-{:07}", tr.step);
+    let final_dir = root.join(&name);
+    let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let r = write_into(tr, &tmp);
+    if let Err(e) = r {
+        // Do not leave a half-written folder behind (a full disk, for one).
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e.context(format!("writing checkpoint {}", final_dir.display())));
+    }
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir)
+            .with_context(|| format!("replacing {}", final_dir.display()))?;
+    }
+    std::fs::rename(&tmp, &final_dir)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), final_dir.display()))?;
+    atomic_write(&root.join("latest"), name.as_bytes())?;
+    prune(tr, &final_dir)?;
+    Ok(final_dir)
+}
+
+fn write_into(tr: &Trainer, tmp: &Path) -> Result<()> {
+    let backbone = &tr.pipe.backbone;
+    backbone.save_pretrained(&tmp.join(backbone.folder()), tch::Kind::Float)?;
+    save_safetensors(
+        &state_tensors(tr),
+        &tmp.join("optimizer.safetensors"),
+        None,
+        None,
+    )?;
     if let Some(d) = &tr.disc {
         d.save(&tmp.join("discriminator"))?;
     }
@@ -65,36 +227,50 @@ pub fn save(tr: &Trainer) -> Result<PathBuf> {
             .context("checkpointing a trainer without data")?
             .state(),
         config: tr.cfg.to_toml()?,
+        run_id: tr.run_id.clone(),
     };
     atomic_write(
         &tmp.join("state.json"),
         serde_json::to_string_pretty(&state)?.as_bytes(),
-    )?;
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir)?;
-    }
-    std::fs::rename(&tmp, &final_dir)
-        .with_context(|| format!("renaming {} into place", tmp.display()))?;
-    atomic_write(&root.join("latest"), name.as_bytes())?;
-    // Prune old checkpoints.
-    let mut all: Vec<PathBuf> = std::fs::read_dir(&root)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .map(|n| n.starts_with("step-"))
-                .unwrap_or(false)
-        })
-        .collect();
-    all.sort();
+    )
+}
+
+/// Remove this run's checkpoints older than the newest `keep` (never `newest`).
+fn prune(tr: &Trainer, newest: &Path) -> Result<()> {
     let keep = tr.cfg.output.keep_checkpoints.max(1);
-    if all.len() > keep {
-        for p in &all[..all.len() - keep] {
-            let _ = std::fs::remove_dir_all(p);
+    let ours: Vec<Found> = complete_checkpoints(&tr.out_dir)?
+        .into_iter()
+        .filter(|f| f.run_id == tr.run_id && f.step < tr.step && f.path != newest)
+        .collect();
+    // The newest is one of the `keep`.
+    let n_old = keep - 1;
+    if ours.len() > n_old {
+        for f in &ours[..ours.len() - n_old] {
+            std::fs::remove_dir_all(&f.path)
+                .with_context(|| format!("removing old checkpoint {}", f.path.display()))?;
         }
     }
-    Ok(final_dir)
+    Ok(())
 }
+
+/// A NaN or infinity in the training state: the checkpoint is not written.
+#[derive(Debug)]
+pub struct NonFiniteState {
+    pub step: usize,
+    pub what: String,
+}
+
+impl std::fmt::Display for NonFiniteState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "step {}: {} holds a NaN or an infinity; the checkpoint of this step was not written",
+            self.step, self.what
+        )
+    }
+}
+
+impl std::error::Error for NonFiniteState {}
 
 /// The checkpoint folder `latest` points at, if any.
 pub fn latest(out: &Path) -> Result<Option<PathBuf>> {
@@ -103,7 +279,8 @@ pub fn latest(out: &Path) -> Result<Option<PathBuf>> {
     if !ptr.is_file() {
         return Ok(None);
     }
-    let name = std::fs::read_to_string(&ptr)?;
+    let name =
+        std::fs::read_to_string(&ptr).with_context(|| format!("reading {}", ptr.display()))?;
     let dir = root.join(name.trim());
     if !dir.join("state.json").is_file() {
         bail!(
@@ -115,12 +292,65 @@ pub fn latest(out: &Path) -> Result<Option<PathBuf>> {
     Ok(Some(dir))
 }
 
+/// The checkpoint `--resume` (without a folder) continues from, and a note when it
+/// is not simply the one `latest` points at: `latest` missing, unreadable or
+/// pointing at an incomplete folder falls back to the newest complete `step-*`; a
+/// newer complete checkpoint of the same run than `latest` (a stop between the
+/// rename and the pointer update) is preferred.
+pub fn find_resume(out: &Path) -> Result<Option<(PathBuf, Option<String>)>> {
+    let all = complete_checkpoints(out)?;
+    let ptr = checkpoints_dir(out).join("latest");
+    let pointed = if ptr.is_file() {
+        match std::fs::read_to_string(&ptr) {
+            Ok(name) => {
+                let dir = checkpoints_dir(out).join(name.trim());
+                match all.iter().find(|f| f.path == dir) {
+                    Some(f) => Ok(f.clone()),
+                    None => Err(format!(
+                        "{} points at {}, which is not a complete checkpoint",
+                        ptr.display(),
+                        dir.display()
+                    )),
+                }
+            }
+            Err(e) => Err(format!("{} is unreadable ({e})", ptr.display())),
+        }
+    } else {
+        Err(format!("{} is missing", ptr.display()))
+    };
+    match pointed {
+        Ok(p) => {
+            let newer = all
+                .iter()
+                .rfind(|f| f.run_id == p.run_id && f.step > p.step);
+            Ok(Some(match newer {
+                Some(n) => (
+                    n.path.clone(),
+                    Some(format!(
+                        "{} points at {}, but {} of the same run is newer and complete; resuming from it",
+                        ptr.display(),
+                        p.path.display(),
+                        n.path.display()
+                    )),
+                ),
+                None => (p.path, None),
+            }))
+        }
+        Err(why) => Ok(all.last().map(|f| {
+            (
+                f.path.clone(),
+                Some(format!(
+                    "{why}; resuming from the newest complete checkpoint, {}",
+                    f.path.display()
+                )),
+            )
+        })),
+    }
+}
+
 /// Restore the trainer from a checkpoint folder.
 pub fn restore(tr: &mut Trainer, dir: &Path) -> Result<()> {
-    let text = std::fs::read_to_string(dir.join("state.json"))
-        .with_context(|| format!("reading {}", dir.join("state.json").display()))?;
-    let state: TrainerState = serde_json::from_str(&text)
-        .with_context(|| format!("parsing {}/state.json", dir.display()))?;
+    let state = read_state(dir)?;
     // The backbone weights (`unet/` or `transformer/`).
     let folder = tr.pipe.backbone.folder();
     let files = vec![dir.join(folder).join("diffusion_pytorch_model.safetensors")];
@@ -153,4 +383,53 @@ pub fn restore(tr: &mut Trainer, dir: &Path) -> Result<()> {
     tr.step = state.step;
     tr.g_steps = state.g_steps;
     Ok(())
+}
+
+/// The fields (dotted keys) whose values differ between two effective
+/// configurations (TOML text): `(key, old value, new value)`, "(unset)" for a key
+/// only one side has.
+pub fn config_differences(old: &str, new: &str) -> Result<Vec<(String, String, String)>> {
+    fn flatten(
+        prefix: &str,
+        v: &toml::Value,
+        out: &mut std::collections::BTreeMap<String, String>,
+    ) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    flatten(&key, v, out);
+                }
+            }
+            v => {
+                out.insert(prefix.to_string(), v.to_string());
+            }
+        }
+    }
+    let parse = |s: &str| -> Result<std::collections::BTreeMap<String, String>> {
+        let t: toml::Table = s.parse().context("parsing a configuration")?;
+        let mut m = Default::default();
+        flatten("", &toml::Value::Table(t), &mut m);
+        Ok(m)
+    };
+    let (a, b) = (parse(old)?, parse(new)?);
+    let unset = || "(unset)".to_string();
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    Ok(keys
+        .into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| {
+            (
+                k.clone(),
+                a.get(k).cloned().unwrap_or_else(unset),
+                b.get(k).cloned().unwrap_or_else(unset),
+            )
+        })
+        .collect())
 }

@@ -5,6 +5,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+use crate::disc::features::Levels;
+use crate::models::pipeline::Family;
 use crate::schedule::SamplerKind;
 
 /// ADT or the plain fine-tuning baseline.
@@ -45,7 +47,8 @@ pub enum FlowTimestep {
 pub enum DiscKind {
     /// Eq. 6: dual EMA heads, BYOL predictor, cosine score.
     Siamese,
-    /// Plain heads with scalar logits (paper ablation).
+    /// StyleGAN-T's heads: text-conditioned logits per token, hinge loss per token
+    /// (paper ablation).
     StyleganT,
 }
 
@@ -98,29 +101,33 @@ pub struct TrainSection {
     pub seed: u64,
     /// Weight of the diffusion loss in the generator objective (Eq. 8).
     pub lambda: f64,
-    /// Number of kept gradient steps besides t_s (Alg. 1 line 5).
+    /// Number of kept gradient steps (Alg. 1 line 5); at least 1 (0 is refused).
     pub k: usize,
     /// Generator update period (Alg. 1 line 19).
     pub h: usize,
     /// EMA rate of the dual heads (Alg. 1 line 18).
     pub tau: f64,
-    pub lr_g: f64,
-    pub lr_d: f64,
+    /// Generator learning rate; unset: the paper's for the model's family
+    /// ([`ModelDefaults`]).
+    pub lr_g: Option<f64>,
+    /// Discriminator learning rate; unset: the same as the generator's default.
+    pub lr_d: Option<f64>,
     pub warmup_g: usize,
     pub warmup_d: usize,
     pub weight_decay_g: f64,
     pub weight_decay_d: f64,
     pub adam_beta1: f64,
     pub adam_beta2: f64,
-    /// Gradient-norm clipping for the generator (0 = off).
+    /// Gradient-norm clipping for the generator (0 = off, the default: the paper
+    /// does not clip).
     pub grad_clip: f64,
     /// EMA of the generator weights (None = off).
     pub ema_decay: Option<f64>,
     /// Per-step gradient decomposition (Eq. 12): one UNet graph at a time.
     /// `false` keeps the whole trajectory in one graph.
     pub decompose: bool,
-    /// Training resolution in pixels.
-    pub resolution: i64,
+    /// Training resolution in pixels; unset: the model's native resolution.
+    pub resolution: Option<i64>,
     /// Probability of dropping the caption (for CFG) in the diffusion loss.
     pub caption_dropout: f64,
     /// Flow-matching models: the noise-level draw of the diffusion loss, "uniform"
@@ -203,6 +210,49 @@ impl LoraSection {
     }
 }
 
+/// The paper's per-model settings (section 5, "Training Settings"): learning rate
+/// 5e-6 for SD 1.x / 2.x, 1e-6 for SDXL and SD3 (the same for the generator and
+/// the discriminator), training at the model's native resolution.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModelDefaults {
+    pub lr: f64,
+    pub resolution: i64,
+}
+
+impl ModelDefaults {
+    /// The defaults of a pipeline `family` whose native resolution (the backbone's
+    /// `sample_size` in pixels) is `native_resolution`.
+    pub fn for_family(family: Family, native_resolution: i64) -> ModelDefaults {
+        let lr = match family {
+            Family::Sd => 5e-6,
+            Family::Sdxl | Family::Sd3 => 1e-6,
+        };
+        ModelDefaults {
+            lr,
+            resolution: native_resolution,
+        }
+    }
+}
+
+impl TrainSection {
+    /// The generator learning rate (before [`Config::apply_model_defaults`]: the
+    /// SD 1.x default when unset).
+    pub fn lr_g(&self) -> f64 {
+        self.lr_g.unwrap_or(5e-6)
+    }
+
+    /// The discriminator learning rate (see [`Self::lr_g`]).
+    pub fn lr_d(&self) -> f64 {
+        self.lr_d.unwrap_or(5e-6)
+    }
+
+    /// The training resolution (before [`Config::apply_model_defaults`]: 512 when
+    /// unset).
+    pub fn resolution(&self) -> i64 {
+        self.resolution.unwrap_or(512)
+    }
+}
+
 impl Default for TrainSection {
     fn default() -> Self {
         TrainSection {
@@ -216,18 +266,18 @@ impl Default for TrainSection {
             k: 3,
             h: 5,
             tau: 0.99,
-            lr_g: 5e-6,
-            lr_d: 5e-6,
+            lr_g: None,
+            lr_d: None,
             warmup_g: 500,
             warmup_d: 1000,
             weight_decay_g: 1e-2,
             weight_decay_d: 1e-2,
             adam_beta1: 0.9,
             adam_beta2: 0.999,
-            grad_clip: 1.0,
+            grad_clip: 0.0,
             ema_decay: None,
             decompose: true,
-            resolution: 512,
+            resolution: None,
             caption_dropout: 0.0,
             flow_timestep: FlowTimestep::Uniform,
             logit_mean: 0.0,
@@ -274,14 +324,22 @@ pub struct DiscSection {
     pub features: FeatureNet,
     /// Folder of the feature network's weights (DINOv2: a transformers folder).
     pub features_path: Option<PathBuf>,
-    /// Tapped blocks (DINOv2 ViT-S/14: [2, 5, 8, 11]).
-    pub blocks: Vec<usize>,
+    /// Tapped blocks (DINOv2, 0-based layers) or stages (EfficientNet); unset: the
+    /// network's default (DINOv2 [2, 5, 8, 11], EfficientNet [1, 2, 4, 6]).
+    pub blocks: Option<Vec<usize>>,
+    /// "patch_and_blocks" (default: the patch embedding or stem plus the blocks,
+    /// DINOv2 tokens with the CLS readout: StyleGAN-T's hooks, five levels) or
+    /// "blocks" (the blocks only, no CLS: the four-level ablation).
+    pub levels: Levels,
     /// Input resolution of the feature network.
     pub resolution: i64,
     /// DiffAugment policy.
     pub diffaug: String,
-    /// Head width.
-    pub channels: i64,
+    /// Width of the heads' convolution blocks; unset: the width of the features
+    /// of each level (StyleGAN-T).
+    pub channels: Option<i64>,
+    /// Output channels of the heads (StyleGAN-T's and the paper's 64).
+    pub out_channels: i64,
 }
 
 impl Default for DiscSection {
@@ -290,10 +348,12 @@ impl Default for DiscSection {
             kind: DiscKind::Siamese,
             features: FeatureNet::Dinov2,
             features_path: None,
-            blocks: vec![2, 5, 8, 11],
+            blocks: None,
+            levels: Levels::PatchAndBlocks,
             resolution: 224,
             diffaug: "color,translation,cutout".into(),
-            channels: 64,
+            channels: None,
+            out_channels: 64,
         }
     }
 }
@@ -410,6 +470,7 @@ impl Config {
         pos("train.batch_size", t.batch_size)?;
         pos("train.grad_accum", t.grad_accum)?;
         pos("train.h", t.h)?;
+        pos("train.k", t.k)?;
         pos("sampler.steps", self.sampler.steps)?;
         if !(0.0..=1.0).contains(&t.tau) {
             bail!("train.tau = {}: must be in [0, 1]", t.tau);
@@ -418,9 +479,15 @@ impl Config {
             bail!("train.lambda = {}: must be a finite number >= 0", t.lambda);
         }
         for (k, v) in [("train.lr_g", t.lr_g), ("train.lr_d", t.lr_d)] {
-            if !(v > 0.0 && v.is_finite()) {
+            if let Some(v) = v.filter(|v| !(*v > 0.0 && v.is_finite())) {
                 bail!("{k} = {v}: must be a positive number");
             }
+        }
+        if !(t.grad_clip >= 0.0 && t.grad_clip.is_finite()) {
+            bail!(
+                "train.grad_clip = {}: must be a finite number >= 0 (0 = off)",
+                t.grad_clip
+            );
         }
         if let Some(d) = t.ema_decay {
             if !(0.0..1.0).contains(&d) {
@@ -445,11 +512,8 @@ impl Config {
                 t.caption_dropout
             );
         }
-        if t.resolution < 8 || t.resolution % 8 != 0 {
-            bail!(
-                "train.resolution = {}: must be a positive multiple of 8",
-                t.resolution
-            );
+        if let Some(r) = t.resolution.filter(|&r| r < 8 || r % 8 != 0) {
+            bail!("train.resolution = {r}: must be a positive multiple of 8");
         }
         if self.sampler.cfg < 0.0 {
             bail!(
@@ -457,11 +521,23 @@ impl Config {
                 self.sampler.cfg
             );
         }
-        if self.disc.blocks.is_empty() {
+        if !(32..=4096).contains(&self.disc.resolution) {
+            bail!(
+                "disc.resolution = {}: must be between 32 and 4096 pixels (DINOv2 also needs a multiple of its patch size, 14)",
+                self.disc.resolution
+            );
+        }
+        if self.disc.blocks.as_ref().is_some_and(|b| b.is_empty()) {
             bail!("disc.blocks: at least one block is needed");
         }
-        if self.disc.channels <= 0 {
-            bail!("disc.channels = {}: must be positive", self.disc.channels);
+        if let Some(c) = self.disc.channels.filter(|&c| c <= 0) {
+            bail!("disc.channels = {c}: must be positive");
+        }
+        if self.disc.out_channels <= 0 {
+            bail!(
+                "disc.out_channels = {}: must be positive",
+                self.disc.out_channels
+            );
         }
         for p in self
             .disc
@@ -482,9 +558,72 @@ impl Config {
         Ok(())
     }
 
+    /// Fill in the per-model settings the user left unset (`train.lr_g`,
+    /// `train.lr_d`, `train.resolution`) from the paper's defaults for `family`
+    /// ([`ModelDefaults`]). Returns one line per value chosen (empty when all
+    /// were set).
+    pub fn apply_model_defaults(&mut self, family: Family, native_resolution: i64) -> Vec<String> {
+        let d = ModelDefaults::for_family(family, native_resolution);
+        let family = match family {
+            Family::Sd => "SD 1.x / 2.x",
+            Family::Sdxl => "SDXL",
+            Family::Sd3 => "SD3",
+        };
+        let t = &mut self.train;
+        let mut chosen = Vec::new();
+        if t.lr_g.is_none() {
+            t.lr_g = Some(d.lr);
+            chosen.push(format!(
+                "train.lr_g = {:e} (the paper's for {family})",
+                d.lr
+            ));
+        }
+        if t.lr_d.is_none() {
+            t.lr_d = Some(d.lr);
+            chosen.push(format!(
+                "train.lr_d = {:e} (the paper's for {family})",
+                d.lr
+            ));
+        }
+        if t.resolution.is_none() {
+            t.resolution = Some(d.resolution);
+            chosen.push(format!(
+                "train.resolution = {} (the model's native resolution)",
+                d.resolution
+            ));
+        }
+        chosen
+    }
+
     /// The effective configuration as TOML.
     pub fn to_toml(&self) -> Result<String> {
         Ok(toml::to_string_pretty(self)?)
+    }
+
+    /// The configured device exists in this build and on this machine.
+    pub fn check_device(&self) -> Result<()> {
+        if let tch::Device::Cuda(i) = self.device() {
+            let n = if tch::Cuda::is_available() {
+                tch::Cuda::device_count() as usize
+            } else {
+                0
+            };
+            if i >= n {
+                bail!(
+                    "train.device = {:?}: {}",
+                    self.train.device,
+                    if n == 0 {
+                        "no CUDA device is available (a CPU build of adt, or no GPU visible); use train.device = \"cpu\" or a CUDA build (--features cuda)".to_string()
+                    } else {
+                        format!(
+                            "this machine has {n} CUDA device(s) (cuda:0..cuda:{})",
+                            n - 1
+                        )
+                    }
+                );
+            }
+        }
+        Ok(())
     }
 
     pub fn device(&self) -> tch::Device {
@@ -507,14 +646,52 @@ mod tests {
         assert_eq!(c.train.k, 3);
         assert_eq!(c.train.h, 5);
         assert_eq!(c.train.tau, 0.99);
-        assert_eq!(c.train.lr_g, 5e-6);
-        assert_eq!(c.train.lr_d, 5e-6);
+        // Learning rates and resolution are chosen per model family (see
+        // `model_defaults_by_family`).
+        assert_eq!(
+            (c.train.lr_g, c.train.lr_d, c.train.resolution),
+            (None, None, None)
+        );
+        assert_eq!(c.train.grad_clip, 0.0, "the paper does not clip gradients");
         assert_eq!((c.train.warmup_d, c.train.warmup_g), (1000, 500));
         assert_eq!(c.train.batch_size, 8);
         assert_eq!(c.sampler.kind, SamplerKind::Ddim);
         assert_eq!(c.sampler.steps, 50);
         assert_eq!(c.sampler.cfg, 7.0);
-        assert_eq!(c.disc.blocks, vec![2, 5, 8, 11]);
+        assert_eq!(c.disc.blocks, None);
+        assert_eq!(c.disc.levels, Levels::PatchAndBlocks);
+        assert_eq!((c.disc.channels, c.disc.out_channels), (None, 64));
+    }
+
+    /// Section 5: 5e-6 for SD 1.x, 1e-6 for SDXL and SD3, the native resolution;
+    /// values the user set are kept, and every chosen value is reported.
+    #[test]
+    fn model_defaults_by_family() {
+        for (family, native, lr) in [
+            (Family::Sd, 512, 5e-6),
+            (Family::Sdxl, 1024, 1e-6),
+            (Family::Sd3, 1024, 1e-6),
+        ] {
+            let mut c = Config::load(None, &[]).unwrap();
+            let lines = c.apply_model_defaults(family, native);
+            assert_eq!(c.train.lr_g, Some(lr), "{family:?}");
+            assert_eq!(c.train.lr_d, Some(lr), "{family:?}");
+            assert_eq!(c.train.resolution, Some(native), "{family:?}");
+            assert_eq!(lines.len(), 3, "{lines:?}");
+            assert!(lines[0].contains("train.lr_g") && lines[2].contains(&native.to_string()));
+            // Set by the user: kept, nothing reported for it.
+            let mut c = Config::load(
+                None,
+                &["train.lr_g=3e-5".into(), "train.resolution=256".into()],
+            )
+            .unwrap();
+            let lines = c.apply_model_defaults(family, native);
+            assert_eq!(c.train.lr_g, Some(3e-5));
+            assert_eq!(c.train.lr_d, Some(lr));
+            assert_eq!(c.train.resolution, Some(256));
+            assert_eq!(lines.len(), 1, "{lines:?}");
+            assert!(lines[0].contains("train.lr_d"));
+        }
     }
 
     #[test]

@@ -19,9 +19,9 @@ use anyhow::{bail, ensure, Context, Result};
 use std::cell::RefCell;
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
+use crate::models::denoiser::{Cond, Denoiser};
 use crate::models::master_copy::MasterCopy;
 use crate::models::unet::{UNet2DConditionModel, UNetConfig};
-use crate::train::path::{Cond, Denoiser};
 
 /// CUDA runtime helpers from the C++ shim. Every function fails with an explanatory
 /// error in a binary built without it (build with `--features cuda`).

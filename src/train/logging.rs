@@ -74,7 +74,9 @@ impl EventWriter {
         rec.extend_from_slice(&masked_crc(&len).to_le_bytes());
         rec.extend_from_slice(data);
         rec.extend_from_slice(&masked_crc(data).to_le_bytes());
-        self.file.write_all(&rec)?;
+        self.file
+            .write_all(&rec)
+            .with_context(|| format!("writing {}", self.path.display()))?;
         Ok(())
     }
 
@@ -93,7 +95,9 @@ impl EventWriter {
         }
         let ev = event(now, step, |e| bytes_field(5, &summary, e));
         self.write_record(&ev)?;
-        self.file.flush()?;
+        self.file
+            .flush()
+            .with_context(|| format!("writing {}", self.path.display()))?;
         Ok(())
     }
 }
@@ -101,26 +105,52 @@ impl EventWriter {
 /// Append-only JSON-lines metrics file.
 pub struct JsonlWriter {
     file: std::fs::File,
+    path: PathBuf,
 }
 
 impl JsonlWriter {
     pub fn open(path: &Path) -> Result<JsonlWriter> {
         if let Some(d) = path.parent() {
-            std::fs::create_dir_all(d)?;
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
             .with_context(|| format!("opening {}", path.display()))?;
-        Ok(JsonlWriter { file })
+        Ok(JsonlWriter {
+            file,
+            path: path.to_path_buf(),
+        })
     }
 
     pub fn write(&mut self, v: &serde_json::Value) -> Result<()> {
-        writeln!(self.file, "{}", serde_json::to_string(v)?)?;
-        self.file.flush()?;
+        writeln!(self.file, "{}", serde_json::to_string(v)?)
+            .and_then(|_| self.file.flush())
+            .with_context(|| format!("writing {}", self.path.display()))?;
         Ok(())
     }
+}
+
+/// Keep the lines of a metrics log whose `step` is below `step`, in order; lines
+/// that do not parse (a line torn by a kill) are dropped too. Written atomically.
+pub fn truncate_jsonl(path: &Path, step: usize) -> Result<()> {
+    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut kept = Vec::with_capacity(text.len());
+    for line in text.split(|&b| b == b'\n') {
+        let keep = serde_json::from_slice::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+            .is_some_and(|s| (s as usize) < step);
+        if keep {
+            kept.extend_from_slice(line);
+            kept.push(b'\n');
+        }
+    }
+    if kept.len() != text.len() {
+        crate::weights::atomic_write(path, &kept)?;
+    }
+    Ok(())
 }
 
 /// Read back an event file written by [`EventWriter`]: (step, tag, value) triples.

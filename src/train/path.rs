@@ -12,130 +12,34 @@
 //! * DRTune (Eq. 4): `x <- a x + b eps(sg(x))`: the gradient reaching step i is
 //!   scaled by the product of the later a's (appendix A.1).
 //!
-//! Multistep history terms (DPM-Solver++) are treated as constants.
+//! Multistep solvers (DPM-Solver++ 2M) add a history term `c h_prev` with
+//! `h_prev = p x_prev + q out_prev` (the previous data prediction). Its part in
+//! `x_prev` is part of the linear part of the update, so Eq. 11 stops its gradient
+//! like that of `a x` (otherwise d x_hat0 / d x_t would not be the identity); its
+//! part in the model output keeps the gradient, so that a kept output reaches
+//! x_hat0 with its whole coefficient in the sampler, `b` at its own step plus
+//! `c q` through the next step's history:
+//!
+//! * ADT: `x <- x + (a - 1) sg(x) + b eps(sg(x)) + c (p sg(x_prev) + q eps_prev)`;
+//! * DRTune: `x <- a x + b eps(sg(x)) + c (p x_prev + q eps_prev)` (only the model
+//!   input is stopped, Eq. 4).
 //!
 //! Because every kept step receives the same upstream gradient g = dL/dx_hat0
 //! (times a known scalar), the generator gradient decomposes exactly (Eq. 12):
-//! `sum_t b_t s_t (d eps_t / d theta)^T g`. [`rollout`] runs the trajectory without
+//! `sum_t w_t (d eps_t / d theta)^T g`, where `w_t = d x_hat0 / d eps_t` is a
+//! scalar: under ADT `b_t` (plus `c q_t` from the next step's history), under
+//! DRTune the same coefficients times the gradient scale from the states they
+//! enter to x_hat0 (the product of the later a's for one-step samplers, Eq. 10). [`rollout`] runs the trajectory without
 //! any graph and stores the kept steps' inputs; [`backprop_kept`] recomputes one kept
 //! step at a time with grad and backpropagates `<b_t s_t eps_t, g>`, so the peak
 //! memory is one model graph whatever K is. [`rollout_graph`] is the direct version
 //! (everything in one graph), kept as an option and as the test oracle.
 
-use crate::schedule::{cfg_combine, Plan};
+use crate::models::denoiser::{guided_output, Denoiser, Guidance};
+use crate::schedule::Plan;
 use crate::train::config::GradPath;
 use anyhow::Result;
 use tch::{Kind, Tensor};
-
-/// Conditioning handed to the denoiser.
-pub struct Cond {
-    /// Token states [B, L, D] (cross-attention context).
-    pub context: Tensor,
-    /// Pooled text embedding [B, P] (SDXL `text_embeds`, SD3 `pooled_projections`).
-    pub pooled: Option<Tensor>,
-    /// SDXL micro-conditioning [B, 6].
-    pub time_ids: Option<Tensor>,
-}
-
-impl Cond {
-    pub fn new(context: Tensor) -> Cond {
-        Cond {
-            context,
-            pooled: None,
-            time_ids: None,
-        }
-    }
-
-    /// Concatenate along the batch (for batched unconditional + conditional CFG).
-    pub fn cat(a: &Cond, b: &Cond) -> Cond {
-        let cat2 = |x: &Option<Tensor>, y: &Option<Tensor>| match (x, y) {
-            (Some(x), Some(y)) => Some(Tensor::cat(&[x, y], 0)),
-            _ => None,
-        };
-        Cond {
-            context: Tensor::cat(&[&a.context, &b.context], 0),
-            pooled: cat2(&a.pooled, &b.pooled),
-            time_ids: cat2(&a.time_ids, &b.time_ids),
-        }
-    }
-
-    pub fn detach(&self) -> Cond {
-        Cond {
-            context: self.context.detach(),
-            pooled: self.pooled.as_ref().map(|t| t.detach()),
-            time_ids: self.time_ids.as_ref().map(|t| t.detach()),
-        }
-    }
-
-    pub fn to_kind(&self, kind: Kind) -> Cond {
-        Cond {
-            context: self.context.to_kind(kind),
-            pooled: self.pooled.as_ref().map(|t| t.to_kind(kind)),
-            time_ids: self.time_ids.as_ref().map(|t| t.to_kind(kind)),
-        }
-    }
-}
-
-/// A noise-prediction network: raw output (epsilon, v or velocity) for latents x
-/// [B, C, h, w] at timesteps t [B] (float) under a conditioning.
-pub trait Denoiser {
-    fn predict(&self, x: &Tensor, t: &Tensor, cond: &Cond) -> Result<Tensor>;
-}
-
-impl<F: Fn(&Tensor, &Tensor, &Cond) -> Result<Tensor>> Denoiser for F {
-    fn predict(&self, x: &Tensor, t: &Tensor, cond: &Cond) -> Result<Tensor> {
-        self(x, t, cond)
-    }
-}
-
-/// Unconditional and conditional embeddings, and the guidance scale.
-pub struct Guidance<'a> {
-    pub uncond: &'a Cond,
-    pub cond: &'a Cond,
-    /// Pre-concatenated [uncond; cond] for batched CFG.
-    pub both: Option<Cond>,
-    pub scale: f64,
-}
-
-impl<'a> Guidance<'a> {
-    pub fn new(uncond: &'a Cond, cond: &'a Cond, scale: f64) -> Guidance<'a> {
-        let both = if scale != 1.0 {
-            Some(Cond::cat(uncond, cond))
-        } else {
-            None
-        };
-        Guidance {
-            uncond,
-            cond,
-            both,
-            scale,
-        }
-    }
-}
-
-/// Guided output at timestep value `t` and the conditional branch alone.
-pub fn guided_output(
-    model: &dyn Denoiser,
-    x: &Tensor,
-    t: f64,
-    g: &Guidance,
-) -> Result<(Tensor, Tensor)> {
-    let b = x.size()[0];
-    match &g.both {
-        None => {
-            let tt = Tensor::full([b], t, (Kind::Float, x.device()));
-            let out = model.predict(x, &tt, g.cond)?;
-            Ok((out.shallow_clone(), out))
-        }
-        Some(both) => {
-            let tt = Tensor::full([2 * b], t, (Kind::Float, x.device()));
-            let out = model.predict(&Tensor::cat(&[x, x], 0), &tt, both)?;
-            let parts = out.split(b, 0);
-            let (u, c) = (&parts[0], &parts[1]);
-            Ok((cfg_combine(u, c, g.scale), c.shallow_clone()))
-        }
-    }
-}
 
 /// What [`rollout`] records about a kept step.
 pub struct KeptStep {
@@ -143,11 +47,55 @@ pub struct KeptStep {
     pub index: usize,
     /// The (detached) state at this step: the model's input.
     pub x: Tensor,
-    /// Coefficient on the model output.
+    /// `d x_hat0 / d out` (a scalar) under the gradient path: the coefficient `b`
+    /// of the output at its own step times the gradient scale from the next state
+    /// to x_hat0, plus, for multistep solvers, its coefficient `c q` through the
+    /// next step's history term times that step's scale.
+    pub weight: f64,
+}
+
+/// The linear structure of one executed step, for [`output_weights`].
+#[derive(Debug, Clone)]
+pub struct StepLink {
+    /// Step index in the plan.
+    pub index: usize,
+    /// `x_next = a x + b out + sum_j c_j h_j`.
+    pub a: f64,
     pub b: f64,
-    /// Gradient scale from x_{next} to x_hat0: 1 under ADT, the product of the later
-    /// a's under DRTune.
-    pub scale: f64,
+    /// `(c_j, step index whose history term h_j is)`.
+    pub history: Vec<(f64, usize)>,
+    /// This step's history term `h = p x + q out`, if it records one.
+    pub hist: Option<(f64, f64)>,
+}
+
+/// The scalar gradient of the final state with respect to each step's model
+/// output, `d x_hat0 / d out_i`, under the stop-gradients of `path` (see the module
+/// documentation). `links` are the executed steps in order; returns one weight per
+/// link.
+pub fn output_weights(links: &[StepLink], path: GradPath) -> Vec<f64> {
+    let n = links.len();
+    let pos = |index: usize| links.iter().position(|l| l.index == index);
+    // scale[k] = d x_hat0 / d x_k (state before step k), scale[n] = 1 (x_hat0).
+    let mut scale = vec![1.0; n + 1];
+    // Contributions of each step's history term: (d x_hat0 / d h_k).
+    let mut dh = vec![0.0; n];
+    for k in (0..n).rev() {
+        let l = &links[k];
+        for &(c, src) in &l.history {
+            if let Some(j) = pos(src) {
+                dh[j] += c * scale[k + 1];
+            }
+        }
+        scale[k] = match path {
+            GradPath::Adt => 1.0,
+            GradPath::Drtune => l.a * scale[k + 1] + l.hist.map(|(p, _)| p * dh[k]).unwrap_or(0.0),
+        };
+    }
+    links
+        .iter()
+        .enumerate()
+        .map(|(k, l)| l.b * scale[k + 1] + l.hist.map(|(_, q)| q * dh[k]).unwrap_or(0.0))
+        .collect()
 }
 
 /// The result of a trajectory run without a graph.
@@ -170,33 +118,45 @@ pub fn rollout(
     tch::no_grad(|| {
         let mut x = x_start.detach();
         let mut history: Vec<Tensor> = Vec::new();
-        let mut kept_steps = Vec::new();
-        let mut a_list = Vec::new();
+        // Step index of each history term, most recent first (as `history`).
+        let mut history_src: Vec<usize> = Vec::new();
+        let mut inputs = Vec::new();
+        let mut links = Vec::new();
         for i in start..plan.len() {
             let c = plan.coeffs(i, history.len());
             if kept.contains(&i) {
-                kept_steps.push(KeptStep {
-                    index: i,
-                    x: x.shallow_clone(),
-                    b: c.b,
-                    scale: 1.0,
-                });
+                inputs.push((i, x.shallow_clone()));
             }
-            a_list.push((i, c.a));
+            links.push(StepLink {
+                index: i,
+                a: c.a,
+                b: c.b,
+                history: c
+                    .c
+                    .iter()
+                    .copied()
+                    .zip(history_src.iter().copied())
+                    .collect(),
+                hist: c.hist,
+            });
             let (out, _) = guided_output(model, &x, plan.timesteps[i], g)?;
             let next = plan.apply(&c, &x, &out, &history);
             plan.push_history(&c, &x, &out, &mut history);
+            if c.hist.is_some() {
+                history_src.insert(0, i);
+                history_src.truncate(history.len());
+            }
             x = next;
         }
-        if path == GradPath::Drtune {
-            for k in &mut kept_steps {
-                k.scale = a_list
-                    .iter()
-                    .filter(|(i, _)| *i > k.index)
-                    .map(|(_, a)| a)
-                    .product();
-            }
-        }
+        let weights = output_weights(&links, path);
+        let kept_steps = inputs
+            .into_iter()
+            .map(|(i, x)| KeptStep {
+                index: i,
+                x,
+                weight: weights[i - start],
+            })
+            .collect();
         Ok(Rollout {
             final_x: x,
             kept: kept_steps,
@@ -220,12 +180,13 @@ pub fn backprop_kept(
     let mut diff_value = None;
     for k in kept {
         let (out, cond_out) = guided_output(model, &k.x, plan.timesteps[k.index], guidance)?;
-        let mut loss = (&out * g_final.detach()).sum(Kind::Double) * (k.b * k.scale);
+        let mut loss = (&out * g_final.detach()).sum(Kind::Double) * k.weight;
         if let Some((start, target, lambda)) = diffusion {
             if start == k.index {
-                let d = (cond_out.to_kind(Kind::Float) - target.to_kind(Kind::Float))
+                let kind = loss_kind(&cond_out);
+                let d = (cond_out.to_kind(kind) - target.to_kind(kind))
                     .square()
-                    .mean(Kind::Float);
+                    .mean(kind);
                 diff_value = Some(d.double_value(&[]));
                 loss += d.to_kind(Kind::Double) * lambda;
             }
@@ -233,6 +194,16 @@ pub fn backprop_kept(
         loss.backward();
     }
     Ok(diff_value)
+}
+
+/// The kind a loss on `t` is computed in: float64 for float64 tensors, float32
+/// otherwise (also for bfloat16 / half outputs).
+pub fn loss_kind(t: &Tensor) -> Kind {
+    if t.kind() == Kind::Double {
+        Kind::Double
+    } else {
+        Kind::Float
+    }
 }
 
 /// The same trajectory as [`rollout`] with everything in one graph: the returned
@@ -249,6 +220,8 @@ pub fn rollout_graph(
     path: GradPath,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let mut x = x_start.shallow_clone();
+    // History terms with their graph (see the module documentation), most recent
+    // first.
     let mut history: Vec<Tensor> = Vec::new();
     let mut start_cond = None;
     for i in start..plan.len() {
@@ -273,7 +246,14 @@ pub fn rollout_graph(
         for (cj, h) in c.c.iter().zip(history.iter()) {
             next += h * *cj;
         }
-        plan.push_history(&c, &xd, &out, &mut history);
+        if let Some((p, q)) = c.hist {
+            let xh = match path {
+                GradPath::Adt => &xd,
+                GradPath::Drtune => &x,
+            };
+            history.insert(0, xh * p + &out * q);
+            history.truncate(plan.config.solver_order.max(1) - 1);
+        }
         x = next;
     }
     Ok((x, start_cond))
@@ -296,6 +276,7 @@ pub fn choose_kept(rng: &mut impl rand::Rng, start: usize, n_steps: usize, k: us
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::denoiser::Cond;
     use crate::schedule::{SamplerKind, ScheduleConfig};
     use tch::{nn, nn::Module, Device};
 
@@ -396,20 +377,47 @@ mod tests {
                 let (xf, _) =
                     rollout_graph(&toy, &plan, start, &x, &kept, &g, GradPath::Drtune).unwrap();
                 (&xf * &v).sum(Kind::Double).backward();
-                let mut hist = 0;
-                let mut prod = 1.0;
-                for i in start..plan.len() {
-                    let c = plan.coeffs(i, hist);
-                    if c.hist.is_some() {
-                        hist = 1;
+                // Oracle: with the model inputs stopped, x_hat0 is linear in x_t with
+                // the model outputs held fixed; replay the inference steps
+                // (`Plan::step`, history included) on x_t and on x_t + d with the
+                // outputs of the first run. For one-step samplers this is prod(a)
+                // (Eq. A1).
+                let outs: Vec<Tensor> = tch::no_grad(|| {
+                    let mut xs = x.detach();
+                    let mut hist = Vec::new();
+                    let mut outs = Vec::new();
+                    for i in start..plan.len() {
+                        let (o, _) = guided_output(&toy, &xs, plan.timesteps[i], &g).unwrap();
+                        xs = plan.step(i, &xs, &o, &mut hist);
+                        outs.push(o);
                     }
-                    prod *= c.a;
-                }
-                let e = crate::fixtures::max_rel_err(&x.grad(), &(&v * prod));
+                    outs
+                });
+                let replay = |x0: &Tensor| {
+                    let mut xs = x0.shallow_clone();
+                    let mut hist = Vec::new();
+                    for (i, o) in (start..plan.len()).zip(&outs) {
+                        xs = plan.step(i, &xs, o, &mut hist);
+                    }
+                    xs
+                };
+                let d = Tensor::randn([2, 2, 4, 4], opts);
+                let (f1, f0) = tch::no_grad(|| (replay(&(x.detach() + &d)), replay(&x.detach())));
+                // <grad, d> = <v, J d> for the linear map J.
+                let lhs = (x.grad() * &d).sum(Kind::Double).double_value(&[]);
+                let rhs = ((f1 - f0) * &v).sum(Kind::Double).double_value(&[]);
                 assert!(
-                    e < 1e-12,
-                    "{kind:?} start {start}: DRTune gradient is not prod(a) ({e})"
+                    (lhs - rhs).abs() <= 1e-9 * rhs.abs().max(1.0),
+                    "{kind:?} start {start}: DRTune input gradient {lhs} vs linear replay {rhs}"
                 );
+                if kind != SamplerKind::DpmSolverPp2m {
+                    let prod: f64 = (start..plan.len()).map(|i| plan.coeffs(i, 0).a).product();
+                    let e = crate::fixtures::max_rel_err(&x.grad(), &(&v * prod));
+                    assert!(
+                        e < 1e-12,
+                        "{kind:?} start {start}: DRTune gradient is not prod(a) ({e})"
+                    );
+                }
             }
         }
     }

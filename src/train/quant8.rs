@@ -33,7 +33,7 @@ pub fn dynamic_map(signed: bool) -> Vec<f64> {
             (1usize << (i + non_sign_bits - max_exp + 1)) + 1
         };
         let b = linspace(items);
-        let scale = 10f64.powi(-(max_exp as i32 - 1) + i as i32);
+        let scale = 10f64.powi(-(max_exp - 1) + i);
         for w in b.windows(2) {
             let mean = (w[0] + w[1]) / 2.0;
             data.push(scale * mean);

@@ -1,7 +1,7 @@
 //! `adt train`: the training loop around [`Trainer::iteration`] with progress,
 //! metrics, periodic sample grids and checkpoints, resume, and the final save.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 
@@ -23,7 +23,7 @@ fn resolve_synthetic(cfg: &mut Config) -> Result<()> {
             crate::data::write_synthetic_dataset(
                 &dir,
                 n,
-                cfg.train.resolution as u32,
+                cfg.train.resolution() as u32,
                 cfg.train.seed,
             )?;
         }
@@ -45,29 +45,151 @@ pub struct RunOptions {
     /// Stop after this many iterations of this invocation (testing resume).
     pub max_iterations: Option<usize>,
     pub quiet: bool,
+    /// Allow a new run into an output folder that holds checkpoints (or a resume
+    /// from a checkpoint older than others in the folder): same-named checkpoints
+    /// are replaced as the run reaches them; the others stay and are never pruned.
+    pub overwrite: bool,
+}
+
+/// Where a run starts: the checkpoint to restore (if any) and the run id to carry.
+struct Start {
+    from: Option<PathBuf>,
+    run_id: Option<String>,
+}
+
+fn names(found: &[PathBuf]) -> String {
+    let mut v: Vec<String> = found
+        .iter()
+        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect();
+    if v.len() > 4 {
+        let n = v.len();
+        v.drain(2..n - 1);
+        v.insert(2, "...".into());
+    }
+    v.join(", ")
+}
+
+/// Decide where the run starts before anything in the output folder is written:
+/// refuse a new run over existing checkpoints (unless `overwrite`), find the
+/// checkpoint of `--resume`, compare its configuration with this one.
+fn plan_start(cfg: &Config, opts: &RunOptions) -> Result<Start> {
+    let out = &cfg.output.dir;
+    let removed = checkpoint::clean_temporaries(out)?;
+    for p in &removed {
+        tracing::warn!("removed the leftover temporary checkpoint {}", p.display());
+    }
+    let entries = checkpoint::step_entries(out)?;
+    let from = match &opts.resume {
+        None => {
+            if !entries.is_empty() && !opts.overwrite {
+                bail!(
+                    "{} holds checkpoints of an earlier run ({}); pass --resume to continue it, \
+                     or --overwrite to start a new run there (its checkpoints replace same-named ones), \
+                     or choose another output.dir",
+                    checkpoint::checkpoints_dir(out).display(),
+                    names(&entries)
+                );
+            }
+            return Ok(Start {
+                from: None,
+                run_id: None,
+            });
+        }
+        Some(Some(d)) => d.clone(),
+        Some(None) => match checkpoint::find_resume(out)? {
+            Some((d, note)) => {
+                if let Some(n) = note {
+                    tracing::warn!("--resume: {n}");
+                }
+                d
+            }
+            None => {
+                if !entries.is_empty() && !opts.overwrite {
+                    bail!(
+                        "--resume: {} holds no complete checkpoint (only {}); pass --overwrite to start a new run there",
+                        checkpoint::checkpoints_dir(out).display(),
+                        names(&entries)
+                    );
+                }
+                tracing::warn!(
+                    "--resume: no checkpoint in {}, starting fresh",
+                    checkpoint::checkpoints_dir(out).display()
+                );
+                return Ok(Start {
+                    from: None,
+                    run_id: None,
+                });
+            }
+        },
+    };
+    let state = checkpoint::read_state(&from)
+        .with_context(|| format!("--resume {}: not a complete checkpoint", from.display()))?;
+    // The checkpoint's configuration against this one.
+    let now = cfg.to_toml()?;
+    let diffs = checkpoint::config_differences(&state.config, &now).unwrap_or_default();
+    if let Some((_, a, b)) = diffs.iter().find(|(k, _, _)| k == "train.mode") {
+        bail!(
+            "--resume {}: the checkpoint was trained with train.mode = {a}, this configuration has {b}; \
+             a resumed run cannot change mode (start a new run from its final/ pipeline instead)",
+            from.display()
+        );
+    }
+    if !diffs.is_empty() {
+        let list: Vec<String> = diffs
+            .iter()
+            .map(|(k, a, b)| format!("{k}: {a} -> {b}"))
+            .collect();
+        tracing::warn!(
+            "--resume {}: the configuration differs from the checkpoint's in {} field(s): {}",
+            from.display(),
+            diffs.len(),
+            list.join("; ")
+        );
+    }
+    // Later checkpoints in the folder would be replaced by this run.
+    let later: Vec<PathBuf> = checkpoint::complete_checkpoints(out)?
+        .into_iter()
+        .filter(|f| f.step > state.step)
+        .map(|f| f.path)
+        .collect();
+    if !later.is_empty() && !opts.overwrite {
+        bail!(
+            "--resume {} (step {}): {} holds later checkpoints ({}) that this run would replace; \
+             pass --overwrite to allow it, or resume from the newest one",
+            from.display(),
+            state.step,
+            checkpoint::checkpoints_dir(out).display(),
+            names(&later)
+        );
+    }
+    // Continuing a run keeps its id (its older checkpoints are pruned as usual); a
+    // branch from an older checkpoint is a new run, which never prunes the old ones.
+    let run_id = (later.is_empty() && !state.run_id.is_empty()).then(|| state.run_id.clone());
+    Ok(Start {
+        from: Some(from),
+        run_id,
+    })
 }
 
 /// Train to the configured number of iterations; returns the trainer.
 pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
+    cfg.check_device()?;
     resolve_synthetic(&mut cfg)?;
+    let start = plan_start(&cfg, opts)?;
     let mut tr = Trainer::new(cfg.clone())?;
-    if let Some(which) = &opts.resume {
-        let dir = match which {
-            Some(d) => Some(d.clone()),
-            None => checkpoint::latest(&tr.out_dir)?,
-        };
-        match dir {
-            Some(d) => {
-                checkpoint::restore(&mut tr, &d)
-                    .with_context(|| format!("resuming from {}", d.display()))?;
-                tracing::info!("resumed from {} at step {}", d.display(), tr.step);
-            }
-            None => tracing::warn!(
-                "--resume: no checkpoint in {}, starting fresh",
-                tr.out_dir.display()
-            ),
-        }
+    if let Some(id) = start.run_id {
+        tr.run_id = id;
     }
+    let mut last_ckpt: Option<(PathBuf, usize)> = None;
+    if let Some(d) = &start.from {
+        checkpoint::restore(&mut tr, d)
+            .with_context(|| format!("resuming from {}", d.display()))?;
+        tracing::info!("resumed from {} at step {}", d.display(), tr.step);
+        last_ckpt = Some((d.clone(), tr.step));
+    }
+    // A resumed run logs the steps after its checkpoint again; a new one starts empty.
+    tr.truncate_metrics(tr.step)?;
     let total = cfg.train.iterations;
     let pb = if opts.quiet {
         ProgressBar::hidden()
@@ -100,7 +222,10 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
                 break;
             }
         }
-        let log = tr.iteration()?;
+        let log = match tr.iteration() {
+            Ok(l) => l,
+            Err(e) => return Err(explain_stop(e, &tr, &last_ckpt)),
+        };
         if log.step % cfg.output.log_every.max(1) == 0 || tr.step == total {
             tr.log(&log)?;
         }
@@ -128,7 +253,7 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
                 &cfg.output.validation_prompts,
                 cfg.sampler.cfg,
                 cfg.train.seed as i64,
-                cfg.train.resolution,
+                tr.cfg.train.resolution(),
             )?;
             crate::sample::save_grid(
                 &imgs,
@@ -137,7 +262,10 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
             )?;
         }
         if cfg.output.checkpoint_every > 0 && s % cfg.output.checkpoint_every == 0 && s < total {
-            checkpoint::save(&tr)?;
+            match checkpoint::save(&tr) {
+                Ok(p) => last_ckpt = Some((p, s)),
+                Err(e) => return Err(explain_stop(e, &tr, &last_ckpt)),
+            }
         }
     }
     pb.finish();
@@ -147,6 +275,13 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
             .save_to
             .clone()
             .unwrap_or_else(|| tr.out_dir.join("final"));
+        if let Some(bad) = checkpoint::first_nonfinite(&tr) {
+            let e = anyhow::Error::new(checkpoint::NonFiniteState {
+                step: tr.step,
+                what: bad,
+            });
+            return Err(explain_stop(e, &tr, &last_ckpt));
+        }
         tr.save_final(&out)?;
         checkpoint::save(&tr)?;
         if cfg.train.lora.is_some() {
@@ -159,4 +294,48 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
         }
     }
     Ok(tr)
+}
+
+/// Add to a NaN stop which checkpoint holds the last finite state, truthfully: every
+/// checkpoint is checked for finiteness before it is written, and one written just
+/// before the failing step holds the weights that produced the non-finite value.
+fn explain_stop(e: anyhow::Error, tr: &Trainer, last: &Option<(PathBuf, usize)>) -> anyhow::Error {
+    let failing_step = if let Some(n) = e.downcast_ref::<crate::train::adt::NonFiniteLoss>() {
+        n.step
+    } else if e.downcast_ref::<checkpoint::NonFiniteState>().is_some() {
+        tr.step
+    } else {
+        return e;
+    };
+    let note = match last {
+        None => format!(
+            "no checkpoint of this run holds finite numbers before step {failing_step}; \
+             nothing was written after the non-finite value"
+        ),
+        Some((p, s)) if *s == failing_step => {
+            let earlier = checkpoint::complete_checkpoints(&tr.out_dir)
+                .unwrap_or_default()
+                .into_iter()
+                .rfind(|f| f.step < *s);
+            format!(
+                "the last checkpoint, {} (step {s}), holds finite numbers, but its weights produced \
+                 this value at the very next step, so resuming from it will stop again; {}",
+                p.display(),
+                match earlier {
+                    Some(f) => format!(
+                        "the checkpoint before it is {} (step {}): resume from it with lower learning rates",
+                        f.path.display(),
+                        f.step
+                    ),
+                    None => "no earlier checkpoint is kept: start again with lower learning rates".into(),
+                }
+            )
+        }
+        Some((p, s)) => format!(
+            "the last checkpoint, {} (step {s}), holds finite numbers and every loss up to it was \
+             finite; resume from it with lower learning rates",
+            p.display()
+        ),
+    };
+    anyhow::anyhow!("{e:#}\n{note}")
 }

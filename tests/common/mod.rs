@@ -1,5 +1,7 @@
-//! Helpers shared by the trainer test binaries (`mod common;` in each).
+//! Helpers shared by the test binaries (`mod common;` in each).
 #![allow(dead_code)]
+
+pub mod inputs;
 
 use adt::train::adt::Trainer;
 use adt::train::config::Config;
