@@ -331,3 +331,77 @@ fn sd3_adapters_merge_equals_runtime_and_round_trip() {
     println!("SD3 merged vs run-time adapters: {d:.2e}");
     assert!(d < TOL);
 }
+
+#[test]
+fn cli_sample_with_lora_equals_sampling_the_merged_pipeline() {
+    let _g = common::lock();
+    tch::manual_seed(11);
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    let pipe = Pipeline::tiny_random(Device::Cpu, 4).unwrap();
+    pipe.save(&base).unwrap();
+    let spec = LoraSpec {
+        rank: 2,
+        alpha: 2.0,
+        dropout: 0.0,
+        targets: lora::default_targets(),
+    };
+    let unet = pipe.unet().unwrap();
+    unet.model.lora.attach_new(&unet.vs.root(), &spec).unwrap();
+    tch::no_grad(|| {
+        for (_, _, b) in unet.model.lora.adapters() {
+            let mut b = b;
+            b.copy_(&(Tensor::randn_like(&b) * 0.2));
+        }
+    });
+    let lora_dir = dir.path().join("lora");
+    lora::save_peft(&unet.model.lora, &spec, "unet", &lora_dir).unwrap();
+    let adt = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_adt"))
+            .args(args)
+            .env("OMP_NUM_THREADS", "1")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "adt {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let p = |q: &Path| q.to_str().unwrap().to_string();
+    let merged = dir.path().join("merged");
+    let lora_arg = format!("{}:0.6", p(&lora_dir));
+    adt(&[
+        "merge-lora",
+        "--model",
+        &p(&base),
+        "--lora",
+        &lora_arg,
+        "--out",
+        &p(&merged),
+    ]);
+    let sample = |model: &Path, lora: Option<&str>, out: &Path| {
+        let mut a = vec![
+            "sample".to_string(),
+            "--model".into(),
+            p(model),
+            "--prompt".into(),
+            "a red circle".into(),
+            "--steps".into(),
+            "3".into(),
+            "--out".into(),
+            p(out),
+        ];
+        if let Some(l) = lora {
+            a.extend(["--lora".to_string(), l.to_string()]);
+        }
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        adt(&a);
+        std::fs::read(out.join("ddim-3steps-cfg7/00000.png")).unwrap()
+    };
+    let with_lora = sample(&base, Some(&lora_arg), &dir.path().join("s1"));
+    let from_merged = sample(&merged, None, &dir.path().join("s2"));
+    let plain = sample(&base, None, &dir.path().join("s3"));
+    assert_eq!(with_lora, from_merged);
+    assert_ne!(with_lora, plain, "the LoRA changed no pixel");
+}
