@@ -193,20 +193,6 @@ fn threads_for(cores: usize, load: f64) -> usize {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn threads_follow_the_idle_cores() {
-        use super::threads_for;
-        assert_eq!(threads_for(2, 0.1), 2);
-        assert_eq!(threads_for(2, 0.7), 1);
-        assert_eq!(threads_for(2, 5.0), 1);
-        assert_eq!(threads_for(16, 3.6), 12);
-        assert_eq!(threads_for(8, -1.0), 8);
-        assert_eq!(threads_for(4, f64::NAN), 1);
-    }
-}
-
 /// `FILE` or `FILE:SCALE` (scale 1 by default).
 fn parse_lora_args(args: &[String]) -> Result<Vec<(PathBuf, f64)>> {
     args.iter()
@@ -493,4 +479,18 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn threads_follow_the_idle_cores() {
+        use super::threads_for;
+        assert_eq!(threads_for(2, 0.1), 2);
+        assert_eq!(threads_for(2, 0.7), 1);
+        assert_eq!(threads_for(2, 5.0), 1);
+        assert_eq!(threads_for(16, 3.6), 12);
+        assert_eq!(threads_for(8, -1.0), 8);
+        assert_eq!(threads_for(4, f64::NAN), 1);
+    }
 }
