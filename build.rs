@@ -95,15 +95,55 @@ fn build_optim_shim() {
     println!("cargo:rustc-cfg=adt_optim_shim");
 }
 
+// The distributed binding (csrc/dist_shim.cpp: TCPStore, Gloo process group and, in
+// GPU builds, NCCL; bucketed gradient reducer) is compiled in every build whose
+// libtorch folder is known and ships the c10d headers; without it `adt train` runs
+// on one process only.
+fn build_dist_shim(cuda: bool) {
+    println!("cargo:rerun-if-changed=csrc/dist_shim.cpp");
+    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    let Ok(libtorch) = std::env::var("LIBTORCH") else {
+        return;
+    };
+    let inc = PathBuf::from(libtorch).join("include");
+    let c10d = inc
+        .join("torch")
+        .join("csrc")
+        .join("distributed")
+        .join("c10d");
+    if !c10d.join("TCPStore.hpp").is_file() || !c10d.join("Backend.hpp").is_file() {
+        return;
+    }
+    let mut b = cc::Build::new();
+    if cuda {
+        // ProcessGroupNCCL (libtorch_cuda, linked in GPU builds).
+        b.define("ADT_DIST_NCCL", None);
+    }
+    b.cpp(true)
+        .std("c++17")
+        .file("csrc/dist_shim.cpp")
+        .include(&inc)
+        .include(inc.join("torch").join("csrc").join("api").join("include"))
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .define("USE_C10D_GLOO", None)
+        .define("USE_DISTRIBUTED", None)
+        .flag_if_supported("-Wno-unused-parameter")
+        .warnings(false)
+        .compile("adt_dist_shim");
+    println!("cargo:rustc-cfg=adt_dist_shim");
+}
+
 fn main() {
     println!("cargo:rerun-if-env-changed=ADT_CUDA_LINK");
     println!("cargo::rustc-check-cfg=cfg(adt_cuda_shim)");
     println!("cargo::rustc-check-cfg=cfg(adt_optim_shim)");
+    println!("cargo::rustc-check-cfg=cfg(adt_dist_shim)");
     build_optim_shim();
     let cuda = std::env::var("CARGO_FEATURE_CUDA").is_ok()
         || std::env::var("ADT_CUDA_LINK")
             .map(|v| v == "1")
             .unwrap_or(false);
+    build_dist_shim(cuda);
     if cuda {
         build_shim();
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");

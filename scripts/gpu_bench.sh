@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark run for a CUDA machine: `adt bench` in every configuration, each
-# with its own time limit, full logs and JSON reports in $OUT/, a short table last.
+# with its own time limit, full logs and JSON reports in the output folder, a short
+# table last.
 #
 # Building the GPU binary (on an x86_64 Linux machine with Rust, not on the GPU
 # machine):
@@ -16,16 +17,20 @@
 # libraries and finds the GPU there. It checks that the result references
 # libtorch_cuda.so.
 #
+# The build writes the GPU binary to target/gpu/adt (a later CPU build does not
+# overwrite it); copy the working tree with it to the CUDA machine.
+#
 # Running on the CUDA machine (no Rust, no network; PyTorch 2.11 installed):
 #
-#   OUT=/some/dir scripts/gpu_bench.sh [run]
+#   scripts/gpu_bench.sh run [--out DIR] [--time-limit SECONDS]
 #
-# Environment: ADT_BIN (default gpu-bin/adt if present, else target/release/adt),
-# TORCH_DIR (default
-# the torch package of the machine's python3), OUT (default ./bench-out),
-# BENCH_TIMEOUT_SCALE (multiplies every time limit, default 1), BENCH_ONLY (space-
-# separated names of the runs to do, default all: probe unet sample adt memory sd3 tiny),
-# BENCH_BUDGET (seconds for the whole run, default 540).
+# --out: the output folder (default bench-out/); --time-limit: stop starting runs once
+# the whole benchmark has used this many seconds, and clip each run's own limit to what
+# is left (default: no overall limit). Environment: ADT_BIN (default target/gpu/adt if
+# present, else target/release/adt), TORCH_DIR (default the torch package of the
+# machine's python3), BENCH_TIMEOUT_SCALE (multiplies every per-run time limit, default
+# 1), BENCH_ONLY (space-separated names of the runs to do, default all: probe unet
+# sample adt memory sd3 tiny).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -50,26 +55,34 @@ if [ "$MODE" = "build" ]; then
     echo "gpu_bench build: $bin does not reference libtorch_cuda.so" >&2
     exit 1
   fi
-  # A later CPU build would overwrite target/release/adt: keep the GPU binary apart
-  # (gpu-bin/ is git-ignored; carry it to the CUDA machine).
-  mkdir -p "$ROOT/gpu-bin"
-  cp "$bin" "$ROOT/gpu-bin/adt"
-  echo "built gpu-bin/adt ($(du -h "$bin" | cut -f1)); carry gpu-bin to the CUDA machine with the working tree"
+  # A later CPU build would overwrite target/release/adt: keep the GPU binary apart.
+  mkdir -p "$ROOT/target/gpu"
+  cp "$bin" "$ROOT/target/gpu/adt"
+  echo "built target/gpu/adt ($(du -h "$bin" | cut -f1)); copy it with the working tree to the CUDA machine"
   exit 0
 fi
 
 if [ "$MODE" != "run" ]; then
-  echo "usage: scripts/gpu_bench.sh [build|run]" >&2
+  echo "usage: scripts/gpu_bench.sh build | run [--out DIR] [--time-limit SECONDS]" >&2
   exit 2
 fi
+shift || true
+OUT="$ROOT/bench-out"
+BUDGET=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) OUT="$2"; shift 2 ;;
+    --time-limit) BUDGET="$2"; shift 2 ;;
+    *) echo "gpu_bench: unknown option $1 (--out DIR, --time-limit SECONDS)" >&2; exit 2 ;;
+  esac
+done
 
 cd "$ROOT"
 if [ -z "${ADT_BIN:-}" ]; then
   ADT_BIN="$ROOT/target/release/adt"
-  [ -x "$ROOT/gpu-bin/adt" ] && ADT_BIN="$ROOT/gpu-bin/adt"
+  [ -x "$ROOT/target/gpu/adt" ] && ADT_BIN="$ROOT/target/gpu/adt"
 fi
 TORCH_DIR="${TORCH_DIR:-$(python3 -c "import os, torch; print(os.path.dirname(torch.__file__))" 2>/dev/null)}"
-OUT="${OUT:-$ROOT/bench-out}"
 SCALE="${BENCH_TIMEOUT_SCALE:-1}"
 ONLY="${BENCH_ONLY:-probe unet sample adt memory sd3 tiny}"
 mkdir -p "$OUT"
@@ -93,22 +106,22 @@ cat "$OUT/machine.txt"
 wanted() { case " $ONLY " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 # run NAME LIMIT_SECONDS ARGS...: one bench invocation with a time limit, clipped
-# to what is left of the whole run's budget (BENCH_BUDGET seconds, default 540, so
-# that the script fits a 10-minute command).
-BUDGET="${BENCH_BUDGET:-540}"
+# to what is left of --time-limit when one is given.
 START=$SECONDS
 run() {
   local name="$1" limit="$2"
   shift 2
   wanted "$name" || return 0
   limit=$(awk -v l="$limit" -v s="$SCALE" 'BEGIN { printf "%d", l * s }')
-  local left=$((BUDGET - (SECONDS - START)))
-  if [ "$left" -lt 30 ]; then
-    echo "== $name: SKIPPED (${left}s of the budget left)"
-    echo "== $name: SKIPPED, budget spent" >> "$SUMMARY"
-    return 0
+  if [ -n "$BUDGET" ]; then
+    local left=$((BUDGET - (SECONDS - START)))
+    if [ "$left" -lt 30 ]; then
+      echo "== $name: SKIPPED (${left}s of --time-limit left)"
+      echo "== $name: SKIPPED, --time-limit reached" >> "$SUMMARY"
+      return 0
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
   fi
-  [ "$limit" -gt "$left" ] && limit=$left
   echo "== $name (limit ${limit}s): adt bench $*"
   local t0=$SECONDS
   timeout --signal=TERM --kill-after=10 "$limit" \

@@ -2,9 +2,12 @@
 # The demo's FT and ADT runs on a CUDA machine (prepared script: builds nothing).
 # Trains FT and ADT from assets/demo-base for each seed and draws one image per
 # held-out Noto caption with every model; the evaluation (FD on held-out Noto) is
-# then done anywhere with `adt eval`. Needs: the GPU-linked binary ($ADT_BIN), the
-# EfficientNet-Lite0 weights ($EFF), the Noto training images and the held-out
-# captions (one per line). Usage: scripts/gpu_demo.sh ITERATIONS "SEEDS" OUTDIR
+# then done anywhere with `adt eval`. Needs: the GPU-linked binary ($ADT_BIN, default
+# target/gpu/adt from `scripts/gpu_bench.sh build`), the EfficientNet-Lite0 weights
+# ($EFF, default .cache/weights/efficientnet-lite0 from scripts/setup_efficientnet.sh),
+# the demo data (.cache/demo/data, scripts/setup_demo_data.sh) and the held-out captions
+# (one per line; $CAPS, default: taken from the held-out Noto metadata.jsonl).
+# Usage: scripts/gpu_demo.sh ITERATIONS "SEEDS" OUTDIR
 set -uo pipefail
 ITERS=${1:-200}
 SEEDS=${2:-"0 1 2"}
@@ -12,11 +15,18 @@ OUTDIR=${3:-runs/gpu-demo-out}
 TORCH_LIB=${TORCH_LIB:-$(python3 -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))" 2>/dev/null)}
 [ -n "$TORCH_LIB" ] || { echo "set TORCH_LIB to the lib folder of a PyTorch 2.11 install" >&2; exit 1; }
 export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-ADT=${ADT_BIN:-gpu-carry/adt}
-EFF=${EFF:-gpu-carry/efficientnet-lite0}
-CAPS=${CAPS:-gpu-carry/heldout_captions.txt}
+ADT=${ADT_BIN:-target/gpu/adt}
+EFF=${EFF:-.cache/weights/efficientnet-lite0}
 W=runs/gpu-demo
 mkdir -p "$OUTDIR" "$W/samples"
+if [ -z "${CAPS:-}" ]; then
+  CAPS="$OUTDIR/heldout_captions.txt"
+  python3 -c 'import json, sys
+for line in open(sys.argv[1]):
+    if line.strip():
+        print(json.loads(line)["text"])' .cache/demo/data/noto/heldout/metadata.jsonl > "$CAPS" \
+    || { echo "gpu_demo: no held-out captions (run scripts/setup_demo_data.sh or set CAPS)" >&2; exit 1; }
+fi
 table="$OUTDIR/table.txt"
 echo "run iterations train_s" > "$table"
 sample() { # model out

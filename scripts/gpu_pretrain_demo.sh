@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Pretrain the demo's base model on a CUDA machine (prepared script: builds nothing).
-# Expects the GPU-linked binary at gpu-bin/adt (see README, "GPU builds") and the demo
+# Expects the GPU-linked binary at target/gpu/adt or $ADT_BIN (`scripts/gpu_bench.sh
+# build`; see README, "GPU builds") and the demo
 # data at .cache/demo/data (scripts/setup_demo_data.sh). Usage:
 #   scripts/gpu_pretrain_demo.sh MINUTES OUTDIR
 set -uo pipefail
@@ -10,7 +11,7 @@ TORCH_LIB=${TORCH_LIB:-$(python3 -c "import os, torch; print(os.path.join(os.pat
 [ -n "$TORCH_LIB" ] || { echo "set TORCH_LIB to the lib folder of a PyTorch 2.11 install" >&2; exit 1; }
 export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 mkdir -p "$OUTDIR"
-ADT=gpu-bin/adt
+ADT=${ADT_BIN:-target/gpu/adt}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUTDIR/gpu.txt"
 $ADT init-pipeline --preset demo --seed 0 --out runs/demo-init 2>&1 | tee "$OUTDIR/init.log"
 start=$(date +%s)

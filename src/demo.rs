@@ -14,11 +14,14 @@ use std::path::{Path, PathBuf};
 use tch::Device;
 
 use crate::eval::metrics::{
-    compare, select_images, set_stats, EvalOptions, FeatureExtractor, FeatureSpace, SetStats,
+    compare, load_image01, select_images, set_stats, EvalOptions, FeatureExtractor, FeatureSpace,
+    SetStats,
 };
 use crate::models::pipeline::Pipeline;
+use crate::progress::{human_seconds, Progress};
 use crate::report::{line_plot_svg, md_table_to_html, png_data_uri, read_series, rows_grid};
 use crate::schedule::{Plan, SamplerKind};
+use crate::train::adt::Trainer;
 use crate::train::config::Config;
 use crate::train::run::{run, RunOptions};
 
@@ -165,18 +168,30 @@ fn captions(dir: &Path) -> Result<Vec<String>> {
         .collect()
 }
 
+/// Captions sampled together by [`generate_set`].
+const SAMPLE_CHUNK: usize = 64;
+/// The demo sampler: DDIM steps and guidance scale.
+const SAMPLE_STEPS: usize = 10;
+
 /// Draw one image per caption with the demo sampler into `dir` (PNG files).
 pub fn generate_set(pipe: &Pipeline, captions: &[String], dir: &Path, seed: i64) -> Result<()> {
-    let plan = Plan::new(&pipe.schedule, SamplerKind::Ddim, 10)?;
+    let plan = Plan::new(&pipe.schedule, SamplerKind::Ddim, SAMPLE_STEPS)?;
     std::fs::create_dir_all(dir)?;
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+    let mut progress = Progress::new(
+        format!("sample {}", name.unwrap_or_default()),
+        captions.len() as u64,
+    );
     let mut k = 0;
-    for (bi, chunk) in captions.chunks(64).enumerate() {
+    for (bi, chunk) in captions.chunks(SAMPLE_CHUNK).enumerate() {
         let imgs = crate::sample::generate(pipe, &plan, chunk, 2.0, seed * 1000 + bi as i64, 32)?;
         for im in crate::sample::to_rgb8(&imgs)? {
             im.save(dir.join(format!("{k:05}.png")))?;
             k += 1;
         }
+        progress.inc(chunk.len() as u64);
     }
+    progress.finish();
     Ok(())
 }
 
@@ -192,9 +207,20 @@ impl Evaluator {
         set_stats(dir, &files, n, &self.extractor, &self.opts)
     }
 
-    /// Statistics of a fixed image set, cached under `cache` keyed by the file list
-    /// (names, sizes, modification times) and the feature network.
-    fn cached_stats(&self, dir: &Path, cache: &Path) -> Result<SetStats> {
+    /// Whether [`Evaluator::cached_stats`] of `dir` would read the cache, and how many
+    /// images the set has.
+    fn is_cached(&self, dir: &Path, cache: &Path) -> Result<(bool, usize)> {
+        let (files, _, file, meta) = self.cache_paths(dir, cache)?;
+        Ok((file.is_file() && meta.is_file(), files.len()))
+    }
+
+    /// The selected files of `dir` (and how many it has), and the cache files of
+    /// their statistics.
+    fn cache_paths(
+        &self,
+        dir: &Path,
+        cache: &Path,
+    ) -> Result<(Vec<PathBuf>, usize, PathBuf, PathBuf)> {
         use sha2::Digest;
         let (files, n) = select_images(dir, self.opts.max_images, self.opts.seed)?;
         let mut h = sha2::Sha256::new();
@@ -216,6 +242,13 @@ impl Evaluator {
         let key = format!("{:x}", h.finalize());
         let file = cache.join(format!("{}.safetensors", &key[..16]));
         let meta = cache.join(format!("{}.json", &key[..16]));
+        Ok((files, n, file, meta))
+    }
+
+    /// Statistics of a fixed image set, cached under `cache` keyed by the file list
+    /// (names, sizes, modification times) and the feature network.
+    fn cached_stats(&self, dir: &Path, cache: &Path) -> Result<SetStats> {
+        let (files, n, file, meta) = self.cache_paths(dir, cache)?;
         if file.is_file() && meta.is_file() {
             let t: std::collections::HashMap<String, tch::Tensor> =
                 crate::weights::read_safetensors(&file)?
@@ -243,6 +276,208 @@ impl Evaluator {
         )?;
         crate::weights::atomic_write(&meta, serde_json::to_string(&s.summary)?.as_bytes())?;
         Ok(s)
+    }
+}
+
+/// The configuration of one FT or ADT run of the demo.
+fn run_config(
+    o: &DemoOptions,
+    cfg_path: &Path,
+    seed: u64,
+    iterations: usize,
+    run_dir: &Path,
+    extra: &[String],
+) -> Result<Config> {
+    let mut sets = vec![
+        format!("model.path={:?}", o.base.display().to_string()),
+        format!("train.seed={seed}"),
+        format!("train.iterations={iterations}"),
+        format!("output.dir={:?}", run_dir.display().to_string()),
+        format!(
+            "data.path={:?}",
+            o.data.join("noto/train").display().to_string()
+        ),
+        format!("train.device={:?}", o.device),
+    ];
+    sets.extend(extra.iter().cloned());
+    Config::load(Some(cfg_path), &sets)
+}
+
+/// Seconds per unit of work on this machine, measured by [`measure_rates`].
+#[derive(Debug, Clone, Default)]
+struct Rates {
+    /// Loading the models and the data of one run.
+    run_setup: f64,
+    ft_iteration: f64,
+    /// An ADT iteration, averaged over one cycle of H iterations (one G step).
+    adt_iteration: f64,
+    /// An ADT iteration without G step (`train.d_only_iterations` at the start).
+    adt_d_only_iteration: f64,
+    /// One image of [`generate_set`].
+    sample_image: f64,
+    /// Captions in the timed sampling step.
+    sample_batch: usize,
+    /// Reading one image and computing its features and colour statistics.
+    feature_image: f64,
+}
+
+impl Rates {
+    fn describe(&self) -> String {
+        let mut s = String::from("adt demo: measured here: ");
+        if self.ft_iteration > 0.0 {
+            s += &format!(
+                "FT {:.2} s/iteration, ADT {:.2} s/iteration over one cycle of H iterations (D steps and one G step; {:.2} s without the G step), each after a warm-up iteration, run setup {:.1} s, sampling {:.3} s/image (one DDIM step of {} captions, times {SAMPLE_STEPS}), ",
+                self.ft_iteration, self.adt_iteration, self.adt_d_only_iteration, self.run_setup, self.sample_image, self.sample_batch
+            );
+        }
+        s += &format!(
+            "features {:.3} s/image (one batch, after a warm-up batch); the estimates below multiply these by the configured sizes",
+            self.feature_image
+        );
+        s
+    }
+}
+
+/// Time a few units of each kind of work the demo will do: feature
+/// extraction on 32 held-out images; and, when `train`, the setup and a few
+/// iterations of an FT and an ADT run (in a scratch folder, removed afterwards)
+/// and one sampling step.
+fn measure_rates(o: &DemoOptions, caps: &[String], ev: &Evaluator, train: bool) -> Result<Rates> {
+    let mut r = Rates::default();
+    let (files, _) = select_images(&o.data.join("noto/heldout"), Some(32), 0)?;
+    // The same batch twice: the first call pays one-off costs (per batch shape).
+    let read = || {
+        files
+            .iter()
+            .map(|f| load_image01(f))
+            .collect::<Result<Vec<_>>>()
+    };
+    let _ = ev.extractor.features(&read()?)?;
+    let t = std::time::Instant::now();
+    let _ = ev.extractor.features(&read()?)?;
+    r.feature_image = t.elapsed().as_secs_f64() / files.len() as f64;
+    if !train {
+        return Ok(r);
+    }
+    let scratch = o.out.join("speed-check");
+    for (name, cfg_path) in [("ft", &o.ft_config), ("adt", &o.adt_config)] {
+        // Every iteration as in the run's steady state: D and (every H) G steps.
+        let extra = ["train.d_only_iterations=0".to_string()];
+        let cfg = run_config(o, cfg_path, 0, 100, &scratch.join(name), &extra)?;
+        let cycle = if name == "adt" { cfg.train.h.max(2) } else { 2 };
+        let t = std::time::Instant::now();
+        let mut tr = Trainer::new(cfg).with_context(|| format!("speed check of the {name} run"))?;
+        r.run_setup = r.run_setup.max(t.elapsed().as_secs_f64());
+        // A warm-up iteration (one-off costs of the first passes).
+        tr.iteration()?;
+        let mut times = Vec::with_capacity(cycle);
+        for _ in 0..cycle {
+            let t = std::time::Instant::now();
+            tr.iteration()?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        let per = times.iter().sum::<f64>() / cycle as f64;
+        if name == "ft" {
+            r.ft_iteration = per;
+            let plan = Plan::new(&tr.pipe.schedule, SamplerKind::Ddim, 1)?;
+            let m = caps.len().clamp(1, SAMPLE_CHUNK);
+            let t = std::time::Instant::now();
+            let _ = crate::sample::generate(&tr.pipe, &plan, &caps[..m], 2.0, 0, 32)?;
+            r.sample_image = t.elapsed().as_secs_f64() * SAMPLE_STEPS as f64 / m as f64;
+            r.sample_batch = m;
+        } else {
+            r.adt_iteration = per;
+            // The cheapest of the cycle: an iteration without a G step.
+            r.adt_d_only_iteration = times.iter().copied().fold(f64::INFINITY, f64::min);
+        }
+    }
+    std::fs::remove_dir_all(&scratch).with_context(|| format!("removing {}", scratch.display()))?;
+    Ok(r)
+}
+
+/// The demo's stages with their estimated seconds; logs each start and end with the
+/// time left (the remaining estimates scaled by how the finished stages compared
+/// with theirs).
+struct Stages {
+    list: Vec<(String, f64)>,
+    next: usize,
+    started: std::time::Instant,
+    stage_started: std::time::Instant,
+    done_estimate: f64,
+    done_actual: f64,
+}
+
+impl Stages {
+    fn new(started: std::time::Instant) -> Stages {
+        Stages {
+            list: Vec::new(),
+            next: 0,
+            started,
+            stage_started: started,
+            done_estimate: 0.0,
+            done_actual: 0.0,
+        }
+    }
+
+    fn add(&mut self, label: &str, seconds: f64) {
+        self.list.push((label.to_string(), seconds));
+    }
+
+    fn total(&self) -> f64 {
+        self.list.iter().map(|s| s.1).sum()
+    }
+
+    fn announce(&self) {
+        tracing::info!(
+            "adt demo: {} stages, about {} from here (estimate):",
+            self.list.len(),
+            human_seconds(self.total())
+        );
+        for (i, (label, s)) in self.list.iter().enumerate() {
+            tracing::info!("  {}. {label}: about {}", i + 1, human_seconds(*s));
+        }
+    }
+
+    fn left(&self) -> f64 {
+        let rest: f64 = self.list[self.next.min(self.list.len())..]
+            .iter()
+            .map(|s| s.1)
+            .sum();
+        let ratio = if self.done_estimate > 1.0 {
+            (self.done_actual / self.done_estimate).clamp(0.25, 4.0)
+        } else {
+            1.0
+        };
+        rest * ratio
+    }
+
+    fn begin(&mut self) {
+        self.stage_started = std::time::Instant::now();
+        if let Some((label, s)) = self.list.get(self.next) {
+            tracing::info!(
+                "[{}/{}] {label} (about {})",
+                self.next + 1,
+                self.list.len(),
+                human_seconds(*s)
+            );
+        }
+    }
+
+    fn end(&mut self) {
+        let took = self.stage_started.elapsed().as_secs_f64();
+        if let Some((label, s)) = self.list.get(self.next) {
+            self.done_estimate += s;
+            self.done_actual += took;
+            self.next += 1;
+            tracing::info!(
+                "[{}/{}] {label}: done in {}; {} elapsed, about {} left",
+                self.next,
+                self.list.len(),
+                human_seconds(took),
+                human_seconds(self.started.elapsed().as_secs_f64()),
+                human_seconds(self.left())
+            );
+        }
     }
 }
 
@@ -294,14 +529,94 @@ pub fn run_demo(o: &DemoOptions) -> Result<DemoReport> {
         opts,
         reference: placeholder,
     };
-    ev.reference = ev.cached_stats(&o.data.join("noto/heldout"), &cache)?;
-    let fd_of = |stats: &SetStats| compare(stats, &ev.reference, &ev.extractor, &ev.opts);
-    let gap = fd_of(&ev.cached_stats(&o.data.join("twemoji/heldout"), &cache)?)?.fd;
-    let floor = fd_of(&ev.cached_stats(&o.data.join("noto/train"), &cache)?)?.fd;
-    tracing::info!("reference points: style gap FD {gap:.1}, floor FD {floor:.1}");
-
     let mut caps = captions(&o.data.join("noto/heldout"))?;
     caps.truncate(o.eval_images);
+    let ref_dirs = ["noto/heldout", "twemoji/heldout", "noto/train"].map(|d| o.data.join(d));
+    let (mut ref_images, mut cached_sets) = (0, 0);
+    for d in &ref_dirs {
+        let (cached, n) = ev.is_cached(d, &cache)?;
+        if cached {
+            cached_sets += 1;
+        } else {
+            ref_images += n;
+        }
+    }
+    let train_runs = if o.from_samples.is_some() {
+        0
+    } else {
+        o.seeds.len()
+    };
+    tracing::info!(
+        "adt demo: {}; every model draws one image per held-out caption ({}, DDIM {SAMPLE_STEPS} steps), scored against as many held-out Noto images in EfficientNet-Lite1 features; reference statistics: {ref_images} images to compute ({} cached sets)",
+        if train_runs == 0 {
+            format!("evaluating the samples in {}", o.from_samples.as_ref().unwrap().display())
+        } else {
+            let seeds: Vec<String> = o.seeds.iter().map(|s| s.to_string()).collect();
+            format!(
+                "the base model, then FT and ADT from it ({} {}), {} iterations each",
+                if seeds.len() == 1 { "seed" } else { "seeds" },
+                seeds.join(", "),
+                o.iterations
+            )
+        },
+        caps.len(),
+        cached_sets,
+    );
+    tracing::info!(
+        "adt demo: timing a few units of each stage on this machine for an estimate of the time..."
+    );
+    let rates = measure_rates(o, &caps, &ev, train_runs > 0)?;
+    let mut stages = Stages::new(started);
+    stages.add(
+        "reference statistics",
+        ref_images as f64 * rates.feature_image,
+    );
+    let per_model = caps.len() as f64 * (rates.sample_image + rates.feature_image);
+    if train_runs == 0 {
+        stages.add(
+            "evaluate the samples",
+            (1 + 2 * o.seeds.len()) as f64 * caps.len() as f64 * rates.feature_image,
+        );
+    } else {
+        stages.add("base: sample and evaluate", per_model);
+        for &seed in &o.seeds {
+            for (name, cfg_path) in [("ft", &o.ft_config), ("adt", &o.adt_config)] {
+                let train_s = if name == "ft" {
+                    o.iterations as f64 * rates.ft_iteration
+                } else {
+                    // D-only iterations first, then the D/G cycle.
+                    let dir = o.out.join(format!("{name}-seed{seed}"));
+                    let cfg = run_config(o, cfg_path, seed, o.iterations, &dir, &[])?;
+                    let d_only = cfg.train.d_only_iterations.min(o.iterations);
+                    d_only as f64 * rates.adt_d_only_iteration
+                        + (o.iterations - d_only) as f64 * rates.adt_iteration
+                };
+                stages.add(
+                    &format!(
+                        "{} seed {seed}: train {} iterations",
+                        name.to_uppercase(),
+                        o.iterations
+                    ),
+                    rates.run_setup + train_s,
+                );
+                stages.add(
+                    &format!("{} seed {seed}: sample and evaluate", name.to_uppercase()),
+                    per_model,
+                );
+            }
+        }
+    }
+    tracing::info!("{}", rates.describe());
+    stages.announce();
+
+    stages.begin();
+    ev.reference = ev.cached_stats(&ref_dirs[0], &cache)?;
+    let fd_of = |stats: &SetStats| compare(stats, &ev.reference, &ev.extractor, &ev.opts);
+    let gap = fd_of(&ev.cached_stats(&ref_dirs[1], &cache)?)?.fd;
+    let floor = fd_of(&ev.cached_stats(&ref_dirs[2], &cache)?)?.fd;
+    stages.end();
+    tracing::info!("reference points: style gap FD {gap:.1}, floor FD {floor:.1}");
+
     let mut models = Vec::new();
     let eval_model =
         |name: &str, seed: Option<u64>, dir: &Path, train_s: f64| -> Result<ModelResult> {
@@ -312,7 +627,8 @@ pub fn run_demo(o: &DemoOptions) -> Result<DemoReport> {
             });
             generate_set(&pipe, &caps, &samples, 1234)?;
             let r = fd_of(&ev.stats(&samples)?)?;
-            tracing::info!("{name} seed {seed:?}: FD {:.1} KID {:.4}", r.fd, r.kid);
+            let tag = seed.map(|s| format!(" seed {s}")).unwrap_or_default();
+            tracing::info!("{name}{tag}: FD {:.1} KID {:.4}", r.fd, r.kid);
             Ok(ModelResult {
                 name: name.into(),
                 seed,
@@ -340,6 +656,7 @@ pub fn run_demo(o: &DemoOptions) -> Result<DemoReport> {
             runs.push(("ft".to_string(), Some(seed)));
             runs.push(("adt".to_string(), Some(seed)));
         }
+        stages.begin();
         for (name, seed) in runs {
             let tag = seed
                 .map(|s| format!("{name}-seed{s}"))
@@ -364,26 +681,17 @@ pub fn run_demo(o: &DemoOptions) -> Result<DemoReport> {
                 samples: dir.display().to_string(),
             });
         }
+        stages.end();
     } else {
+        stages.begin();
         models.push(eval_model("base", None, &o.base, 0.0)?);
+        stages.end();
     }
     for &seed in o.seeds.iter().filter(|_| o.from_samples.is_none()) {
         for (name, cfg_path) in [("ft", &o.ft_config), ("adt", &o.adt_config)] {
             let run_dir = o.out.join(format!("{name}-seed{seed}"));
-            let cfg = Config::load(
-                Some(cfg_path),
-                &[
-                    format!("model.path={:?}", o.base.display().to_string()),
-                    format!("train.seed={seed}"),
-                    format!("train.iterations={}", o.iterations),
-                    format!("output.dir={:?}", run_dir.display().to_string()),
-                    format!(
-                        "data.path={:?}",
-                        o.data.join("noto/train").display().to_string()
-                    ),
-                    format!("train.device={:?}", o.device),
-                ],
-            )?;
+            let cfg = run_config(o, cfg_path, seed, o.iterations, &run_dir, &[])?;
+            stages.begin();
             let t0 = std::time::Instant::now();
             let tr = run(
                 cfg,
@@ -397,7 +705,10 @@ pub fn run_demo(o: &DemoOptions) -> Result<DemoReport> {
             .with_context(|| format!("{name} run, seed {seed}"))?;
             drop(tr);
             let secs = t0.elapsed().as_secs_f64();
+            stages.end();
+            stages.begin();
             models.push(eval_model(name, Some(seed), &run_dir.join("final"), secs)?);
+            stages.end();
         }
     }
     let report = DemoReport {
@@ -468,4 +779,69 @@ fn write_demo_html(r: &DemoReport, out: &Path) -> Result<()> {
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>adt demo report</title><style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}td{{border:1px solid #ccc;padding:3px 8px}}img{{image-rendering:pixelated;max-width:100%}}</style></head><body>{body}</body></html>"
     );
     crate::weights::atomic_write(&out.join("report.html"), html.as_bytes())
+}
+
+pub mod ablation;
+
+/// Statistics of no images: the slot an [`Evaluator`]'s reference fills before it is
+/// computed.
+fn placeholder_stats() -> SetStats {
+    SetStats {
+        summary: crate::eval::metrics::SetSummary {
+            path: String::new(),
+            count: 0,
+            available: 0,
+            sizes: vec![],
+            mean_rgb: [0.0; 3],
+        },
+        features: tch::Tensor::zeros([1], (tch::Kind::Float, Device::Cpu)),
+        histogram: tch::Tensor::zeros([1], (tch::Kind::Float, Device::Cpu)),
+    }
+}
+
+/// [`generate_set`] with the DDIM step count and image size given (the demo: 10, 32).
+pub fn generate_set_with(
+    pipe: &Pipeline,
+    captions: &[String],
+    dir: &Path,
+    seed: i64,
+    steps: usize,
+    resolution: i64,
+) -> Result<()> {
+    let plan = Plan::new(&pipe.schedule, SamplerKind::Ddim, steps)?;
+    std::fs::create_dir_all(dir)?;
+    let mut k = 0;
+    for (bi, chunk) in captions.chunks(64).enumerate() {
+        let imgs =
+            crate::sample::generate(pipe, &plan, chunk, 2.0, seed * 1000 + bi as i64, resolution)?;
+        for im in crate::sample::to_rgb8(&imgs)? {
+            im.save(dir.join(format!("{k:05}.png")))?;
+            k += 1;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_left_scales_the_remaining_estimates_by_the_finished_ones() {
+        let mut s = Stages::new(std::time::Instant::now());
+        s.add("a", 10.0);
+        s.add("b", 20.0);
+        s.add("c", 30.0);
+        assert_eq!(s.total(), 60.0);
+        assert_eq!(s.left(), 60.0);
+        s.begin();
+        s.end();
+        // Stage a took about 0 s of its 10: the rest is scaled down, at most 4x.
+        assert_eq!(s.next, 1);
+        assert_eq!(s.left(), 50.0 * 0.25);
+        s.done_actual = 20.0; // twice as slow as estimated
+        assert_eq!(s.left(), 100.0);
+        s.next = 3;
+        assert_eq!(s.left(), 0.0);
+    }
 }

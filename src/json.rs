@@ -4,6 +4,10 @@ use anyhow::{Context, Result};
 use serde::de::DeserializeOwned;
 use std::path::Path;
 
+/// The diffusers version whose `save_config` output the configs this crate writes
+/// follow key for key (`tests/pipeline_configs.rs`).
+pub const DIFFUSERS_VERSION: &str = "0.42.1";
+
 /// Parse a JSON config, accepting the non-standard tokens Python's json module
 /// writes (`Infinity`, `-Infinity`, `NaN`); they become null.
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {

@@ -2,14 +2,22 @@
 pub mod bench;
 pub mod data;
 pub mod demo;
+pub mod demo_data;
 pub mod disc;
+pub mod dist;
 pub mod eval;
-pub mod fixtures;
 pub mod inspect;
 pub mod json;
 pub mod models;
+pub mod progress;
 pub mod report;
 pub mod sample;
 pub mod schedule;
 pub mod train;
 pub mod weights;
+
+/// The parity-test helpers of `tests/common/fixtures.rs`, for the unit tests (not part
+/// of the library).
+#[cfg(test)]
+#[path = "../tests/common/fixtures.rs"]
+mod fixtures;

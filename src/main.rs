@@ -44,6 +44,10 @@ enum Command {
         /// a checkpoint older than others there): same-named checkpoints are replaced.
         #[arg(long)]
         overwrite: bool,
+        /// Data-parallel training on this machine: start N ranks (processes) and
+        /// wait for them (torchrun and srun launch ranks without it).
+        #[arg(long, value_name = "N")]
+        nproc: Option<usize>,
     },
     /// Generate images from prompts with a pipeline folder.
     Sample {
@@ -99,7 +103,7 @@ enum Command {
         /// Folder (or imagefolder dataset) of reference images.
         #[arg(long)]
         reference: PathBuf,
-        /// efficientnet-lite1 (default, offline), efficientnet-lite0, dinov2 or inception-v3 (FID; weights from scripts/convert_inception.py).
+        /// efficientnet-lite1 (default, offline), efficientnet-lite0, efficientnet-lite2, dinov2 or inception-v3 (FID; weights from scripts/convert_inception.py).
         #[arg(long, default_value = "efficientnet-lite1")]
         features: String,
         /// Weights folder of the feature network (required for dinov2).
@@ -135,6 +139,65 @@ enum Command {
         #[arg(long)]
         from_samples: Option<PathBuf>,
     },
+    /// The paper's ablation (Table 3) at the demo's scale: ADT, StyleGAN-T discriminator,
+    /// DRTune path, lambda 0, K 1 / 3, four feature levels and FT, from the same base on the
+    /// same seeds; FD / KID in EfficientNet-Lite1 and Lite2.
+    Ablate {
+        /// Seeds (comma-separated); one run per variant each.
+        #[arg(long, default_value = "0", value_delimiter = ',')]
+        seeds: Vec<u64>,
+        /// Iterations per run (the demo's default).
+        #[arg(long, default_value_t = adt::demo::DemoOptions::default().iterations)]
+        iterations: usize,
+        /// Held-out captions / images used in the evaluation.
+        #[arg(long, default_value_t = adt::demo::DemoOptions::default().eval_images)]
+        eval_images: usize,
+        #[arg(long, default_value = "runs/ablation")]
+        out: PathBuf,
+        /// cpu or cuda.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Variants (comma-separated; adt always runs): adt, stylegan-t, drtune, lambda0,
+        /// k1, k3, levels4, ft, and the optional no-color-aug. Default: all but the optional.
+        #[arg(long, value_delimiter = ',')]
+        variants: Option<Vec<String>>,
+        /// Override a configuration value in every run, FT included (repeatable), e.g.
+        /// --set train.lr_g=2e-5 to test a colour-drift hypothesis.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Switch DiffAugment's colour op off in every run (colour-drift measurement).
+        #[arg(long)]
+        no_color_aug: bool,
+        /// Base pipeline folder.
+        #[arg(long, default_value = "assets/demo-base")]
+        base: PathBuf,
+        /// Demo data root (noto/train, noto/heldout).
+        #[arg(long, default_value = ".cache/demo/data")]
+        data: PathBuf,
+        #[arg(long, default_value = "examples/demo-adt.toml")]
+        adt_config: PathBuf,
+        #[arg(long, default_value = "examples/demo-ft.toml")]
+        ft_config: PathBuf,
+        /// DDIM steps and image size of the evaluation samples.
+        #[arg(long, default_value_t = 10)]
+        sample_steps: usize,
+        #[arg(long, default_value_t = 32)]
+        sample_size: i64,
+    },
+    /// Build the demo's emoji datasets from the emoji-datasource npm tarballs in the cache
+    /// folder (scripts/setup_demo_data.sh fetches them): <cache>/data (32x32) and
+    /// <cache>/data-64px (64x64), {twemoji,noto}/{train,heldout}.
+    PrepareEmoji {
+        #[arg(long, default_value = ".cache/demo")]
+        cache: PathBuf,
+        /// npm package style and dataset name (repeatable; default: twitter=twemoji
+        /// google=noto). Only images that every style has are kept.
+        #[arg(long = "style", value_name = "STYLE=NAME")]
+        styles: Vec<String>,
+        /// Rebuild even when the outputs are up to date.
+        #[arg(long)]
+        force: bool,
+    },
     /// Time the UNet step, sampling and ADT iterations (tiny or real SD1.5 sizes) and measure peak memory.
     Bench(adt::bench::BenchArgs),
     /// Describe a diffusers pipeline folder, a component folder or a .safetensors file.
@@ -155,6 +218,9 @@ enum Command {
         /// Fail on the first bad sample.
         #[arg(long)]
         strict: bool,
+        /// Follow symbolic links that stay inside the dataset folder (data.follow_symlinks).
+        #[arg(long)]
+        follow_symlinks: bool,
     },
     /// Run one component on named inputs and write named outputs (parity checks).
     Forward {
@@ -275,6 +341,7 @@ fn main() -> Result<()> {
             resume,
             max_iterations,
             overwrite,
+            nproc,
         } => {
             let cfg = adt::train::config::Config::load(config.as_deref(), &set)?;
             if print_config {
@@ -285,6 +352,28 @@ fn main() -> Result<()> {
                      model's native one), disc.blocks (DINOv2 [2, 5, 8, 11], EfficientNet \
                      [1, 2, 4, 6]), disc.channels (the width of the features)."
                 );
+                return Ok(());
+            }
+            if let Some(n) = nproc {
+                if adt::dist::Launch::from_env()?.is_some() {
+                    anyhow::bail!(
+                        "--nproc: this process is already one rank of a launched job (RANK/WORLD_SIZE or SLURM variables are set)"
+                    );
+                }
+                // The same command line without --nproc, for each rank.
+                let mut args: Vec<String> = Vec::new();
+                let mut it = std::env::args().skip(1);
+                while let Some(a) = it.next() {
+                    if a == "--nproc" {
+                        it.next();
+                    } else if !a.starts_with("--nproc=") {
+                        args.push(a);
+                    }
+                }
+                // A rank that fails brings the others down within the collective
+                // timeout; the launcher waits that long before stopping them.
+                let grace = std::time::Duration::from_secs_f64(cfg.train.dist_timeout_s + 30.0);
+                adt::dist::spawn_local(n, &args, grace)?;
                 return Ok(());
             }
             let opts = adt::train::run::RunOptions {
@@ -424,6 +513,73 @@ fn main() -> Result<()> {
             pipe.save(&out)?;
             eprintln!("wrote the merged pipeline to {}", out.display());
         }
+        Command::Ablate {
+            seeds,
+            iterations,
+            eval_images,
+            out,
+            device,
+            variants,
+            mut set,
+            no_color_aug,
+            base,
+            data,
+            adt_config,
+            ft_config,
+            sample_steps,
+            sample_size,
+        } => {
+            if no_color_aug {
+                set.push("disc.diffaug=\"translation,cutout\"".into());
+            }
+            let o = adt::demo::ablation::AblationOptions {
+                demo: adt::demo::DemoOptions {
+                    seeds,
+                    iterations,
+                    eval_images,
+                    out,
+                    device,
+                    base,
+                    data,
+                    adt_config,
+                    ft_config,
+                    ..Default::default()
+                },
+                variants,
+                overrides: set,
+                sample_steps,
+                sample_size,
+                ..Default::default()
+            };
+            let r = adt::demo::ablation::run_ablation(&o)?;
+            print!("{}", r.markdown());
+            eprintln!("report: {}", o.demo.out.join("report.html").display());
+        }
+        Command::PrepareEmoji {
+            cache,
+            styles,
+            force,
+        } => {
+            let mut o = adt::demo_data::PrepareOptions::demo(cache);
+            o.force = force;
+            if !styles.is_empty() {
+                o.styles = styles
+                    .iter()
+                    .map(|s| match s.split_once('=') {
+                        Some((st, name)) if !st.is_empty() && !name.is_empty() => {
+                            Ok((st.to_string(), name.to_string()))
+                        }
+                        _ => bail!("--style {s}: expected STYLE=NAME, e.g. twitter=twemoji"),
+                    })
+                    .collect::<Result<_>>()?;
+            }
+            let t0 = std::time::Instant::now();
+            let r = adt::demo_data::prepare_emoji(&o)?;
+            print!("{r}");
+            if !r.up_to_date {
+                println!("demo data: {:.1} s", t0.elapsed().as_secs_f64());
+            }
+        }
         Command::Bench(a) => adt::bench::cli(&a)?,
         Command::Inspect { path } => print!("{}", adt::inspect::inspect(&path)?),
         Command::InitPipeline { preset, seed, out } => {
@@ -435,8 +591,15 @@ fn main() -> Result<()> {
                 out.display()
             );
         }
-        Command::InspectData { path, strict } => {
-            print!("{}", adt::data::inspect_data(&path, strict)?)
+        Command::InspectData {
+            path,
+            strict,
+            follow_symlinks,
+        } => {
+            print!(
+                "{}",
+                adt::data::inspect_data_with(&path, strict, follow_symlinks)?
+            )
         }
         Command::Forward {
             component,

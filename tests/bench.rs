@@ -1,13 +1,15 @@
 //! `adt bench` on the tiny models (CPU) and the fast trajectory denoiser.
 
+mod common;
+
 use adt::bench::{run_bench, BenchConfig, BenchOptions, Lever, Workload};
-use adt::fixtures::max_rel_err;
 use adt::models::denoiser::{Cond, Denoiser, UNetDenoiser};
 use adt::models::pipeline::Pipeline;
 use adt::models::unet::{LoadedUNet, UNetConfig};
 use adt::train::adt::{build_features, Trainer};
 use adt::train::config::Config;
 use adt::train::fast::{gpu, FastDenoiser, FastOptions};
+use common::fixtures::max_rel_err;
 use tch::{Device, Kind, Tensor};
 
 fn tiny_unet(seed: i64) -> LoadedUNet {
@@ -303,7 +305,9 @@ fn tiny_cpu_bench_reports_every_row() {
     assert_eq!(v["config"], "tiny");
 }
 
-/// The full tiny benchmark (50 steps, every lever), printed: run with
+/// The full tiny benchmark (50 steps, every workload and lever), printed and checked:
+/// every row is a measurement of 3 runs or says why it was skipped (nothing failed),
+/// every workload has a measured baseline and the K sweep a row per K. Run with
 /// `cargo test --release --test bench -- --ignored --nocapture`.
 #[test]
 #[ignore]
@@ -316,6 +320,56 @@ fn print_tiny_cpu_bench() {
     };
     let report = run_bench(&opts).unwrap();
     println!("{report}");
+    assert_eq!(report.steps, 50);
+    let mut measured = 0;
+    for r in &report.rows {
+        let what = format!("{} / {}", r.workload, r.variant);
+        match r.mean_ms {
+            Some(ms) => {
+                measured += 1;
+                assert_eq!(r.iters, 3, "{what}");
+                assert!(ms > 0.0 && ms.is_finite(), "{what}: {ms}");
+                let (lo, med, hi) = (r.min_ms.unwrap(), r.median_ms.unwrap(), r.max_ms.unwrap());
+                assert!(lo <= med && med <= hi, "{what}: {lo} {med} {hi}");
+                assert!(lo <= ms + 1e-9 && ms <= hi + 1e-9, "{what}: mean {ms}");
+                assert!(r.ratio.unwrap() > 0.0, "{what}");
+                assert!(r.peak_bytes.unwrap() > 0, "{what}");
+                // A measured row may carry phase timings, never a failure.
+                let note = r.note.as_deref().unwrap_or("");
+                assert!(!note.starts_with("failed"), "{what}: {note}");
+            }
+            None => {
+                let note = r.note.as_deref().unwrap_or("");
+                assert!(
+                    note.starts_with("skipped") || note.starts_with("unsupported"),
+                    "{what} did not run: {note}"
+                );
+            }
+        }
+    }
+    let summary = report.summary();
+    assert!(!summary.is_empty());
+    for (base, _) in &summary {
+        assert!(
+            base.mean_ms.is_some(),
+            "{}: baseline not measured: {:?}",
+            base.workload,
+            base.note
+        );
+        assert!(
+            (base.ratio.unwrap() - 1.0).abs() < 1e-12,
+            "{}",
+            base.workload
+        );
+    }
+    for k in &opts.ks {
+        let name = format!("adt_gd_s0_k{k}");
+        let r = report
+            .row(&name, "baseline")
+            .unwrap_or_else(|| panic!("no K-sweep row {name}"));
+        assert!(r.mean_ms.is_some(), "{name}: {:?}", r.note);
+    }
+    assert!(measured > summary.len(), "only {measured} rows measured");
 }
 
 /// `adt bench --config tiny-sd3` (the command-line binary) on CPU: the SD3 rows

@@ -2,10 +2,12 @@
 //! (tests/fixtures/clip_model, written by scripts/fixtures/make_clip_vision.py), and
 //! the `adt eval --clip` / `adt sample` wiring.
 
+mod common;
+
 use adt::eval::clip_score::{prompts_for, read_prompts, score_with, ClipScorer, PROMPTS_FILE};
 use adt::eval::EvalReport;
-use adt::fixtures;
 use adt::models::clip_vision::{load_rgb8, ClipImageProcessor, ClipVisionModel};
+use common::fixtures;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1441,43 +1441,72 @@ fn inspect_data_reports_counts_sizes_captions_and_bad() {
 
 #[test]
 fn bench_loader_runs() {
-    let r = bench_loader(&BenchOptions {
-        images: 16,
+    let opts = BenchOptions {
+        images: 18,
         image_size: 96,
         resolution: 64,
         batch_size: 4,
         num_workers: 2,
         ..Default::default()
-    })
-    .unwrap();
-    assert_eq!(r.images, 16);
-    assert!(r.images_per_s > 0.0);
+    };
+    let r = bench_loader(&opts).unwrap();
+    assert_eq!(r.images, 16, "whole batches only");
+    check_loader_bench(&r, &opts);
+}
+
+/// What every loader benchmark must show: all the images of the whole batches were
+/// delivered, the rate is the count over the time, the JPEGs have the size of photos
+/// of that side, and the temporary folder is gone.
+fn check_loader_bench(r: &BenchReport, opts: &BenchOptions) {
     println!("{r}");
+    assert_eq!(r.images, opts.images / opts.batch_size * opts.batch_size);
+    assert_eq!(
+        (r.image_size, r.resolution),
+        (opts.image_size, opts.resolution)
+    );
+    assert!(r.seconds > 0.0 && r.images_per_s.is_finite() && r.images_per_s > 0.0);
+    assert!((r.images_per_s * r.seconds - r.images as f64).abs() < 1e-6 * r.images as f64);
+    // Quality-90 JPEGs of the photo-like images: tens of KiB at 512 px, more at 768.
+    let px = (opts.image_size as u64).pow(2);
+    assert!(
+        r.mean_jpeg_bytes > px / 40 && r.mean_jpeg_bytes < px * 3,
+        "{} bytes per {}-px JPEG",
+        r.mean_jpeg_bytes,
+        opts.image_size
+    );
+    let prefix = format!("adt-bench-data-{}-", std::process::id());
+    let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "temporary benchmark folders left: {left:?}"
+    );
 }
 
 /// The real measurement: a few hundred 512 px JPEGs (run with --ignored --nocapture).
 #[test]
 #[ignore]
 fn bench_loader_512() {
-    let r = bench_loader(&BenchOptions {
+    let opts = BenchOptions {
         images: 320,
         ..Default::default()
-    })
-    .unwrap();
-    println!("{r}");
+    };
+    check_loader_bench(&bench_loader(&opts).unwrap(), &opts);
 }
 
 /// The same with a resize on every sample (768 px sources to 512 px).
 #[test]
 #[ignore]
 fn bench_loader_768_to_512() {
-    let r = bench_loader(&BenchOptions {
+    let opts = BenchOptions {
         images: 320,
         image_size: 768,
         ..Default::default()
-    })
-    .unwrap();
-    println!("{r}");
+    };
+    check_loader_bench(&bench_loader(&opts).unwrap(), &opts);
 }
 
 /// Run `f` on a thread; fail (instead of hanging the suite) if it blocks.
@@ -1610,4 +1639,15 @@ fn a_non_utf8_metadata_line_is_skipped_and_counted() {
     assert_eq!(r.bad.get(BadKind::BadRecord), 1, "{r}");
     let err = inspect_data(dir.path(), true).unwrap_err().to_string();
     assert!(err.contains("line 2") && err.contains("UTF-8"), "{err}");
+    // The same in a CSV manifest.
+    let csv = dir.path().join("m.csv");
+    write(
+        &csv,
+        b"file_name,text\nimg_00.png,one\nimg_01.png,caf\xe9\nimg_02.png,three\n",
+    );
+    let r = inspect_data(&csv, false).unwrap();
+    assert_eq!(r.usable, 2, "{r}");
+    assert_eq!(r.bad.get(BadKind::BadRecord), 1, "{r}");
+    let err = inspect_data(&csv, true).unwrap_err().to_string();
+    assert!(err.contains("line 3") && err.contains("UTF-8"), "{err}");
 }

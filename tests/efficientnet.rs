@@ -50,6 +50,7 @@ fn weights_available() -> bool {
     let needed = [
         cache().join("efficientnet-lite0/model.safetensors"),
         cache().join("efficientnet-lite1/model.safetensors"),
+        cache().join("efficientnet-lite2/model.safetensors"),
         cache().join("images/chelsea.png"),
     ];
     let present = needed.iter().all(|p| p.is_file());
@@ -144,6 +145,16 @@ fn lite0_classifies_chelsea_as_a_cat() {
 #[test]
 fn lite1_classifies_chelsea_as_a_cat() {
     classify("lite1");
+}
+
+/// Lite2 is the only variant with a width coefficient (1.1): its stage widths come
+/// from `round_filters` and must match the checkpoint's tensors, and its 260 px input
+/// must still classify the cat.
+#[test]
+fn lite2_classifies_chelsea_as_a_cat() {
+    classify("lite2");
+    let cfg = EfficientNetConfig::lite2();
+    assert_eq!(cfg.stage_channels(), vec![16, 24, 48, 88, 120, 208, 352]);
 }
 
 #[test]

@@ -37,7 +37,7 @@ fn lite1_weights() -> Option<PathBuf> {
     Some(dir)
 }
 
-/// The demo data folder written by `scripts/setup_demo_data.sh`, or None (the opt-out
+/// The demo data folder written by `adt prepare-emoji`, or None (the opt-out
 /// skipped) when it was not built.
 fn demo_data() -> Option<PathBuf> {
     let cache = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/demo");
@@ -46,7 +46,8 @@ fn demo_data() -> Option<PathBuf> {
     }
     common::inputs::missing(
         &format!("the demo emoji data in {}", cache.join("data").display()),
-        "run scripts/setup_demo_data.sh (it fetches the emoji packages with npm once)",
+        "run scripts/setup_demo_data.sh (it fetches the emoji packages with npm once and \
+         converts them with `adt prepare-emoji`)",
     );
     None
 }
@@ -450,7 +451,7 @@ fn demo_style_gap_and_sampling_floor() {
 fn dinov2_feature_space_uses_the_cls_output_of_imagenet_normalised_images() {
     use adt::eval::metrics::FeatureExtractor;
     use adt::models::dinov2::Dinov2Model;
-    let dir = adt::fixtures::dir("dinov2");
+    let dir = common::fixtures::dir("dinov2");
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = (tmp.path().join("discs"), tmp.path().join("noise"));
     write_discs(&a, 6, 1);
@@ -481,7 +482,7 @@ fn dinov2_feature_space_uses_the_cls_output_of_imagenet_normalised_images() {
     let std = Tensor::from_slice(&[0.229f32, 0.224, 0.225]).view([3, 1, 1]);
     let x = ((img - mean) / std).unsqueeze(0);
     let want = tch::no_grad(|| model.model.forward(&x).unwrap().pooler_output);
-    let err = adt::fixtures::max_rel_err(&got, &want);
+    let err = common::fixtures::max_rel_err(&got, &want);
     println!("DINOv2 features vs hand-made input: max relative error {err:.3e}");
     assert!(err <= 1e-4, "{err}");
 
@@ -522,7 +523,7 @@ fn efficientnet_features_are_the_pooled_output_of_its_normalised_input() {
     let model = EfficientNet::load(&weights, Device::Cpu, Kind::Float).unwrap();
     let x = Tensor::stack(&[img.shallow_clone(), img.flip([2])], 0);
     let want = tch::no_grad(|| model.model.pooled(&((x * 255.0 - 127.0) / 128.0)).unwrap());
-    let err = adt::fixtures::max_rel_err(&got, &want);
+    let err = common::fixtures::max_rel_err(&got, &want);
     println!("EfficientNet features vs hand-made input: max relative error {err:.3e}");
     assert!(err <= 1e-4, "{err}");
     assert_eq!(got.size(), vec![2, 1280]);

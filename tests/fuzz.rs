@@ -160,7 +160,7 @@ proptest! {
     #![proptest_config(config(512))]
 
     /// `--set` overrides: an error or a valid configuration whose TOML reloads to
-    /// the same configuration.
+    /// the same configuration (the same TOML text).
     #[test]
     fn config_set_never_panics(sets in prop::collection::vec(set_arg(), 0..5)) {
         match Config::load(None, &sets) {
@@ -177,7 +177,8 @@ proptest! {
                 std::fs::write(&p, &text).unwrap();
                 let again = Config::load(Some(&p), &[]);
                 prop_assert!(again.is_ok(), "{text}\n{:?}", again.err());
-                prop_assert_eq!(again.unwrap(), c);
+                // Compared as text: the free-form [data] table may hold a NaN.
+                prop_assert_eq!(again.unwrap().to_toml().unwrap(), text);
             }
         }
     }

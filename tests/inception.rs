@@ -14,9 +14,9 @@
 mod common;
 
 use adt::eval::metrics::{FeatureExtractor, FeatureSpace};
-use adt::fixtures::{load_map, max_rel_err};
 use adt::models::inception::{self, InceptionV3};
 use adt::weights;
+use common::fixtures::{load_map, max_rel_err};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

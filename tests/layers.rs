@@ -16,14 +16,14 @@ use std::path::{Path, PathBuf};
 /// The floors of the house, lowest first. A module may use modules on its own floor or below,
 /// never above. A new top-level module must be given a floor here.
 const FLOORS: &[&[&str]] = &[
-    &["json", "weights", "fixtures"],
+    &["json", "weights", "progress", "fixtures"],
     &["schedule"],
     &["models"],
     &["data", "disc"],
-    &["eval", "sample"],
+    &["eval", "sample", "dist"],
     &["train"],
     &["report", "inspect"],
-    &["demo", "bench"],
+    &["demo", "bench", "demo_data"],
     &["main"],
 ];
 

@@ -1,7 +1,9 @@
 //! Parity of the CLIP text encoders against the transformers reference outputs.
 
-use adt::fixtures;
+mod common;
+
 use adt::models::clip::{run_forward, ClipTextConfig, ClipTextModel};
+use common::fixtures;
 use std::collections::HashMap;
 use std::path::Path;
 use tch::{nn::VarStore, Device, Kind, Tensor};

@@ -1,9 +1,11 @@
 //! DINOv2 against transformers' `Dinov2Model` outputs (tests/fixtures/dinov2).
 
+mod common;
+
 use adt::disc::features::{DinoFeatures, Levels};
 use adt::disc::FeatureNetwork;
-use adt::fixtures;
 use adt::models::dinov2::{run_forward, Dinov2Config, Dinov2Model};
+use common::fixtures;
 use std::collections::HashMap;
 use tch::{nn, Device, Kind, Tensor};
 

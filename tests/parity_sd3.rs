@@ -1,11 +1,13 @@
 //! Parity of the SD3 MMDiT against the diffusers reference outputs, and its
 //! training-side properties: gradients, save / reload, qk RMSNorm, config checks.
 
-use adt::fixtures;
+mod common;
+
 use adt::models::denoiser::{Cond, Denoiser};
 use adt::models::mmdit::{
     run_forward, sincos_pos_embed_2d, LoadedSd3Transformer, SD3Transformer2DModel, Sd3Config,
 };
+use common::fixtures;
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 
@@ -415,20 +417,102 @@ fn text_stack_assembles_the_three_encoders() {
     assert!(fixtures::max_rel_err(&out.hidden_states[3], &hg) > 1e-3);
 }
 
-/// Without T5 the T5 block is 77 zero tokens of the context width (diffusers).
+/// Without T5 the T5 block is `max_sequence_length` zero tokens of the context width
+/// (diffusers 0.42; checked against diffusers in `text_stack_matches_diffusers_encode_prompt`).
 #[test]
 fn text_stack_without_t5() {
     let mut te = Sd3TextEncoders::tiny_random(Device::Cpu, 3, true, 24).unwrap();
     let with = te.encode(&PROMPTS).unwrap();
     te.t5 = None;
     let cond = te.encode(&PROMPTS).unwrap();
-    assert_eq!(cond.context.size(), vec![2, 2 * CLIP_TOKENS, 32]);
-    let zeros = cond.context.narrow(1, CLIP_TOKENS, CLIP_TOKENS);
+    assert_eq!(te.context_len(), CLIP_TOKENS + 24);
+    assert_eq!(cond.context.size(), vec![2, CLIP_TOKENS + 24, 32]);
+    let zeros = cond.context.narrow(1, CLIP_TOKENS, 24);
     assert_eq!(zeros.abs().max().double_value(&[]), 0.0);
     // The CLIP part is the same as with T5.
     let a = cond.context.narrow(1, 0, CLIP_TOKENS);
     let b = with.context.narrow(1, 0, CLIP_TOKENS);
     assert_eq!(fixtures::max_rel_err(&a, &b), 0.0);
+}
+
+/// The whole SD3 text stack against diffusers' own `StableDiffusion3Pipeline.encode_prompt`
+/// (fixture `sd3_text`, written by `scripts/fixtures/make_sd3_text.py`): a tiny random
+/// pipeline saved by diffusers, with transformers' CLIP tokenizers and a T5 tokenizer
+/// loaded by transformers. The token ids of all three tokenizers (padding, truncation of
+/// a long prompt, an empty prompt) are equal; the context and pooled embeddings of the
+/// prompts and of the negative prompts match, with T5 and without (zero tokens).
+#[test]
+fn text_stack_matches_diffusers_encode_prompt() {
+    let dir = fixtures::dir("sd3_text");
+    let io = fixtures::io("sd3_text").unwrap();
+    let case = fixtures::case("sd3_text").unwrap();
+    let strings = |k: &str| -> Vec<String> {
+        case[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    let (prompts, negative) = (strings("prompts"), strings("negative_prompts"));
+    let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    let negative: Vec<&str> = negative.iter().map(String::as_str).collect();
+    let msl = case["max_sequence_length"].as_u64().unwrap() as usize;
+    const TOL: f64 = 1e-5;
+    for (label, use_t5) in [("t5", true), ("no_t5", false)] {
+        let opts = Sd3TextOptions {
+            use_t5,
+            max_sequence_length: msl,
+        };
+        let te = Sd3TextEncoders::load(&dir, Device::Cpu, Kind::Float, &opts).unwrap();
+        assert_eq!(te.t5.is_some(), use_t5);
+        if use_t5 {
+            let check_ids = |name: &str, ids: Tensor| {
+                let want = &io[&format!("ids.{name}")];
+                assert!(
+                    ids.equal(want),
+                    "{name}: ids differ from transformers'\n{ids}\n{want}"
+                );
+            };
+            check_ids(
+                "tokenizer",
+                te.clip_l
+                    .tokenizer
+                    .encode_padded(&prompts, te.clip_l.pad)
+                    .unwrap()
+                    .0,
+            );
+            check_ids(
+                "tokenizer_2",
+                te.clip_g
+                    .tokenizer
+                    .encode_padded(&prompts, te.clip_g.pad)
+                    .unwrap()
+                    .0,
+            );
+            check_ids(
+                "tokenizer_3",
+                te.t5
+                    .as_ref()
+                    .unwrap()
+                    .tokenizer
+                    .encode_padded(&prompts)
+                    .unwrap()
+                    .0,
+            );
+        }
+        for (which, texts) in [("", &prompts), ("negative_", &negative)] {
+            let cond = te.encode(texts).unwrap();
+            let ctx = &io[&format!("{label}.{which}prompt_embeds")];
+            let pooled = &io[&format!("{label}.{which}pooled_prompt_embeds")];
+            assert_eq!(cond.context.size(), ctx.size(), "{label} {which}context");
+            let e_ctx = fixtures::max_rel_err(&cond.context, ctx);
+            let e_pool = fixtures::max_rel_err(cond.pooled.as_ref().unwrap(), pooled);
+            println!("{label} {which}prompts: context {e_ctx:.2e}, pooled {e_pool:.2e}");
+            assert!(e_ctx < TOL, "{label} {which}context: {e_ctx:e}");
+            assert!(e_pool < TOL, "{label} {which}pooled: {e_pool:e}");
+        }
+    }
 }
 
 #[test]
@@ -596,7 +680,7 @@ fn text_stack_loads_from_a_pipeline_folder() {
     let loaded = Sd3TextEncoders::load(root, Device::Cpu, Kind::Float, &no_t5).unwrap();
     assert!(loaded.t5.is_none());
     let got = loaded.encode(&PROMPTS).unwrap();
-    assert_eq!(got.context.size(), vec![2, 2 * CLIP_TOKENS, 4096]);
+    assert_eq!(got.context.size(), vec![2, CLIP_TOKENS + 20, 4096]);
     std::fs::create_dir_all(root.join("transformer")).unwrap();
     let tcfg = Sd3Config::tiny().to_value();
     std::fs::write(
@@ -606,7 +690,7 @@ fn text_stack_loads_from_a_pipeline_folder() {
     .unwrap();
     let loaded = Sd3TextEncoders::load(root, Device::Cpu, Kind::Float, &no_t5).unwrap();
     let got = loaded.encode(&PROMPTS).unwrap();
-    assert_eq!(got.context.size(), vec![2, 2 * CLIP_TOKENS, 32]);
+    assert_eq!(got.context.size(), vec![2, CLIP_TOKENS + 20, 32]);
     let clip_part = got.context.narrow(1, 0, CLIP_TOKENS);
     assert_eq!(
         fixtures::max_rel_err(&clip_part, &want.context.narrow(1, 0, CLIP_TOKENS)),

@@ -1,8 +1,10 @@
 //! Parity of the T5 encoder against the transformers reference outputs, plus loading
 //! variants (tied embedding stored under the encoder's name, half precision).
 
-use adt::fixtures;
+mod common;
+
 use adt::models::t5::{run_forward, T5Config, T5EncoderModel};
+use common::fixtures;
 use std::collections::HashMap;
 use tch::{nn::VarStore, Device, Kind, Tensor};
 

@@ -1,8 +1,10 @@
 //! UNet2DConditionModel parity against the diffusers reference outputs, plus saving,
 //! reloading and checkpoint validation.
 
-use adt::fixtures;
+mod common;
+
 use adt::models::unet::{self, LoadedUNet, UNetConfig};
+use common::fixtures;
 use std::collections::HashMap;
 use std::path::Path;
 use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};

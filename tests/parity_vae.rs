@@ -1,8 +1,10 @@
 //! AutoencoderKL parity against the diffusers reference outputs, latent scaling,
 //! gradients of the frozen decoder, and config validation.
 
-use adt::fixtures;
+mod common;
+
 use adt::models::vae::{self, AutoencoderKL, LoadedVae};
+use common::fixtures;
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 

@@ -1,7 +1,9 @@
 //! The CLIP tokenizer against ids from OpenAI's reference tokenizer.
 
-use adt::fixtures;
+mod common;
+
 use adt::models::tokenizer::{run_tokenize, ClipTokenizer, Pad};
+use common::fixtures;
 use std::path::Path;
 
 fn ids(v: &serde_json::Value) -> Vec<i64> {

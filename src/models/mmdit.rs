@@ -170,6 +170,7 @@ impl Sd3Config {
     pub fn to_value(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).expect("Sd3Config serializes");
         v["_class_name"] = serde_json::Value::from("SD3Transformer2DModel");
+        v["_diffusers_version"] = crate::models::config::DIFFUSERS_VERSION.into();
         v
     }
 

@@ -176,6 +176,7 @@ fn tiny_vae_config() -> Result<VaeConfig> {
         "latent_channels": 4,
         "layers_per_block": 1,
         "norm_num_groups": 4,
+        "sample_size": 32,
         "scaling_factor": 0.18215
     }))
 }
@@ -191,6 +192,7 @@ fn tiny_sd3_vae_config() -> Result<VaeConfig> {
         "latent_channels": 16,
         "layers_per_block": 1,
         "norm_num_groups": 4,
+        "sample_size": 32,
         "scaling_factor": 1.5305,
         "shift_factor": 0.0609,
         "use_quant_conv": false,
@@ -859,6 +861,7 @@ impl Pipeline {
             std::fs::create_dir_all(&vae_dir)?;
             let mut vcfg = serde_json::to_value(&vae.config)?;
             vcfg["_class_name"] = "AutoencoderKL".into();
+            vcfg["_diffusers_version"] = crate::models::config::DIFFUSERS_VERSION.into();
             write_json(&vae_dir.join("config.json"), &vcfg)?;
             crate::weights::save_varstore(
                 &vae.vs,
@@ -872,8 +875,7 @@ impl Pipeline {
     fn write_scheduler(&self, out: &Path, class: &str) -> Result<()> {
         let sched_dir = out.join("scheduler");
         std::fs::create_dir_all(&sched_dir)?;
-        let mut sc = serde_json::to_value(&self.schedule)?;
-        sc["_class_name"] = class.into();
+        let sc = self.schedule.to_diffusers_config(class)?;
         write_json(&sched_dir.join("scheduler_config.json"), &sc)
     }
 
@@ -888,6 +890,7 @@ impl Pipeline {
             "scheduler": ["diffusers", "DDIMScheduler"],
             "safety_checker": [null, null],
             "feature_extractor": [null, null],
+            "image_encoder": [null, null],
             "requires_safety_checker": false
         });
         if self.vae.is_some() {
@@ -949,6 +952,15 @@ impl Pipeline {
             let mut tcfg = serde_json::to_value(&t5.encoder.config)?;
             tcfg["architectures"] = serde_json::json!(["T5EncoderModel"]);
             tcfg["model_type"] = "t5".into();
+            // What transformers' T5Config derives from these, written out.
+            let ffp = t5.encoder.config.feed_forward_proj.as_str();
+            let act = match ffp {
+                "gated-gelu" => "gelu_new",
+                _ => ffp.rsplit('-').next().unwrap_or(ffp),
+            };
+            tcfg["dense_act_fn"] = act.into();
+            tcfg["is_gated_act"] = ffp.starts_with("gated-").into();
+            tcfg["num_decoder_layers"] = tcfg["num_layers"].clone();
             write_json(&te_dir.join("config.json"), &tcfg)?;
             save_sorted(&t5.encoder.vs, &te_dir.join("model.safetensors"))?;
             let tok_dir = out.join("tokenizer_3");

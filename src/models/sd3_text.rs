@@ -237,6 +237,9 @@ pub struct Sd3TextEncoders {
     /// Channel width of the context (T5's `d_model`, the transformer's
     /// `joint_attention_dim`).
     pub context_dim: i64,
+    /// Tokens of the T5 part of the context: T5's sequence length, and without T5 the
+    /// number of zero tokens in its place (diffusers' `max_sequence_length` either way).
+    pub max_sequence_length: usize,
     pub device: Device,
 }
 
@@ -314,7 +317,14 @@ impl Sd3TextEncoders {
             (None, Some(j)) => j,
             (None, None) => 4096,
         };
-        Self::assemble(clip_l, clip_g, t5, context_dim, device)
+        Self::assemble(
+            clip_l,
+            clip_g,
+            t5,
+            context_dim,
+            opts.max_sequence_length,
+            device,
+        )
     }
 
     fn assemble(
@@ -322,6 +332,7 @@ impl Sd3TextEncoders {
         clip_g: ClipBranch,
         t5: Option<T5Branch>,
         context_dim: i64,
+        max_sequence_length: usize,
         device: Device,
     ) -> Result<Self> {
         let clip_width = clip_l.encoder.config.hidden_size + clip_g.encoder.config.hidden_size;
@@ -336,6 +347,7 @@ impl Sd3TextEncoders {
             clip_g,
             t5,
             context_dim,
+            max_sequence_length,
             device,
         })
     }
@@ -365,8 +377,14 @@ impl Sd3TextEncoders {
             let mut vs = nn::VarStore::new(device);
             let model = ClipTextModel::new(&vs.root(), &config, true)?;
             vs.freeze();
+            let tokenizer = ClipTokenizer::from_dir(&tok_dir)?;
+            // SD3's tokenizer_2 is configured with pad_token "!" (id 0).
+            let tokenizer = match pad {
+                Pad::Zero => tokenizer.with_pad_token("!")?,
+                _ => tokenizer,
+            };
             Ok(ClipBranch {
-                tokenizer: ClipTokenizer::from_dir(&tok_dir)?,
+                tokenizer,
                 pad,
                 encoder: LoadedClipText { vs, model, config },
             })
@@ -390,17 +408,26 @@ impl Sd3TextEncoders {
         } else {
             None
         };
-        Self::assemble(clip_l, clip_g, t5, t5_cfg.d_model, device)
+        Self::assemble(
+            clip_l,
+            clip_g,
+            t5,
+            t5_cfg.d_model,
+            max_sequence_length,
+            device,
+        )
     }
 
-    /// Tokens of the context: 77 CLIP tokens plus the T5 tokens (77 zero tokens
-    /// without T5).
+    /// Tokens of the context: 77 CLIP tokens plus the T5 tokens (without T5,
+    /// `max_sequence_length` zero tokens, as diffusers' `encode_prompt` pads).
     pub fn context_len(&self) -> i64 {
         CLIP_TOKENS
             + self
                 .t5
                 .as_ref()
-                .map_or(CLIP_TOKENS, |t| t.tokenizer.max_length() as i64)
+                .map_or(self.max_sequence_length as i64, |t| {
+                    t.tokenizer.max_length() as i64
+                })
     }
 
     /// The conditioning of `prompts` (no gradient; float32): context
@@ -442,7 +469,7 @@ impl Sd3TextEncoders {
                         .to_kind(Kind::Float)
                 }
                 None => Tensor::zeros(
-                    [b, CLIP_TOKENS, self.context_dim],
+                    [b, self.max_sequence_length as i64, self.context_dim],
                     (Kind::Float, self.device),
                 ),
             };

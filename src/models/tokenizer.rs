@@ -82,6 +82,10 @@ pub struct ClipTokenizer {
     bos_id: i64,
     eos_id: i64,
     pad_id: i64,
+    /// A configured pad token other than BOS / EOS (`"!"` of the SDXL and SD3
+    /// `tokenizer_2`): transformers registers it as a special token, so it is matched
+    /// in the text before BPE (`"cat!"` -> `cat</w>`, `!` = id 0), as are BOS and EOS.
+    special_pad: Option<String>,
     max_length: usize,
 }
 
@@ -190,17 +194,34 @@ impl ClipTokenizer {
         };
         let bos_id = id(BOS_TOKEN, "start-of-text")?;
         let eos_id = id(EOS_TOKEN, "end-of-text")?;
-        let pad_id = match configured_pad_token(dir)? {
-            Some(t) => id(&t, "pad_token")?,
+        let pad_token = configured_pad_token(dir)?;
+        let pad_id = match &pad_token {
+            Some(t) => id(t, "pad_token")?,
             None => eos_id,
         };
+        let special_pad = pad_token.filter(|t| t != BOS_TOKEN && t != EOS_TOKEN && !t.is_empty());
         Ok(ClipTokenizer {
             backend,
             bos_id,
             eos_id,
             pad_id,
+            special_pad,
             max_length: configured_max_length(dir)?,
         })
+    }
+
+    /// The same tokenizer with `token` (in the vocabulary) as its configured pad token,
+    /// as a `tokenizer_config.json` naming it would give (special-token matching
+    /// included, see the field `special_pad`).
+    pub fn with_pad_token(mut self, token: &str) -> Result<Self> {
+        let id = match &self.backend {
+            Backend::Reference(r) => r.bpe.get_vocab().get(token).copied(),
+            Backend::Json(t) => t.token_to_id(token),
+        }
+        .with_context(|| format!("CLIP tokenizer: the vocabulary has no pad token {token:?}"))?;
+        self.pad_id = i64::from(id);
+        self.special_pad = (token != BOS_TOKEN && token != EOS_TOKEN).then(|| token.to_string());
+        Ok(self)
     }
 
     pub fn bos_id(&self) -> i64 {
@@ -236,21 +257,16 @@ impl ClipTokenizer {
                 } = r.as_ref();
                 let cleaned = clean_text(text);
                 let mut ids = Vec::new();
-                for (start, end) in split.find_iter(&cleaned) {
-                    let piece = &cleaned[start..end];
-                    if piece == BOS_TOKEN {
-                        ids.push(self.bos_id);
-                        continue;
+                // Segments between occurrences of the special pad token (if any).
+                let segments: Vec<&str> = match &self.special_pad {
+                    Some(sp) => cleaned.split(sp.as_str()).collect(),
+                    None => vec![cleaned.as_str()],
+                };
+                for (n, segment) in segments.iter().enumerate() {
+                    if n > 0 {
+                        ids.push(self.pad_id);
                     }
-                    if piece == EOS_TOKEN {
-                        ids.push(self.eos_id);
-                        continue;
-                    }
-                    let encoded: String = piece.bytes().map(|b| byte_encoder[b as usize]).collect();
-                    let tokens = bpe
-                        .tokenize(&encoded)
-                        .map_err(|e| anyhow!("BPE failed on {piece:?}: {e}"))?;
-                    ids.extend(tokens.iter().map(|t| i64::from(t.id)));
+                    self.bpe_segment(bpe, split, byte_encoder, segment, &mut ids)?;
                 }
                 Ok(ids)
             }
@@ -261,6 +277,34 @@ impl ClipTokenizer {
                 Ok(enc.get_ids().iter().map(|&i| i64::from(i)).collect())
             }
         }
+    }
+
+    /// The reference BPE ids of one stretch of cleaned text (no special pad token in it).
+    fn bpe_segment(
+        &self,
+        bpe: &BPE,
+        split: &SysRegex,
+        byte_encoder: &[char; 256],
+        cleaned: &str,
+        ids: &mut Vec<i64>,
+    ) -> Result<()> {
+        for (start, end) in split.find_iter(cleaned) {
+            let piece = &cleaned[start..end];
+            if piece == BOS_TOKEN {
+                ids.push(self.bos_id);
+                continue;
+            }
+            if piece == EOS_TOKEN {
+                ids.push(self.eos_id);
+                continue;
+            }
+            let encoded: String = piece.bytes().map(|b| byte_encoder[b as usize]).collect();
+            let tokens = bpe
+                .tokenize(&encoded)
+                .map_err(|e| anyhow!("BPE failed on {piece:?}: {e}"))?;
+            ids.extend(tokens.iter().map(|t| i64::from(t.id)));
+        }
+        Ok(())
     }
 
     /// `[BOS] + ids + [EOS]`, unpadded and not truncated.
@@ -770,7 +814,7 @@ pub fn builtin_tokenizer_dir() -> PathBuf {
     if rel.join("vocab.json").is_file() {
         return rel;
     }
-    crate::fixtures::dir("tokenizer_clip/tokenizer")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
 #[cfg(test)]

@@ -245,6 +245,17 @@ impl UNetConfig {
     pub fn to_value(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).expect("UNetConfig serializes");
         v["_class_name"] = serde_json::Value::from("UNet2DConditionModel");
+        v["_diffusers_version"] = crate::models::config::DIFFUSERS_VERSION.into();
+        // Options this implementation does not use, at diffusers' defaults, so that the
+        // file has every key diffusers writes.
+        for (k, d) in [
+            ("addition_embed_type_num_heads", serde_json::json!(64)),
+            ("mid_block_only_cross_attention", serde_json::Value::Null),
+        ] {
+            if v.get(k).is_none() {
+                v[k] = d;
+            }
+        }
         v
     }
 

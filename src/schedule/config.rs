@@ -1,7 +1,7 @@
 //! Scheduler configuration, read from a diffusers `scheduler_config.json` or built
 //! from presets.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -118,6 +118,67 @@ impl ScheduleConfig {
 
     pub fn final_sigmas_zero(&self) -> bool {
         self.final_sigmas_type == "zero"
+    }
+
+    /// The complete `scheduler_config.json` that diffusers 0.42.1 saves for `class`
+    /// (`DDIMScheduler` or `FlowMatchEulerDiscreteScheduler`) with this schedule: every
+    /// key of that class, none of another's. DDIM gets `clip_sample: false` (this
+    /// sampler never clips; diffusers would default to clipping) and no thresholding.
+    pub fn to_diffusers_config(&self, class: &str) -> Result<serde_json::Value> {
+        let v = match class {
+            "DDIMScheduler" => {
+                ensure!(
+                    self.beta_schedule != BetaSchedule::FlowMatching
+                        && self.prediction_type != Prediction::Flow,
+                    "a flow-matching schedule cannot be written as a DDIMScheduler config"
+                );
+                serde_json::json!({
+                    "_class_name": class,
+                    "_diffusers_version": crate::json::DIFFUSERS_VERSION,
+                    "beta_end": self.beta_end,
+                    "beta_schedule": serde_json::to_value(self.beta_schedule)?,
+                    "beta_start": self.beta_start,
+                    "clip_sample": false,
+                    "clip_sample_range": 1.0,
+                    "dynamic_thresholding_ratio": 0.995,
+                    "num_train_timesteps": self.num_train_timesteps,
+                    "prediction_type": serde_json::to_value(self.prediction_type)?,
+                    "rescale_betas_zero_snr": false,
+                    "sample_max_value": 1.0,
+                    "set_alpha_to_one": self.set_alpha_to_one,
+                    "steps_offset": self.steps_offset,
+                    "thresholding": false,
+                    "timestep_spacing": serde_json::to_value(self.timestep_spacing)?,
+                    "trained_betas": null
+                })
+            }
+            "FlowMatchEulerDiscreteScheduler" => {
+                ensure!(
+                    self.prediction_type == Prediction::Flow,
+                    "only a flow-matching schedule can be written as a FlowMatchEulerDiscreteScheduler config"
+                );
+                serde_json::json!({
+                    "_class_name": class,
+                    "_diffusers_version": crate::json::DIFFUSERS_VERSION,
+                    "base_image_seq_len": 256,
+                    "base_shift": 0.5,
+                    "invert_sigmas": false,
+                    "max_image_seq_len": 4096,
+                    "max_shift": 1.15,
+                    "num_train_timesteps": self.num_train_timesteps,
+                    "shift": self.shift,
+                    "shift_terminal": null,
+                    "stochastic_sampling": false,
+                    "time_shift_type": "exponential",
+                    "use_beta_sigmas": false,
+                    "use_dynamic_shifting": false,
+                    "use_exponential_sigmas": false,
+                    "use_karras_sigmas": false
+                })
+            }
+            _ => bail!("cannot write a scheduler config for {class:?} (DDIMScheduler or FlowMatchEulerDiscreteScheduler)"),
+        };
+        Ok(v)
     }
 
     /// Read a diffusers `scheduler_config.json` (DDIM, DPMSolverMultistep,

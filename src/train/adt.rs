@@ -382,6 +382,9 @@ pub struct Trainer {
     /// Gradient-free bfloat16 copy of the SD3 transformer for the trajectory
     /// (`train.bf16_trajectory` on an SD3 pipeline).
     pub fast_sd3: Option<Sd3TrajectoryCopy>,
+    /// Data-parallel training (one rank of several): gradient averaging and state
+    /// synchronisation, see [`crate::dist`].
+    pub ddp: Option<crate::dist::Ddp>,
 }
 
 impl Trainer {
@@ -420,7 +423,9 @@ impl Trainer {
             data_cfg.seed = cfg.train.seed;
         }
         data_cfg.resolution = crate::data::Resolution::Square(cfg.train.resolution() as u32);
-        let loader = DataLoader::new(&data_cfg, cfg.train.batch_size)
+        // Data-parallel: every rank reads the global batch order and keeps its rows
+        // (see `iteration`), so positions and resume are those of one process.
+        let loader = DataLoader::new(&data_cfg, cfg.train.batch_size * crate::dist::world_size())
             .context("opening the dataset ([data] section)")?;
         let features = if cfg.train.mode == Mode::Adt {
             Some(build_features(&cfg, device, tiny)?)
@@ -432,6 +437,10 @@ impl Trainer {
         let out_dir = tr.out_dir.clone();
         std::fs::create_dir_all(&out_dir)
             .with_context(|| format!("creating {}", out_dir.display()))?;
+        if !crate::dist::is_rank0() {
+            // Logs, grids and checkpoints come from rank 0.
+            return Ok(tr);
+        }
         let cfg_path = out_dir.join("config.toml");
         std::fs::write(&cfg_path, tr.cfg.to_toml()?)
             .with_context(|| format!("writing {}", cfg_path.display()))?;
@@ -497,6 +506,12 @@ impl Trainer {
                     text_dim,
                     ..DiscConfig::default()
                 };
+                // The heads' initialisation is a function of the seed alone, not of
+                // whatever drew from libtorch's generator before (pipeline loading, a
+                // previous run in the same process).
+                tch::manual_seed(
+                    (cfg.train.seed as i64).wrapping_add(0x5eed_d15c) & 0x7fff_ffff_ffff,
+                );
                 let disc = Discriminator::new(device, &f.channels(), &dcfg)?;
                 let t = &cfg.train;
                 let opt_d = AdamW::new(
@@ -601,6 +616,7 @@ impl Trainer {
             events: None,
             uncond_cache: None,
             force_start: None,
+            ddp: None,
             fast,
             fast_sd3,
         })
@@ -641,9 +657,27 @@ impl Trainer {
             .as_mut()
             .context("this trainer has no data loader")?;
         let mut batches = Vec::with_capacity(accum);
+        let (rank, world) = (crate::dist::rank(), crate::dist::world_size());
         for _ in 0..accum {
             let b = loader.next_batch()?;
             let ids = b.add_time_ids();
+            if world > 1 {
+                // This rank's rows of the global batch.
+                let (lo, hi) = crate::dist::shard_range(b.len(), rank, world);
+                if hi == lo {
+                    bail!(
+                        "a batch of {} samples cannot be split over {world} ranks",
+                        b.len()
+                    );
+                }
+                let n = (hi - lo) as i64;
+                batches.push((
+                    b.images.narrow(0, lo as i64, n),
+                    b.captions[lo..hi].to_vec(),
+                    ids.narrow(0, lo as i64, n),
+                ));
+                continue;
+            }
             batches.push((b.images, b.captions, ids));
         }
         self.iteration_on_micro(&batches)
@@ -672,8 +706,12 @@ impl Trainer {
     ) -> Result<StepLog> {
         let started = std::time::Instant::now();
         let step = self.step;
-        // Randomness is a function of (seed, step): a resumed run is bit-identical.
-        let seed = self.cfg.train.seed;
+        // Randomness is a function of (seed, rank, step): a resumed run is
+        // bit-identical, and each rank of a data-parallel run has its own stream.
+        let seed = crate::dist::rank_seed(self.cfg.train.seed, crate::dist::rank());
+        if let Some(d) = &self.ddp {
+            d.pg.set_progress(step);
+        }
         tch::manual_seed(
             (seed.wrapping_mul(1_000_003).wrapping_add(step as u64) & 0x7fff_ffff_ffff) as i64,
         );
@@ -847,7 +885,7 @@ impl Trainer {
             lr,
             ..Default::default()
         };
-        for tr in trajs {
+        for (i, tr) in trajs.iter().enumerate() {
             let x0 = &tr.batch.x0;
             let (f_ref, f_real, f_fake) = tch::no_grad(|| -> Result<_> {
                 let fake = self.disc_images(&tr.final_x)?;
@@ -862,6 +900,13 @@ impl Trainer {
             })?;
             let (loss, stats) = disc.d_loss(&f_ref, tr.batch.text.as_ref(), &f_real, &f_fake)?;
             check_finite(step, "loss_d", stats.loss)?;
+            if let (Some(r), true) = (
+                self.ddp.as_ref().and_then(|d| d.d.as_ref()),
+                i + 1 == trajs.len(),
+            ) {
+                // The gradient all-reduce starts during this last backward.
+                r.arm(1);
+            }
             (loss / a).backward();
             out.loss += stats.loss / a;
             out.accuracy += stats.accuracy / a;
@@ -869,9 +914,16 @@ impl Trainer {
             out.fake_score += stats.fake_score / a;
         }
         phases.mark("d_loss");
+        if let Some(d) = &self.ddp {
+            if let Some(r) = &d.d {
+                r.finish()?;
+            }
+            d.sync_d_buffers()?;
+        }
         let opt = self.opt_d.as_mut().unwrap();
         opt.lr = lr;
         opt.step();
+        crate::dist::testing::after_step("d", step, opt.params());
         self.disc.as_ref().unwrap().ema_update(t.tau)?;
         phases.mark("d_step");
         Ok(out)
@@ -889,11 +941,16 @@ impl Trainer {
         let (loss_adv, loss_diff) = self.generator_gradient(step, trajs, phases)?;
         // The discriminator's gradients from the generator loss are discarded.
         self.opt_d.as_mut().unwrap().zero_grad();
+        if let Some(d) = &self.ddp {
+            d.g.finish()?;
+        }
+        crate::dist::testing::g_grads(self.opt_g.params());
         let t = &self.cfg.train;
         let grad_norm = self.opt_g.clip_grad_norm(t.grad_clip);
         check_finite(step, "generator gradient norm", grad_norm)?;
         self.opt_g.lr = warmup_lr(t.lr_g(), self.g_steps, t.warmup_g);
         self.opt_g.step();
+        crate::dist::testing::after_step("g", step, self.opt_g.params());
         self.g_steps += 1;
         self.update_ema();
         phases.mark("g_step");
@@ -922,7 +979,16 @@ impl Trainer {
         let denoiser = self.pipe.denoiser();
         let disc = self.disc.as_ref().unwrap();
         let (mut adv, mut diff) = (0.0, 0.0);
-        for tr in trajs {
+        for (i, tr) in trajs.iter().enumerate() {
+            if let (Some(d), true) = (&self.ddp, i + 1 == trajs.len()) {
+                // Backward passes through the generator left in this step.
+                let passes = if t.decompose {
+                    tr.kept_steps.len() + usize::from(tr.diff_sigmas.is_some())
+                } else {
+                    1
+                };
+                d.g.arm(passes);
+            }
             let b = &tr.batch;
             let guidance = Guidance::new(&b.uncond, &b.cond, self.cfg.sampler.cfg);
             let target = self.plan.target(&b.z0, &tr.eps, tr.s);
@@ -1019,12 +1085,21 @@ impl Trainer {
         let a = micro.len() as f64;
         self.opt_g.zero_grad();
         let (mut lv, mut t0) = (0.0, 0);
+        let n_micro = micro.len();
+        let mut offset = 0;
         for (k, Batch { z0, cond, .. }) in micro.into_iter().enumerate() {
             let b = z0.size()[0];
             let n_train = self.pipe.schedule.num_train_timesteps;
-            let ts: Vec<usize> = (0..b).map(|_| rng.gen_range(0..n_train)).collect();
             let dev = self.device();
-            let eps = z0.randn_like();
+            let (ts, eps) = if crate::dist::testing::pinned_noise() {
+                // Test hook: per-sample draws keyed by the sample's global index.
+                let first = crate::dist::rank() * b as usize * n_micro + offset;
+                crate::dist::testing::pinned_ft_noise(t.seed, step, first, &z0, n_train)
+            } else {
+                let ts: Vec<usize> = (0..b).map(|_| rng.gen_range(0..n_train)).collect();
+                (ts, z0.randn_like())
+            };
+            offset += b as usize;
             let col = |v: Vec<f32>| Tensor::from_slice(&v).to_device(dev).view([-1, 1, 1, 1]);
             let mut first_t = ts[0];
             let (x_t, target, model_t) = if self.pipe.is_flow() {
@@ -1065,17 +1140,25 @@ impl Trainer {
             let loss = (out - target).square().mean(Kind::Float);
             let v = loss.double_value(&[]);
             check_finite(step, "loss_diff", v)?;
+            if let (Some(d), true) = (&self.ddp, k + 1 == n_micro) {
+                d.g.arm(1);
+            }
             (loss / a).backward();
             lv += v / a;
             if k == 0 {
                 t0 = first_t;
             }
         }
+        if let Some(d) = &self.ddp {
+            d.g.finish()?;
+        }
+        crate::dist::testing::g_grads(self.opt_g.params());
         let norm = self.opt_g.clip_grad_norm(t.grad_clip);
         check_finite(step, "generator gradient norm", norm)?;
         let lr = warmup_lr(t.lr_g(), self.g_steps, t.warmup_g);
         self.opt_g.lr = lr;
         self.opt_g.step();
+        crate::dist::testing::after_step("g", step, self.opt_g.params());
         self.g_steps += 1;
         self.update_ema();
         Ok(StepLog {

@@ -101,7 +101,8 @@ pub fn clean_temporaries(out: &Path) -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
     for e in std::fs::read_dir(&root).with_context(|| format!("listing {}", root.display()))? {
         let e = e.with_context(|| format!("listing {}", root.display()))?;
-        if !e.file_name().to_string_lossy().starts_with(".tmp-step-") {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(".tmp-step-") && !is_atomic_temp(&name) {
             continue;
         }
         let p = e.path();
@@ -112,6 +113,37 @@ pub fn clean_temporaries(out: &Path) -> Result<Vec<PathBuf>> {
         };
         r.with_context(|| format!("removing the leftover temporary checkpoint {}", p.display()))?;
         removed.push(p);
+    }
+    Ok(removed)
+}
+
+/// A temporary file of [`atomic_write`] (`.NAME.tmp-PID`).
+fn is_atomic_temp(name: &str) -> bool {
+    name.starts_with('.')
+        && name
+            .rsplit_once(".tmp-")
+            .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Remove the temporary files of interrupted atomic writes (`.NAME.tmp-PID`) under
+/// `dir` (a pipeline folder being rewritten); returns what was removed.
+pub fn clean_atomic_temps(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    if !dir.is_dir() {
+        return Ok(removed);
+    }
+    for e in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let e = e.with_context(|| format!("listing {}", dir.display()))?;
+        let p = e.path();
+        let ft = e
+            .file_type()
+            .with_context(|| format!("reading {}", p.display()))?;
+        if ft.is_dir() {
+            removed.extend(clean_atomic_temps(&p)?);
+        } else if ft.is_file() && is_atomic_temp(&e.file_name().to_string_lossy()) {
+            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+            removed.push(p);
+        }
     }
     Ok(removed)
 }

@@ -72,7 +72,8 @@ pub struct ModelSection {
     pub save_to: Option<PathBuf>,
     /// SD3: run the T5 encoder (`text_encoder_3`) when the pipeline has one.
     pub use_t5: bool,
-    /// SD3: T5 tokens per prompt.
+    /// SD3: T5 tokens per prompt (without T5, as many zero tokens stand in for them,
+    /// as in diffusers).
     pub max_sequence_length: usize,
 }
 
@@ -163,6 +164,16 @@ pub struct TrainSection {
     pub profile_phases: bool,
     /// Stop after this many minutes of training and save as if finished.
     pub time_limit_minutes: Option<f64>,
+    /// Data-parallel runs: "auto" (NCCL on CUDA, Gloo on the CPU), "gloo" or "nccl".
+    pub dist_backend: String,
+    /// Data-parallel runs: seconds a collective may wait for the other ranks before
+    /// the run stops with an error naming the rank that died or stopped answering.
+    pub dist_timeout_s: f64,
+    /// Data-parallel ADT runs: every rank uses the same trajectory start step in an
+    /// iteration (drawn from a stream shared by the ranks; noise, kept steps and data
+    /// stay per rank). Off, each rank draws its own, and an iteration waits for the
+    /// rank with the longest trajectory.
+    pub dist_shared_start: bool,
     /// Train LoRA adapters instead of the backbone (`train.lora = { rank = 16 }`): the
     /// base weights are frozen and only the adapters are optimised; the run writes
     /// `pytorch_lora_weights.safetensors` (diffusers / PEFT layout) instead of a pipeline.
@@ -294,6 +305,9 @@ impl Default for TrainSection {
             time_limit_minutes: None,
             lora: None,
             optimizer_state: Default::default(),
+            dist_backend: "auto".into(),
+            dist_timeout_s: 600.0,
+            dist_shared_start: false,
         }
     }
 }
@@ -460,6 +474,18 @@ impl Config {
     /// Range and consistency checks; errors name the key and the allowed values.
     pub fn validate(&self) -> Result<()> {
         let t = &self.train;
+        if !["auto", "gloo", "nccl"].contains(&t.dist_backend.as_str()) {
+            bail!(
+                "train.dist_backend = {:?}: expected \"auto\", \"gloo\" or \"nccl\"",
+                t.dist_backend
+            );
+        }
+        if !(t.dist_timeout_s > 0.0 && t.dist_timeout_s.is_finite()) {
+            bail!(
+                "train.dist_timeout_s = {}: must be a positive number of seconds",
+                t.dist_timeout_s
+            );
+        }
         let pos = |k: &str, v: usize| -> Result<()> {
             if v == 0 {
                 bail!("{k} = 0: must be at least 1");

@@ -2,6 +2,7 @@
 pub mod adt;
 pub mod checkpoint;
 pub mod config;
+pub mod ddp;
 pub mod fast;
 pub mod logging;
 pub mod optim;

@@ -21,6 +21,8 @@ pub struct AdamW {
     /// it and the parameters allow it (one dtype and device, float32 / bfloat16 /
     /// half): the same update in one pass instead of about ten kernels per tensor.
     pub fused: bool,
+    /// Updates done by the fused kernel (the others ran the per-tensor loop).
+    pub fused_steps: u64,
     names: Vec<String>,
     params: Vec<Tensor>,
     m: Vec<Tensor>,
@@ -136,6 +138,7 @@ impl AdamW {
             weight_decay,
             step: 0,
             fused: true,
+            fused_steps: 0,
             names,
             params,
             m,
@@ -217,6 +220,7 @@ impl AdamW {
         self.step += 1;
         let fp32 = self.moments == MomentStorage::Fp32;
         if fp32 && self.fused && fused_available() && self.fused_step() {
+            self.fused_steps += 1;
             return;
         }
         let (b1, b2) = (self.beta1, self.beta2);
@@ -432,7 +436,10 @@ mod tests {
     use tch::{nn, Device};
 
     /// The fused kernel and the per-tensor loop give the same parameters and moments
-    /// over several steps (with a parameter that gets no gradient).
+    /// over several steps (with a parameter that gets no gradient), and the fused run
+    /// did use the kernel. A build without the shim (no LIBTORCH at build time) has no
+    /// kernel to compare: the test fails saying so, unless
+    /// ADT_ALLOW_MISSING_TEST_DATA=1, which skips it with a notice.
     #[test]
     fn fused_adamw_matches_the_loop() {
         if option_env!("LIBTORCH").is_some() {
@@ -440,6 +447,20 @@ mod tests {
                 fused_available(),
                 "built with LIBTORCH but without the fused AdamW shim"
             );
+        }
+        if !fused_available() {
+            let msg = "the fused AdamW shim is not in this build (it is compiled when LIBTORCH \
+                       names the libtorch folder at build time, as scripts/env.sh sets it)";
+            if std::env::var("ADT_ALLOW_MISSING_TEST_DATA").is_ok_and(|v| !v.is_empty() && v != "0")
+            {
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "SKIPPED fused_adamw_matches_the_loop: {msg}"
+                );
+                return;
+            }
+            panic!("{msg}; set ADT_ALLOW_MISSING_TEST_DATA=1 to skip this test");
         }
         let make = |fused: bool| {
             tch::manual_seed(3);
@@ -473,7 +494,7 @@ mod tests {
             let mut st = opt.state("g");
             st.extend(vs.variables());
             st.sort_by(|x, y| x.0.cmp(&y.0));
-            (st, opt.fused)
+            (st, opt.fused_steps)
         };
         // The fused update is visible in the version counters, as an in-place op's.
         {
@@ -489,9 +510,10 @@ mod tests {
                 "the update did not bump the version"
             );
         }
-        let (fused, still_fused) = make(true);
-        let (looped, _) = make(false);
-        assert!(still_fused || !fused_available(), "the fused kernel failed");
+        let (fused, fused_steps) = make(true);
+        let (looped, loop_fused_steps) = make(false);
+        assert_eq!(fused_steps, 4, "the fused kernel did not run every step");
+        assert_eq!(loop_fused_steps, 0);
         assert_eq!(fused.len(), looped.len());
         for ((n1, t1), (n2, t2)) in fused.iter().zip(&looped) {
             assert_eq!(n1, n2);

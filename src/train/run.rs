@@ -2,9 +2,9 @@
 //! metrics, periodic sample grids and checkpoints, resume, and the final save.
 
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 
+use crate::progress::Progress;
 use crate::train::adt::Trainer;
 use crate::train::checkpoint;
 use crate::train::config::Config;
@@ -174,9 +174,31 @@ fn plan_start(cfg: &Config, opts: &RunOptions) -> Result<Start> {
 
 /// Train to the configured number of iterations; returns the trainer.
 pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
+    // One rank of a data-parallel run (torchrun, SLURM, `adt train --nproc`)?
+    let pg = crate::train::ddp::setup(&mut cfg)?;
     cfg.check_device()?;
-    resolve_synthetic(&mut cfg)?;
-    let start = plan_start(&cfg, opts)?;
+    let rank0 = crate::dist::is_rank0();
+    let barrier = || -> Result<()> {
+        match &pg {
+            Some(g) => g.barrier(),
+            None => Ok(()),
+        }
+    };
+    // Rank 0 prepares the output folder first (synthetic data, leftovers); the
+    // others then find it ready and reach the same decision about where to start.
+    let mut start = None;
+    if rank0 {
+        resolve_synthetic(&mut cfg)?;
+        start = Some(plan_start(&cfg, opts)?);
+    }
+    barrier()?;
+    let start = match start {
+        Some(s) => s,
+        None => {
+            resolve_synthetic(&mut cfg)?;
+            plan_start(&cfg, opts)?
+        }
+    };
     let mut tr = Trainer::new(cfg.clone())?;
     if let Some(id) = start.run_id {
         tr.run_id = id;
@@ -190,25 +212,33 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
     }
     // A resumed run logs the steps after its checkpoint again; a new one starts empty.
     tr.truncate_metrics(tr.step)?;
+    if let Some(g) = &pg {
+        crate::train::ddp::attach(&mut tr, g)?;
+    }
     let total = cfg.train.iterations;
-    let pb = if opts.quiet {
-        ProgressBar::hidden()
+    let mut pb = if opts.quiet || !rank0 {
+        Progress::hidden(total as u64)
     } else {
-        ProgressBar::new(total as u64)
+        let name = tr
+            .out_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
+        Progress::new(format!("train {}", name.unwrap_or_default()), total as u64)
     };
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}, {per_sec}] {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
     pb.set_position(tr.step as u64);
     let mut done = 0;
     let started = std::time::Instant::now();
     let mut out_of_time = false;
     while tr.step < total {
         if let Some(limit) = cfg.train.time_limit_minutes {
-            if started.elapsed().as_secs_f64() > limit * 60.0 {
+            let mut over = started.elapsed().as_secs_f64() > limit * 60.0;
+            if let Some(g) = &pg {
+                // Every rank stops at the same iteration.
+                let f = tch::Tensor::from_slice(&[over as i32]).to_device(g.device);
+                g.all_reduce_max(std::slice::from_ref(&f))?;
+                over = f.int64_value(&[0]) != 0;
+            }
+            if over {
                 tracing::warn!(
                     "train.time_limit_minutes = {limit} reached at step {}",
                     tr.step
@@ -221,6 +251,13 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
             if done >= m {
                 break;
             }
+        }
+        if cfg.train.dist_shared_start && pg.is_some() {
+            tr.force_start = Some(crate::dist::shared_start(
+                cfg.train.seed,
+                tr.step,
+                tr.plan.len(),
+            ));
         }
         let log = match tr.iteration() {
             Ok(l) => l,
@@ -246,6 +283,7 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
         if cfg.output.sample_every > 0
             && s % cfg.output.sample_every == 0
             && !cfg.output.validation_prompts.is_empty()
+            && rank0
         {
             let imgs = crate::sample::generate(
                 &tr.pipe,
@@ -262,14 +300,27 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
             )?;
         }
         if cfg.output.checkpoint_every > 0 && s % cfg.output.checkpoint_every == 0 && s < total {
-            match checkpoint::save(&tr) {
-                Ok(p) => last_ckpt = Some((p, s)),
-                Err(e) => return Err(explain_stop(e, &tr, &last_ckpt)),
+            // After a barrier: every rank has finished the step being saved.
+            barrier()?;
+            if rank0 {
+                match checkpoint::save(&tr) {
+                    Ok(p) => last_ckpt = Some((p, s)),
+                    Err(e) => return Err(explain_stop(e, &tr, &last_ckpt)),
+                }
             }
+            barrier()?;
         }
     }
     pb.finish();
-    if tr.step >= total || out_of_time {
+    if let Some(d) = &tr.ddp {
+        tracing::info!(
+            "{} over {done} iterations of {:.1} s in all",
+            d.summary(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    barrier()?;
+    if (tr.step >= total || out_of_time) && rank0 {
         let out = cfg
             .model
             .save_to
@@ -282,6 +333,8 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
             });
             return Err(explain_stop(e, &tr, &last_ckpt));
         }
+        // A save interrupted earlier may have left temporary files there.
+        checkpoint::clean_atomic_temps(&out)?;
         tr.save_final(&out)?;
         checkpoint::save(&tr)?;
         if cfg.train.lora.is_some() {
@@ -293,6 +346,7 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
             tracing::info!("tuned pipeline written to {}", out.display());
         }
     }
+    barrier()?;
     Ok(tr)
 }
 

@@ -1,6 +1,7 @@
 //! Helpers shared by the test binaries (`mod common;` in each).
 #![allow(dead_code)]
 
+pub mod fixtures;
 pub mod inputs;
 
 use adt::train::adt::Trainer;
@@ -56,4 +57,76 @@ pub fn sorted_vars(vs: &tch::nn::VarStore) -> Vec<(String, Tensor)> {
     let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
+}
+
+/// Two trainers hold bit-identical state: step counters, generator weights, both
+/// optimisers' moments and step counts, the generator EMA, and the discriminator's
+/// trainable variables, BatchNorm statistics and EMA duals.
+pub fn assert_same_state(a: &Trainer, b: &Trainer) {
+    assert_eq!((a.step, a.g_steps), (b.step, b.g_steps), "step counters");
+    let same = |what: &str, x: Vec<(String, Tensor)>, y: Vec<(String, Tensor)>| {
+        let names = |v: &[(String, Tensor)]| v.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&x), names(&y), "{what}: names differ");
+        assert!(!x.is_empty(), "{what}: nothing to compare");
+        for ((k, s), (_, t)) in x.iter().zip(&y) {
+            assert!(s.equal(t), "{what}: {k} differs");
+        }
+        x.len()
+    };
+    let sorted = |mut v: Vec<(String, Tensor)>| {
+        v.sort_by(|p, q| p.0.cmp(&q.0));
+        v
+    };
+    let mut n = same(
+        "generator",
+        sorted_vars(a.pipe.backbone_vs()),
+        sorted_vars(b.pipe.backbone_vs()),
+    );
+    n += same(
+        "generator optimiser",
+        sorted(a.opt_g.state("g")),
+        sorted(b.opt_g.state("g")),
+    );
+    match (&a.opt_d, &b.opt_d) {
+        (Some(x), Some(y)) => {
+            n += same(
+                "discriminator optimiser",
+                sorted(x.state("d")),
+                sorted(y.state("d")),
+            )
+        }
+        (None, None) => {}
+        _ => panic!("discriminator optimiser on one side only"),
+    }
+    match (&a.ema, &b.ema) {
+        (Some(x), Some(y)) => {
+            n += same(
+                "generator EMA",
+                sorted(
+                    x.iter()
+                        .map(|(k, t)| (k.clone(), t.shallow_clone()))
+                        .collect(),
+                ),
+                sorted(
+                    y.iter()
+                        .map(|(k, t)| (k.clone(), t.shallow_clone()))
+                        .collect(),
+                ),
+            )
+        }
+        (None, None) => {}
+        _ => panic!("generator EMA on one side only"),
+    }
+    match (&a.disc, &b.disc) {
+        (Some(x), Some(y)) => {
+            n += same("discriminator", sorted_vars(&x.vs), sorted_vars(&y.vs));
+            let (dx, dy) = (sorted_vars(&x.dual_vs), sorted_vars(&y.dual_vs));
+            if !dx.is_empty() || !dy.is_empty() {
+                n += same("discriminator EMA duals", dx, dy);
+            }
+        }
+        (None, None) => {}
+        _ => panic!("discriminator on one side only"),
+    }
+    println!("{n} state tensors bit-identical");
 }

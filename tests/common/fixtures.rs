@@ -1,6 +1,7 @@
-//! Helpers for parity tests against the reference outputs in `tests/fixtures/`
+//! Helpers of the parity tests against the reference outputs in `tests/fixtures/`
 //! (tiny random-weight checkpoints saved by diffusers / transformers, with the
-//! inputs and outputs those libraries computed).
+//! inputs and outputs those libraries computed). Shared by the integration tests
+//! (`mod common;`) and the library's unit tests (included by path, test builds only).
 
 use anyhow::{Context, Result};
 use std::collections::HashMap;
@@ -26,7 +27,8 @@ pub fn io(name: &str) -> Result<HashMap<String, Tensor>> {
 
 /// All tensors of a safetensors file, by name.
 pub fn load_map(path: &Path) -> Result<HashMap<String, Tensor>> {
-    Ok(crate::weights::read_safetensors(path)?
+    Ok(Tensor::read_safetensors(path)
+        .with_context(|| format!("reading {}", path.display()))?
         .into_iter()
         .collect())
 }

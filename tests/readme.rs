@@ -1,0 +1,495 @@
+//! The README's figures against the files in `assets/` they come from: the demo's
+//! three-seed table and the CPU table (`assets/demo-results/`), the H200 benchmark
+//! table and the memory and SD3 figures (`assets/bench-h200/`), the base model's
+//! parameter count (`assets/demo-base/unet`). Each number is compared at the precision
+//! the README prints it with, so an asset re-measured or a number typed by hand that
+//! differs fails here.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn readme() -> String {
+    std::fs::read_to_string(root().join("README.md")).unwrap()
+}
+
+fn json(rel: &str) -> Value {
+    let p = root().join(rel);
+    serde_json::from_str(
+        &std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// The numbers of a piece of text, as written ("194.4", "0.540", "68"); digits that
+/// are part of a word ("float32", "bf16", "32x32", "H200") are not numbers.
+fn numbers(text: &str) -> Vec<String> {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let starts = chars[i].is_ascii_digit() && (i == 0 || !chars[i - 1].is_alphanumeric());
+        if !starts {
+            i += 1;
+            continue;
+        }
+        let mut j = i;
+        while j < chars.len()
+            && (chars[j].is_ascii_digit()
+                || (chars[j] == '.' && j + 1 < chars.len() && chars[j + 1].is_ascii_digit()))
+        {
+            j += 1;
+        }
+        if j == chars.len() || !chars[j].is_alphanumeric() {
+            out.push(chars[i..j].iter().collect());
+        }
+        while j < chars.len() && chars[j].is_alphanumeric() {
+            j += 1;
+        }
+        i = j;
+    }
+    out
+}
+
+/// The README as one line (markdown line breaks are spaces).
+fn flat(text: &str) -> String {
+    text.lines().collect::<Vec<_>>().join(" ")
+}
+
+/// The numbers after `marker` (which must occur once) in the flattened README.
+fn after(flat: &str, marker: &str) -> Vec<String> {
+    let hits = flat.matches(marker).count();
+    assert_eq!(hits, 1, "README: {hits} occurrences of {marker:?}");
+    numbers(&flat[flat.find(marker).unwrap() + marker.len()..])
+}
+
+/// `written` is `value` rounded to the decimals `written` shows.
+#[track_caller]
+fn same(what: &str, written: &str, value: f64) {
+    let decimals = written.split_once('.').map_or(0, |(_, d)| d.len());
+    let want = format!("{value:.decimals$}");
+    assert_eq!(
+        written, want,
+        "README {what}: {written}, the asset says {value}"
+    );
+}
+
+/// The rows of the markdown table whose header line starts with `header`, as cells.
+fn table(text: &str, header: &str) -> Vec<Vec<String>> {
+    let mut lines = text.lines().skip_while(|l| !l.starts_with(header));
+    assert!(lines.next().is_some(), "README: no table headed {header:?}");
+    lines
+        .skip(1)
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| {
+            l.trim_matches('|')
+                .split('|')
+                .map(|c| c.trim().to_string())
+                .collect()
+        })
+        .collect()
+}
+
+fn models<'a>(report: &'a Value, name: &str) -> Vec<&'a Value> {
+    report["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["name"] == name)
+        .collect()
+}
+
+fn mean_sd(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, var.sqrt())
+}
+
+#[test]
+fn demo_tables_match_the_reports() {
+    let text = readme();
+    // Three seeds on the GPU samples.
+    let r = json("assets/demo-results/report.json");
+    let rows = table(&text, "| model | FD (mean ± sd over 3 seeds)");
+    assert_eq!(rows.len(), 3);
+    for row in &rows {
+        let name = if row[0].starts_with("base") {
+            "base"
+        } else {
+            &row[0].to_lowercase()
+        };
+        let ms = models(&r, name);
+        let cells: Vec<Vec<String>> = row[1..].iter().map(|c| numbers(c)).collect();
+        if name == "base" {
+            same("base FD", &cells[0][0], ms[0]["fd"].as_f64().unwrap());
+            same(
+                "base colour L1",
+                &cells[2][0],
+                ms[0]["histogram_l1"].as_f64().unwrap(),
+            );
+            continue;
+        }
+        assert_eq!(ms.len(), 3, "{name}: seeds");
+        let fds: Vec<f64> = ms.iter().map(|m| m["fd"].as_f64().unwrap()).collect();
+        let (mean, sd) = mean_sd(&fds);
+        same(&format!("{name} FD mean"), &cells[0][0], mean);
+        same(&format!("{name} FD sd"), &cells[0][1], sd);
+        for (i, m) in ms.iter().enumerate() {
+            same(
+                &format!("{name} seed {i} FD"),
+                &cells[1][i],
+                m["fd"].as_f64().unwrap(),
+            );
+            same(
+                &format!("{name} seed {i} colour L1"),
+                &cells[2][i],
+                m["histogram_l1"].as_f64().unwrap(),
+            );
+        }
+    }
+    let f = flat(&text);
+    let refs = after(&f, "Reference points: style gap");
+    same("style gap", &refs[0], r["style_gap_fd"].as_f64().unwrap());
+    same("floor", &refs[2], r["floor_fd"].as_f64().unwrap());
+    // "by X to Y points": the smallest and largest per-seed margin of ADT over FT.
+    let ft: Vec<f64> = models(&r, "ft")
+        .iter()
+        .map(|m| m["fd"].as_f64().unwrap())
+        .collect();
+    let adt: Vec<f64> = models(&r, "adt")
+        .iter()
+        .map(|m| m["fd"].as_f64().unwrap())
+        .collect();
+    let margins: Vec<f64> = ft.iter().zip(&adt).map(|(f, a)| f - a).collect();
+    let by = after(&f, "for every seed (by ");
+    same(
+        "smallest margin",
+        &by[0],
+        margins.iter().cloned().fold(f64::MAX, f64::min),
+    );
+    same(
+        "largest margin",
+        &by[1],
+        margins.iter().cloned().fold(f64::MIN, f64::max),
+    );
+    let avg = |name: &str| {
+        let ms = models(&r, name);
+        ms.iter()
+            .map(|m| m["histogram_l1"].as_f64().unwrap())
+            .sum::<f64>()
+            / ms.len() as f64
+    };
+    let l1 = after(&f, "colour-histogram distance went up (");
+    same("ADT mean colour L1", &l1[0], avg("adt"));
+    same("base colour L1", &l1[1], avg("base"));
+    same("FT mean colour L1", &l1[2], avg("ft"));
+
+    // One seed on the CPU.
+    let r = json("assets/demo-results/cpu-seed0/report.json");
+    let rows = table(
+        &text,
+        "| model | FD | KID | colour-histogram L1 | training |",
+    );
+    assert_eq!(rows.len(), 3);
+    for row in &rows {
+        let name = row[0].to_lowercase();
+        let m = models(&r, &name)[0];
+        let n: Vec<String> = row[1..].iter().flat_map(|c| numbers(c)).collect();
+        same(&format!("CPU {name} FD"), &n[0], m["fd"].as_f64().unwrap());
+        same(
+            &format!("CPU {name} KID"),
+            &n[1],
+            m["kid"].as_f64().unwrap(),
+        );
+        same(
+            &format!("CPU {name} colour L1"),
+            &n[2],
+            m["histogram_l1"].as_f64().unwrap(),
+        );
+        if name != "base" {
+            same(
+                &format!("CPU {name} training s"),
+                &n[3],
+                m["train_seconds"].as_f64().unwrap(),
+            );
+        }
+    }
+    let gap = after(&f, "(style gap ");
+    same(
+        "CPU style gap",
+        &gap[0],
+        r["style_gap_fd"].as_f64().unwrap(),
+    );
+    same("CPU floor", &gap[1], r["floor_fd"].as_f64().unwrap());
+    let fd = |n: &str| models(&r, n)[0]["fd"].as_f64().unwrap();
+    let ahead = after(&f, "ADT is ahead of FT by");
+    same("CPU margin", &ahead[0], fd("ft") - fd("adt"));
+    let wall = after(&f, "`adt demo` run took");
+    same(
+        "CPU demo wall time",
+        &wall[0],
+        r["wall_seconds"].as_f64().unwrap(),
+    );
+}
+
+fn median(file: &Value, workload: &str, variant: &str) -> f64 {
+    file["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["workload"] == workload && r["variant"] == variant)
+        .unwrap_or_else(|| panic!("no row {workload} / {variant}"))["median_ms"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{workload} / {variant}: not measured"))
+}
+
+fn peak_gib(file: &Value, workload: &str) -> f64 {
+    let row = file["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["workload"] == workload && r["variant"] == "baseline")
+        .unwrap_or_else(|| panic!("no row {workload}"));
+    row["peak_bytes"].as_f64().unwrap() / (1u64 << 30) as f64
+}
+
+/// The fastest measured variant of a workload and its median.
+fn best(file: &Value, workload: &str) -> f64 {
+    file["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["workload"] == workload && r["variant"] != "baseline")
+        .filter_map(|r| r["median_ms"].as_f64())
+        .fold(f64::MAX, f64::min)
+}
+
+#[test]
+fn bench_table_matches_the_h200_files() {
+    let text = readme();
+    let dir = "assets/bench-h200";
+    let reference = json(&format!("{dir}/pytorch-reference.json"));
+    let rows = table(&text, "| workload | baseline (fp32 eager)");
+    let plan = [
+        (
+            "one CFG UNet step",
+            "unet",
+            "unet_cfg_step",
+            "unet_cfg_step",
+        ),
+        ("sampling", "sample", "sample_ddim50", "sample_ddim50"),
+        ("ADT G+D", "adt", "adt_gd_s0", "adt_gd_s0"),
+        ("ADT D-only", "adt", "adt_d_s0", ""),
+        (
+            "ADT, mean over an H = 5",
+            "adt",
+            "adt_h5_mean",
+            "adt_h5_mean",
+        ),
+    ];
+    assert_eq!(rows.len(), plan.len());
+    for (row, (label, file, workload, reference_key)) in rows.iter().zip(plan) {
+        assert!(row[0].starts_with(label), "{:?} vs {label}", row[0]);
+        let f = json(&format!("{dir}/{file}.json"));
+        let base = median(&f, workload, "baseline");
+        let top = best(&f, workload);
+        same(
+            &format!("{workload} baseline ms"),
+            &numbers(&row[1])[0],
+            base,
+        );
+        same(&format!("{workload} best ms"), &numbers(&row[2])[0], top);
+        same(
+            &format!("{workload} ratio"),
+            &numbers(&row[3])[0],
+            top / base,
+        );
+        let refs = numbers(&row[4]);
+        if reference_key.is_empty() {
+            assert!(
+                refs.is_empty(),
+                "{workload}: a reference figure without a file"
+            );
+        } else {
+            let want: Vec<f64> = reference[reference_key]
+                .as_array()
+                .unwrap_or_else(|| panic!("pytorch-reference.json: no {reference_key}"))
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            assert_eq!(refs.len(), want.len(), "{workload}: reference figures");
+            for (w, v) in refs.iter().zip(want) {
+                same(&format!("{workload} PyTorch reference"), w, v);
+            }
+        }
+    }
+    let f = flat(&text);
+    let unet = json(&format!("{dir}/unet.json"));
+    let alone = after(&f, "bf16 + CUDA graph alone ");
+    same(
+        "bf16 + CUDA graph",
+        &alone[0],
+        median(&unet, "unet_cfg_step", "bf16+cuda_graph"),
+    );
+
+    // Peak memory against K.
+    let mem = json(&format!("{dir}/memory.json"));
+    let flat_k = after(&f, "per-step gradient decomposition): ");
+    for k in ["1", "3", "8"] {
+        same(
+            &format!("peak K = {k}"),
+            &flat_k[0],
+            peak_gib(&mem, &format!("adt_gd_s0_k{k}")),
+        );
+    }
+    let one = after(&f, "with the whole trajectory in one graph ");
+    for (i, k) in ["1", "3", "8"].iter().enumerate() {
+        same(
+            &format!("one-graph peak K = {k}"),
+            &one[i],
+            peak_gib(&mem, &format!("adt_gd_s0_k{k}_onegraph")),
+        );
+    }
+    let rm = after(&f, "(reference 22.8");
+    let want = reference["memory_gib_k1_k3_k8"].as_array().unwrap();
+    same("reference peak K = 1", "22.8", want[0].as_f64().unwrap());
+    for (w, v) in rm.iter().zip(&want[1..]) {
+        same("reference peak", w, v.as_f64().unwrap());
+    }
+
+    // SD3-medium.
+    let sd3 = json(&format!("{dir}/sd3-medium.json"));
+    let sd3m = json(&format!("{dir}/sd3-medium-memory.json"));
+    let n = after(&f, "guided transformer step ");
+    same(
+        "SD3 step fp32",
+        &n[0],
+        median(&sd3, "transformer_cfg_step", "baseline"),
+    );
+    same(
+        "SD3 step bf16",
+        &n[1],
+        median(&sd3, "transformer_cfg_step", "bf16"),
+    );
+    let n = after(&f, "sampling + decode ");
+    same(
+        "SD3 sampling fp32 s",
+        &n[0],
+        median(&sd3, "sample_flow28", "baseline") / 1000.0,
+    );
+    same(
+        "SD3 sampling bf16 s",
+        &n[1],
+        median(&sd3, "sample_flow28", "bf16") / 1000.0,
+    );
+    same(
+        "SD3 sampling bf16+tf32 s",
+        &n[2],
+        median(&sd3, "sample_flow28", "bf16+tf32") / 1000.0,
+    );
+    let n = after(&f, "ADT G+D from step 0 ");
+    same(
+        "SD3 G+D fp32 s",
+        &n[0],
+        median(&sd3, "adt_gd_s0", "baseline") / 1000.0,
+    );
+    same(
+        "SD3 G+D bf16 s",
+        &n[1],
+        median(&sd3, "adt_gd_s0", "bf16") / 1000.0,
+    );
+    same(
+        "SD3 D-only s",
+        &n[2],
+        median(&sd3m, "adt_d_s0", "baseline") / 1000.0,
+    );
+    let n = after(&f, "Peak memory of G+D ");
+    same("SD3 peak K = 1", &n[0], peak_gib(&sd3m, "adt_gd_s0_k1"));
+    same("SD3 peak K = 3", &n[0], peak_gib(&sd3m, "adt_gd_s0_k3"));
+    same(
+        "SD3 one-graph peak K = 1",
+        &n[3],
+        peak_gib(&sd3m, "adt_gd_s0_k1_onegraph"),
+    );
+    // params.unet counts every tensor, the stored 192 x 192 position grid of width 1536
+    // included; the README gives the parameters.
+    let medium = adt::models::mmdit::Sd3Config::medium();
+    let grid = medium.pos_embed_max_size.unwrap().pow(2) * medium.inner_dim();
+    let params = (sd3["params"]["unet"].as_f64().unwrap() - grid as f64) / 1e9;
+    same(
+        "SD3 parameters (B)",
+        &after(&f, "sd3-medium`: random-initialised ")[0],
+        params,
+    );
+}
+
+/// "1.7 M parameters": the committed base UNet's tensors, counted from the safetensors
+/// header.
+#[test]
+fn demo_base_parameter_count() {
+    let p: &Path = &root().join("assets/demo-base/unet/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(p).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let count: u64 = header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(_, v)| {
+            v["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap())
+                .product::<u64>()
+        })
+        .sum();
+    let text = flat(&readme());
+    let marker = " M parameters, 32x32 RGB";
+    assert_eq!(text.matches(marker).count(), 1);
+    let written = numbers(&text[..text.find(marker).unwrap()]);
+    let written = &written[written.len() - 1..];
+    same("base UNet parameters (M)", &written[0], count as f64 / 1e6);
+    println!("base UNet: {count} parameters");
+}
+
+/// "2,981 iterations" of pretraining: the last step of the committed pretraining log;
+/// "478" held-out images in the three-seed evaluation: its report.
+#[test]
+fn demo_base_pretraining_and_evaluation_sizes() {
+    let text = flat(&readme());
+    let log = std::fs::read_to_string(root().join("assets/demo-base-log/pretrain-metrics.jsonl"))
+        .unwrap();
+    let last: Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    let iterations = last["step"].as_u64().unwrap() + 1;
+    // "2,981" is written with a thousands separator: it reads as "2" then "981".
+    let written = after(&text, "captions from the Unicode names) for ");
+    assert_eq!(
+        format!("{},{}", written[0], written[1]),
+        format_thousands(iterations)
+    );
+    let report = json("assets/demo-results/report.json");
+    let n = after(&text, "held-out caption (of ");
+    same(
+        "held-out images",
+        &n[0],
+        report["eval_images"].as_f64().unwrap(),
+    );
+}
+
+fn format_thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
