@@ -405,3 +405,40 @@ fn cli_sample_with_lora_equals_sampling_the_merged_pipeline() {
     assert_eq!(with_lora, from_merged);
     assert_ne!(with_lora, plain, "the LoRA changed no pixel");
 }
+
+#[test]
+fn lora_run_with_8bit_moments_resumes_bit_for_bit() {
+    use adt::train::run::{run, RunOptions};
+    let _g = common::lock();
+    tch::set_num_threads(1);
+    let over = [
+        "train.iterations=6",
+        "train.h=2",
+        "train.warmup_g=1",
+        "train.lr_g=1e-2",
+        "train.lora={ rank = 32, alpha = 8.0, targets = [\"to_q\", \"to_k\", \"to_v\", \"to_out.0\", \"ff.net.0.proj\", \"ff.net.2\"] }",
+        "train.optimizer_state=\"8bit\"",
+        "output.checkpoint_every=3",
+    ];
+    let opts = |max: Option<usize>, resume: bool| RunOptions {
+        quiet: true,
+        max_iterations: max,
+        resume: resume.then_some(None),
+        ..Default::default()
+    };
+    let a = tempfile::tempdir().unwrap();
+    let whole = run(common::tiny_config(a.path(), &over), &opts(None, false)).unwrap();
+    // Some adapter is large enough for 8-bit moments.
+    let state = whole.opt_g.state("g");
+    assert!(
+        state.iter().any(|(k, _)| k.starts_with("g.m8.")),
+        "no 8-bit moments"
+    );
+    let b = tempfile::tempdir().unwrap();
+    let tr = run(common::tiny_config(b.path(), &over), &opts(Some(3), false)).unwrap();
+    assert_eq!(tr.step, 3);
+    drop(tr);
+    let tr = run(common::tiny_config(b.path(), &over), &opts(None, true)).unwrap();
+    assert_eq!(tr.step, 6);
+    common::assert_same_state(&whole, &tr);
+}

@@ -365,14 +365,18 @@ impl AdamW {
     pub fn state(&self, prefix: &str) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
         for (((n, m), v), q8) in self.names.iter().zip(&self.m).zip(&self.v).zip(&self.q8) {
-            // 8-bit moments are written dequantised (float32), so that checkpoints of
-            // every storage have the same layout.
-            let (m, v) = match q8 {
-                Some((qm, qv)) => (qm.load(), qv.load()),
-                None => (m.shallow_clone(), v.shallow_clone()),
-            };
-            out.push((format!("{prefix}.m.{n}"), m));
-            out.push((format!("{prefix}.v.{n}"), v));
+            // 8-bit moments are written as they are held (codes and block scales), so
+            // that a resumed run continues bit for bit.
+            if let Some((qm, qv)) = q8 {
+                for (q, which) in [(qm, "m"), (qv, "v")] {
+                    let (codes, scales) = q.parts();
+                    out.push((format!("{prefix}.{which}8.{n}"), codes));
+                    out.push((format!("{prefix}.{which}8_scale.{n}"), scales));
+                }
+                continue;
+            }
+            out.push((format!("{prefix}.m.{n}"), m.shallow_clone()));
+            out.push((format!("{prefix}.v.{n}"), v.shallow_clone()));
         }
         out.push((format!("{prefix}.step"), Tensor::from_slice(&[self.step])));
         out
@@ -390,15 +394,13 @@ impl AdamW {
                 let n = &self.names[i];
                 if let Some((qm, qv)) = &mut self.q8[i] {
                     for (q, which) in [(qm, "m"), (qv, "v")] {
-                        let t = get(&format!("{prefix}.{which}.{n}"))?;
-                        if t.size() != self.params[i].size() {
-                            bail!(
-                                "optimizer state {prefix}.{which}.{n}: shape {:?}, expected {:?}",
-                                t.size(),
-                                self.params[i].size()
-                            );
-                        }
-                        q.store(t);
+                        let codes = get(&format!("{prefix}.{which}8.{n}")).map_err(|e| {
+                            e.context("the checkpoint has no 8-bit moments: was it written with another train.optimizer_state?")
+                        })?;
+                        let scales = get(&format!("{prefix}.{which}8_scale.{n}"))?;
+                        q.set_parts(codes, scales).map_err(|e| {
+                            e.context(format!("optimizer state {prefix}.{which}8.{n}"))
+                        })?;
                     }
                     continue;
                 }

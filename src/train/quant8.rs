@@ -125,6 +125,27 @@ impl Quantized {
             .view(self.shape.as_slice())
     }
 
+    /// The stored codes (`[blocks, BLOCK]` uint8) and block scales (`[blocks, 1]`
+    /// float32), for checkpoints.
+    pub fn parts(&self) -> (Tensor, Tensor) {
+        (self.codes.shallow_clone(), self.absmax.shallow_clone())
+    }
+
+    /// Restore codes and scales written by [`Quantized::parts`] (exactly).
+    pub fn set_parts(&mut self, codes: &Tensor, absmax: &Tensor) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            codes.size() == self.codes.size() && absmax.size() == self.absmax.size(),
+            "8-bit moments: codes {:?} / scales {:?}, expected {:?} / {:?}",
+            codes.size(),
+            absmax.size(),
+            self.codes.size(),
+            self.absmax.size()
+        );
+        self.codes = codes.to_kind(Kind::Uint8).to_device(self.codes.device());
+        self.absmax = absmax.to_kind(Kind::Float).to_device(self.absmax.device());
+        Ok(())
+    }
+
     /// Bytes held (codes and scales).
     pub fn bytes(&self) -> i64 {
         self.codes.numel() as i64 + 4 * self.absmax.numel() as i64
