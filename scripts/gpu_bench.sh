@@ -139,31 +139,32 @@ run() {
   } >> "$SUMMARY"
 }
 
-# Most important first. Expected times on one H100 / H200 are well under the limits.
+# Timed rows are medians of 5 (10 for the UNet step) runs after the warm-up. Most important first. Expected times on one H100 / H200 are well under the limits.
 # 1. Does the binary see the GPU, the shim work (tiny models, a few calls)?
 run probe 60 --config tiny --device cuda --iters 3 --warmup 1 --workloads unet --levers all
 # 2. SD1.5 sizes: one CFG UNet step, every lever alone and combined.
 run unet 90 --config sd15 --device cuda --iters 10 --warmup 3 --workloads unet --levers all \
   --combo bf16+cuda_graph --combo bf16+cudnn_benchmark+cuda_graph --combo all
 # 3. 50-step DDIM sampling + decode.
-run sample 100 --config sd15 --device cuda --iters 2 --warmup 1 --workloads sample \
+run sample 200 --config sd15 --device cuda --iters 5 --warmup 1 --workloads sample \
   --levers bf16,autocast --combo bf16+cudnn_benchmark+cuda_graph \
   --combo bf16+cudnn_benchmark+cuda_graph+tf32
 # 4. ADT iterations: G+D from step 0 (K = 3), D-only from step 0, mean over H = 5.
 #    Trajectory levers (bf16 copy, cuDNN benchmark, CUDA graph), then the gradient
 #    part in TF32 on top (bf16 autocast of the whole iteration measured slower than
 #    TF32: run it with --combo bf16+cudnn_benchmark+cuda_graph+autocast).
-run adt 200 --config sd15 --device cuda --iters 1 --warmup 1 --workloads gd,d,h5 \
+run adt 400 --config sd15 --device cuda --iters 5 --warmup 1 --workloads gd,d,h5 \
   --levers none --combo bf16+cudnn_benchmark+cuda_graph \
   --combo bf16+cudnn_benchmark+cuda_graph+tf32
-# 5. Peak memory against K, per-step decomposition vs one graph (fp32 baseline).
+# 5. Peak memory against K, per-step decomposition vs one graph (fp32 baseline): one
+#    timed run per row (its time is a single iteration, not a median).
 run memory 150 --config sd15 --device cuda --iters 1 --warmup 1 --workloads memory --k 1,3,8 --levers none
 # SD3-medium sizes (MMDiT 2.0B, 1024 px): guided transformer step, 28-step flow
 # sampling + decode, one ADT G+D iteration (K = 3); fp32 and the bf16 trajectory copy.
-run sd3 180 --config sd3-medium --device cuda --iters 1 --warmup 1 --steps 28 \
+run sd3 500 --config sd3-medium --device cuda --iters 5 --warmup 1 --steps 28 \
   --workloads step,sample,gd --levers bf16 --combo bf16+tf32
 # 6. Tiny models on the GPU (launch-overhead bound), everything.
-run tiny 90 --config tiny --device cuda --iters 2 --warmup 1 --k 1,3,8 --levers all
+run tiny 120 --config tiny --device cuda --iters 5 --warmup 1 --k 1,3,8 --levers all
 
 echo
 echo "===================== summary (ratios: levers / baseline, same run) ====================="

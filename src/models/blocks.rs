@@ -8,6 +8,8 @@ use anyhow::{bail, Result};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
+use crate::models::lora::{lora_linear, LoraLinear};
+
 /// A `torch.nn.GroupNorm` with affine parameters (`weight`, `bias`).
 pub fn group_norm(p: &nn::Path, groups: i64, channels: i64, eps: f64) -> Result<nn::GroupNorm> {
     if groups <= 0 || channels % groups != 0 {
@@ -226,10 +228,10 @@ impl Upsample2D {
 /// `to_q`, `to_k`, `to_v`, `to_out.0`. Self-attention when no context is given.
 #[derive(Debug)]
 pub struct Attention {
-    to_q: nn::Linear,
-    to_k: nn::Linear,
-    to_v: nn::Linear,
-    to_out: nn::Linear,
+    to_q: LoraLinear,
+    to_k: LoraLinear,
+    to_v: LoraLinear,
+    to_out: LoraLinear,
     heads: i64,
     head_dim: i64,
     upcast: bool,
@@ -253,10 +255,10 @@ impl Attention {
         let inner = heads * head_dim;
         let kv_dim = context_dim.unwrap_or(query_dim);
         Self {
-            to_q: linear(&(p / "to_q"), query_dim, inner, qkv_bias),
-            to_k: linear(&(p / "to_k"), kv_dim, inner, qkv_bias),
-            to_v: linear(&(p / "to_v"), kv_dim, inner, qkv_bias),
-            to_out: linear(&(p / "to_out" / "0"), inner, query_dim, out_bias),
+            to_q: lora_linear(&(p / "to_q"), query_dim, inner, qkv_bias),
+            to_k: lora_linear(&(p / "to_k"), kv_dim, inner, qkv_bias),
+            to_v: lora_linear(&(p / "to_v"), kv_dim, inner, qkv_bias),
+            to_out: lora_linear(&(p / "to_out" / "0"), inner, query_dim, out_bias),
             heads,
             head_dim,
             upcast,
@@ -305,15 +307,15 @@ impl Attention {
 /// `net.2` (back to dim).
 #[derive(Debug)]
 pub struct GegluFeedForward {
-    proj: nn::Linear,
-    out: nn::Linear,
+    proj: LoraLinear,
+    out: LoraLinear,
 }
 
 impl GegluFeedForward {
     pub fn new(p: &nn::Path, dim: i64, inner: i64) -> Self {
         Self {
-            proj: linear(&(p / "net" / "0" / "proj"), dim, inner * 2, true),
-            out: linear(&(p / "net" / "2"), inner, dim, true),
+            proj: lora_linear(&(p / "net" / "0" / "proj"), dim, inner * 2, true),
+            out: lora_linear(&(p / "net" / "2"), inner, dim, true),
         }
     }
 

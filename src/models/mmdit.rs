@@ -33,6 +33,7 @@
 use crate::models::blocks::{linear, timestep_embedding, TimestepEmbedding};
 use crate::models::denoiser::{Cond, Denoiser};
 use crate::models::forward_input as input;
+use crate::models::lora::{lora_linear, LoraLinear};
 use crate::models::master_copy::MasterCopy;
 use crate::weights;
 use anyhow::{bail, ensure, Context, Result};
@@ -380,15 +381,15 @@ impl AdaNormContinuous {
 /// diffusers' `FeedForward` with `gelu-approximate`: `net.0.proj`, tanh GELU, `net.2`.
 #[derive(Debug)]
 struct FeedForward {
-    proj: nn::Linear,
-    out: nn::Linear,
+    proj: LoraLinear,
+    out: LoraLinear,
 }
 
 impl FeedForward {
     fn new(p: &nn::Path, dim: i64) -> Self {
         FeedForward {
-            proj: linear(&(p / "net" / "0" / "proj"), dim, 4 * dim, true),
-            out: linear(&(p / "net" / "2"), 4 * dim, dim, true),
+            proj: lora_linear(&(p / "net" / "0" / "proj"), dim, 4 * dim, true),
+            out: lora_linear(&(p / "net" / "2"), 4 * dim, dim, true),
         }
     }
 
@@ -409,15 +410,15 @@ struct QkNorms {
 /// diffusers' `Attention` with `added_kv_proj_dim` and the joint processor.
 #[derive(Debug)]
 struct JointAttention {
-    to_q: nn::Linear,
-    to_k: nn::Linear,
-    to_v: nn::Linear,
-    add_q_proj: nn::Linear,
-    add_k_proj: nn::Linear,
-    add_v_proj: nn::Linear,
-    to_out: nn::Linear,
+    to_q: LoraLinear,
+    to_k: LoraLinear,
+    to_v: LoraLinear,
+    add_q_proj: LoraLinear,
+    add_k_proj: LoraLinear,
+    add_v_proj: LoraLinear,
+    to_out: LoraLinear,
     /// Absent in the context-pre-only block.
-    to_add_out: Option<nn::Linear>,
+    to_add_out: Option<LoraLinear>,
     norms: Option<QkNorms>,
     heads: i64,
     head_dim: i64,
@@ -440,14 +441,14 @@ impl JointAttention {
             norm_added_k: RmsNorm::new(&(p / "norm_added_k"), head_dim, 1e-6),
         });
         JointAttention {
-            to_q: linear(&(p / "to_q"), dim, inner, true),
-            to_k: linear(&(p / "to_k"), dim, inner, true),
-            to_v: linear(&(p / "to_v"), dim, inner, true),
-            add_q_proj: linear(&(p / "add_q_proj"), dim, inner, true),
-            add_k_proj: linear(&(p / "add_k_proj"), dim, inner, true),
-            add_v_proj: linear(&(p / "add_v_proj"), dim, inner, true),
-            to_out: linear(&(p / "to_out" / "0"), inner, dim, true),
-            to_add_out: (!pre_only).then(|| linear(&(p / "to_add_out"), inner, dim, true)),
+            to_q: lora_linear(&(p / "to_q"), dim, inner, true),
+            to_k: lora_linear(&(p / "to_k"), dim, inner, true),
+            to_v: lora_linear(&(p / "to_v"), dim, inner, true),
+            add_q_proj: lora_linear(&(p / "add_q_proj"), dim, inner, true),
+            add_k_proj: lora_linear(&(p / "add_k_proj"), dim, inner, true),
+            add_v_proj: lora_linear(&(p / "add_v_proj"), dim, inner, true),
+            to_out: lora_linear(&(p / "to_out" / "0"), inner, dim, true),
+            to_add_out: (!pre_only).then(|| lora_linear(&(p / "to_add_out"), inner, dim, true)),
             norms,
             heads,
             head_dim,
@@ -507,10 +508,10 @@ impl JointAttention {
 /// `qk_norm = "rms_norm"` (`norm_q`, `norm_k`).
 #[derive(Debug)]
 struct SelfAttention {
-    to_q: nn::Linear,
-    to_k: nn::Linear,
-    to_v: nn::Linear,
-    to_out: nn::Linear,
+    to_q: LoraLinear,
+    to_k: LoraLinear,
+    to_v: LoraLinear,
+    to_out: LoraLinear,
     norms: Option<(RmsNorm, RmsNorm)>,
     heads: i64,
     head_dim: i64,
@@ -520,10 +521,10 @@ impl SelfAttention {
     fn new(p: &nn::Path, dim: i64, heads: i64, head_dim: i64, qk_norm: bool) -> Self {
         let inner = heads * head_dim;
         SelfAttention {
-            to_q: linear(&(p / "to_q"), dim, inner, true),
-            to_k: linear(&(p / "to_k"), dim, inner, true),
-            to_v: linear(&(p / "to_v"), dim, inner, true),
-            to_out: linear(&(p / "to_out" / "0"), inner, dim, true),
+            to_q: lora_linear(&(p / "to_q"), dim, inner, true),
+            to_k: lora_linear(&(p / "to_k"), dim, inner, true),
+            to_v: lora_linear(&(p / "to_v"), dim, inner, true),
+            to_out: lora_linear(&(p / "to_out" / "0"), inner, dim, true),
             norms: qk_norm.then(|| {
                 (
                     RmsNorm::new(&(p / "norm_q"), head_dim, 1e-6),
@@ -653,6 +654,8 @@ pub struct SD3Transformer2DModel {
     norm_out: AdaNormContinuous,
     proj_out: nn::Linear,
     config: Sd3Config,
+    /// The linear layers that can carry a LoRA adapter.
+    pub lora: crate::models::lora::LoraSlots,
 }
 
 impl SD3Transformer2DModel {
@@ -660,6 +663,13 @@ impl SD3Transformer2DModel {
     /// initialised to diffusers' sin-cos values (the checkpoint's copy replaces it on
     /// loading) and is not trainable.
     pub fn new(p: &nn::Path, cfg: &Sd3Config) -> Result<Self> {
+        let (model, slots) = crate::models::lora::collect(|| Self::build(p, cfg));
+        let mut model = model?;
+        model.lora = slots;
+        Ok(model)
+    }
+
+    fn build(p: &nn::Path, cfg: &Sd3Config) -> Result<Self> {
         cfg.validate()?;
         let dim = cfg.inner_dim();
         let max = cfg.pos_embed_max_size.expect("validated");
@@ -719,6 +729,7 @@ impl SD3Transformer2DModel {
                 true,
             ),
             config: cfg.clone(),
+            lora: Default::default(),
         })
     }
 
@@ -849,6 +860,7 @@ impl Sd3TrajectoryCopy {
     pub fn new(master: &LoadedSd3Transformer, kind: Kind) -> Result<Self> {
         let mut vs = nn::VarStore::new(master.vs.device());
         let model = SD3Transformer2DModel::new(&vs.root(), &master.config)?;
+        model.lora.attach_like(&vs.root(), &master.model.lora)?;
         vs.set_kind(kind);
         vs.freeze();
         let copies = vs.variables();

@@ -7,6 +7,7 @@ pub mod denoiser;
 pub mod dinov2;
 pub mod efficientnet;
 pub mod inception;
+pub mod lora;
 pub mod master_copy;
 pub mod mmdit;
 pub mod pipeline;

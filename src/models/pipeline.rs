@@ -630,6 +630,46 @@ impl Pipeline {
         Ok(pipe)
     }
 
+    /// The backbone's linear layers that can carry LoRA adapters.
+    pub fn lora_slots(&self) -> &crate::models::lora::LoraSlots {
+        match &self.backbone {
+            Backbone::Unet(u) => &u.model.lora,
+            Backbone::Sd3(t) => &t.model.lora,
+        }
+    }
+
+    /// The key prefix of the backbone in diffusers' LoRA files (`unet` / `transformer`).
+    pub fn lora_prefix(&self) -> &'static str {
+        match &self.backbone {
+            Backbone::Unet(_) => "unet",
+            Backbone::Sd3(_) => "transformer",
+        }
+    }
+
+    /// Freeze the backbone and give the layers `spec` targets new trainable LoRA
+    /// adapters (the only trainable backbone variables afterwards). Returns the adapted
+    /// module names.
+    pub fn attach_lora(&mut self, spec: &crate::models::lora::LoraSpec) -> Result<Vec<String>> {
+        self.backbone.vs_mut().freeze();
+        let (vs, slots) = match &self.backbone {
+            Backbone::Unet(u) => (&u.vs, &u.model.lora),
+            Backbone::Sd3(t) => (&t.vs, &t.model.lora),
+        };
+        slots.attach_new(&vs.root(), spec)
+    }
+
+    /// Merge LoRA files into the backbone's weights (`W += scale * alpha / r * B A`
+    /// for each file and scale), as diffusers' `fuse_lora` does.
+    pub fn merge_lora(&mut self, files: &[(std::path::PathBuf, f64)]) -> Result<()> {
+        for (path, scale) in files {
+            let f = crate::models::lora::LoraFile::load(path, self.lora_prefix())?;
+            self.lora_slots()
+                .merge_file(&f, *scale)
+                .with_context(|| format!("merging {}", path.display()))?;
+        }
+        Ok(())
+    }
+
     /// The trainable variables of the backbone.
     pub fn backbone_vs(&self) -> &nn::VarStore {
         self.backbone.vs()

@@ -714,11 +714,20 @@ pub struct UNet2DConditionModel {
     up_blocks: Vec<UpBlock>,
     conv_norm_out: nn::GroupNorm,
     conv_out: nn::Conv2D,
+    /// The linear layers that can carry a LoRA adapter.
+    pub lora: crate::models::lora::LoraSlots,
 }
 
 impl UNet2DConditionModel {
     /// Build the network's variables under `p`, with the diffusers tensor names.
     pub fn new(p: &nn::Path, cfg: &UNetConfig) -> Result<Self> {
+        let (model, slots) = crate::models::lora::collect(|| Self::build(p, cfg));
+        let mut model = model?;
+        model.lora = slots;
+        Ok(model)
+    }
+
+    fn build(p: &nn::Path, cfg: &UNetConfig) -> Result<Self> {
         let plan = cfg.plan()?;
         let ch = &cfg.block_out_channels;
         let n = plan.n;
@@ -869,6 +878,7 @@ impl UNet2DConditionModel {
                 cfg.out_channels,
                 cfg.conv_out_kernel,
             ),
+            lora: Default::default(),
         })
     }
 

@@ -453,9 +453,13 @@ impl Trainer {
     /// [`Trainer::iteration_on`] (used by the benchmark).
     pub fn with_parts(
         mut cfg: Config,
-        pipe: Pipeline,
+        mut pipe: Pipeline,
         features: Option<Box<dyn FeatureNetwork>>,
     ) -> Result<Trainer> {
+        if let Some(l) = &cfg.train.lora {
+            let n = pipe.attach_lora(&l.spec()).context("train.lora")?.len();
+            tracing::info!("LoRA: {n} adapted layers, base weights frozen");
+        }
         let device = pipe.device;
         // Per-model learning rates and resolution (section 5) where the user set none.
         for line in cfg.apply_model_defaults(pipe.family, pipe.default_resolution()) {
@@ -523,12 +527,13 @@ impl Trainer {
             _ => (None, None),
         };
         let t = &cfg.train;
-        let opt_g = AdamW::new(
+        let opt_g = AdamW::with_moments(
             pipe.backbone_vs(),
             t.lr_g(),
             t.adam_beta1,
             t.adam_beta2,
             t.weight_decay_g,
+            t.optimizer_state,
         );
         let ema = t.ema_decay.map(|_| {
             let mut v: Vec<(String, Tensor)> = pipe
@@ -574,7 +579,7 @@ impl Trainer {
             let unet = pipe.unet().context(
                 "train.bf16_trajectory / cuda_graph / channels_last are supported for UNet models only",
             )?;
-            Some(FastDenoiser::new(
+            Some(FastDenoiser::with_lora(
                 &unet.vs,
                 &unet.config,
                 FastOptions {
@@ -586,6 +591,7 @@ impl Trainer {
                     channels_last: tt.channels_last,
                     cuda_graph: tt.cuda_graph,
                 },
+                Some(&unet.model.lora),
             )?)
         } else {
             None
@@ -1260,7 +1266,22 @@ impl Trainer {
     }
 
     /// Write the tuned pipeline in the diffusers layout.
+    /// The output of the run: the pipeline folder, or with `train.lora` the adapters
+    /// alone (`out/pytorch_lora_weights.safetensors`, for diffusers' `load_lora_weights`
+    /// or `adt sample --lora`).
     pub fn save_final(&self, out: &Path) -> Result<()> {
+        self.with_ema_weights(|| match &self.cfg.train.lora {
+            Some(l) => crate::models::lora::save_peft(
+                self.pipe.lora_slots(),
+                &l.spec(),
+                self.pipe.lora_prefix(),
+                out,
+            ),
+            None => self.pipe.save(out),
+        })
+    }
+
+    fn with_ema_weights(&self, save: impl Fn() -> Result<()>) -> Result<()> {
         if let Some(ema) = &self.ema {
             // Swap the EMA weights in for saving, then restore.
             let vars = self.pipe.backbone_vs().variables();
@@ -1273,7 +1294,7 @@ impl Trainer {
                     vars[k].shallow_clone().copy_(e);
                 }
             });
-            let r = self.pipe.save(out);
+            let r = save();
             tch::no_grad(|| {
                 for (k, b) in &backup {
                     vars[k].shallow_clone().copy_(b);
@@ -1281,7 +1302,7 @@ impl Trainer {
             });
             r
         } else {
-            self.pipe.save(out)
+            save()
         }
     }
 

@@ -174,6 +174,51 @@ pub struct TrainSection {
     /// stay per rank). Off, each rank draws its own, and an iteration waits for the
     /// rank with the longest trajectory.
     pub dist_shared_start: bool,
+    /// Train LoRA adapters instead of the backbone (`train.lora = { rank = 16 }`): the
+    /// base weights are frozen and only the adapters are optimised; the run writes
+    /// `pytorch_lora_weights.safetensors` (diffusers / PEFT layout) instead of a pipeline.
+    pub lora: Option<LoraSection>,
+    /// Storage of the generator's AdamW moments: "fp32" (8 bytes per trainable
+    /// parameter), "bf16" (4) or "8bit" (block-wise 8-bit as bitsandbytes' AdamW8bit,
+    /// about 2). The update itself is computed in float32.
+    pub optimizer_state: crate::train::optim::MomentStorage,
+}
+
+/// `train.lora`: the LoRA adapters to train.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraSection {
+    pub rank: i64,
+    /// Scale numerator: the adapter output is multiplied by `alpha / rank` (default: rank).
+    pub alpha: Option<f64>,
+    /// Dropout on the adapter input during training.
+    pub dropout: f64,
+    /// Module-name suffixes to adapt (PEFT's `target_modules`): by default the attention
+    /// projections; also possible: `ff.net.0.proj`, `ff.net.2` (feed-forward), and for
+    /// SD3 `add_q_proj`, `add_k_proj`, `add_v_proj`, `to_add_out`.
+    pub targets: Vec<String>,
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        LoraSection {
+            rank: 16,
+            alpha: None,
+            dropout: 0.0,
+            targets: crate::models::lora::default_targets(),
+        }
+    }
+}
+
+impl LoraSection {
+    pub fn spec(&self) -> crate::models::lora::LoraSpec {
+        crate::models::lora::LoraSpec {
+            rank: self.rank,
+            alpha: self.alpha.unwrap_or(self.rank as f64),
+            dropout: self.dropout,
+            targets: self.targets.clone(),
+        }
+    }
 }
 
 /// The paper's per-model settings (section 5, "Training Settings"): learning rate
@@ -258,6 +303,8 @@ impl Default for TrainSection {
             autocast_bf16: false,
             profile_phases: false,
             time_limit_minutes: None,
+            lora: None,
+            optimizer_state: Default::default(),
             dist_backend: "auto".into(),
             dist_timeout_s: 600.0,
             dist_shared_start: false,

@@ -336,6 +336,18 @@ impl FastDenoiser {
     /// Build the copy of a UNet (`config`, master variables in `master`) and fill it
     /// with the current master weights.
     pub fn new(master: &VarStore, config: &UNetConfig, opts: FastOptions) -> Result<FastDenoiser> {
+        Self::with_lora(master, config, opts, None)
+    }
+
+    /// [`FastDenoiser::new`] for a master UNet that carries LoRA adapters (`lora`: its
+    /// layers): the copy gets adapters of the same shapes, which follow the master's
+    /// like the other weights (the base weights stay the frozen originals).
+    pub fn with_lora(
+        master: &VarStore,
+        config: &UNetConfig,
+        opts: FastOptions,
+        lora: Option<&crate::models::lora::LoraSlots>,
+    ) -> Result<FastDenoiser> {
         ensure!(
             matches!(opts.kind, Kind::Float | Kind::BFloat16 | Kind::Half),
             "fast denoiser: unsupported weight kind {:?} (Float, BFloat16 or Half)",
@@ -356,6 +368,9 @@ impl FastDenoiser {
         vs.set_kind(opts.kind);
         let model = UNet2DConditionModel::new(&vs.root(), config)
             .context("building the fast trajectory copy of the UNet")?;
+        if let Some(l) = lora {
+            model.lora.attach_like(&vs.root(), l)?;
+        }
         vs.freeze();
         let copies = vs.variables();
         let masters = master.variables();

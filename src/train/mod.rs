@@ -7,4 +7,5 @@ pub mod fast;
 pub mod logging;
 pub mod optim;
 pub mod path;
+pub mod quant8;
 pub mod run;

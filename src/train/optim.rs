@@ -2,7 +2,10 @@
 //! resumable trainer must save them), linear warm-up and gradient-norm clipping.
 
 use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+
+use crate::train::quant8::Quantized;
 use tch::{nn::VarStore, Kind, Tensor};
 
 /// Decoupled-weight-decay Adam over the trainable variables of a VarStore.
@@ -27,7 +30,33 @@ pub struct AdamW {
     /// The step count as a 0-d float32 tensor on the parameters' device (the fused
     /// kernel reads it from there).
     step_tensor: Option<Tensor>,
+    /// How the moments are stored.
+    pub moments: MomentStorage,
+    /// With [`MomentStorage::Int8Blockwise`]: the 8-bit moments `(m, v)` of each
+    /// parameter of at least [`MIN_8BIT_SIZE`] values (`m[i]` / `v[i]` are then empty).
+    q8: Vec<Option<(Quantized, Quantized)>>,
 }
+
+/// Storage of the AdamW moments (`train.optimizer_state`). The update is computed in
+/// float32 in every case; only what is kept between steps differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MomentStorage {
+    /// 8 bytes per parameter.
+    #[default]
+    Fp32,
+    /// bfloat16 moments: 4 bytes per parameter.
+    Bf16,
+    /// Block-wise 8-bit moments as bitsandbytes' 8-bit AdamW (see [`crate::train::quant8`]):
+    /// about 2 bytes per parameter. Tensors smaller than [`MIN_8BIT_SIZE`] keep float32
+    /// moments, as bitsandbytes does.
+    #[serde(rename = "8bit")]
+    Int8Blockwise,
+}
+
+/// Parameters with fewer values keep float32 moments under 8-bit storage (bitsandbytes'
+/// `min_8bit_size`).
+pub const MIN_8BIT_SIZE: i64 = 4096;
 
 /// The fused-AdamW binding (csrc/optim_shim.cpp).
 #[cfg(adt_optim_shim)]
@@ -62,20 +91,44 @@ pub fn fused_available() -> bool {
 impl AdamW {
     /// Optimise every trainable variable of `vs` (those that require grad).
     pub fn new(vs: &VarStore, lr: f64, beta1: f64, beta2: f64, weight_decay: f64) -> AdamW {
+        Self::with_moments(vs, lr, beta1, beta2, weight_decay, MomentStorage::Fp32)
+    }
+
+    /// [`AdamW::new`] with the moments stored as `moments` says.
+    pub fn with_moments(
+        vs: &VarStore,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        moments: MomentStorage,
+    ) -> AdamW {
         let mut vars: Vec<(String, Tensor)> = vs
             .variables()
             .into_iter()
             .filter(|(_, t)| t.requires_grad())
             .collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let m = vars
+        let quantised = |t: &Tensor| {
+            moments == MomentStorage::Int8Blockwise && t.numel() as i64 >= MIN_8BIT_SIZE
+        };
+        let q8 = vars
             .iter()
-            .map(|(_, t)| t.zeros_like().to_kind(Kind::Float))
+            .map(|(_, t)| {
+                quantised(t).then(|| (Quantized::zeros(t, true), Quantized::zeros(t, false)))
+            })
             .collect();
-        let v = vars
-            .iter()
-            .map(|(_, t)| t.zeros_like().to_kind(Kind::Float))
-            .collect();
+        let zeros = |t: &Tensor| {
+            if quantised(t) {
+                Tensor::zeros([0], (Kind::Float, t.device()))
+            } else if moments == MomentStorage::Bf16 {
+                t.zeros_like().to_kind(Kind::BFloat16)
+            } else {
+                t.zeros_like().to_kind(Kind::Float)
+            }
+        };
+        let m = vars.iter().map(|(_, t)| zeros(t)).collect();
+        let v = vars.iter().map(|(_, t)| zeros(t)).collect();
         let (names, params) = vars.into_iter().unzip();
         AdamW {
             lr,
@@ -91,7 +144,26 @@ impl AdamW {
             m,
             v,
             step_tensor: None,
+            moments,
+            q8,
         }
+    }
+
+    /// Bytes held by the moments.
+    pub fn moment_bytes(&self) -> i64 {
+        let dense: i64 = self
+            .m
+            .iter()
+            .chain(&self.v)
+            .map(|t| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64)
+            .sum();
+        let q: i64 = self
+            .q8
+            .iter()
+            .flatten()
+            .map(|(m, v)| m.bytes() + v.bytes())
+            .sum();
+        dense + q
     }
 
     pub fn params(&self) -> &[Tensor] {
@@ -146,7 +218,8 @@ impl AdamW {
     /// One AdamW update with the current learning rate.
     pub fn step(&mut self) {
         self.step += 1;
-        if self.fused && fused_available() && self.fused_step() {
+        let fp32 = self.moments == MomentStorage::Fp32;
+        if fp32 && self.fused && fused_available() && self.fused_step() {
             self.fused_steps += 1;
             return;
         }
@@ -155,17 +228,44 @@ impl AdamW {
         let bc2 = 1.0 - b2.powi(self.step as i32);
         let lr = self.lr;
         tch::no_grad(|| {
-            for ((p, m), v) in self
+            for (((p, m), v), q8) in self
                 .params
                 .iter_mut()
                 .zip(self.m.iter_mut())
                 .zip(self.v.iter_mut())
+                .zip(self.q8.iter_mut())
             {
                 let g = p.grad();
                 if !g.defined() {
                     continue;
                 }
                 let g = g.to_kind(Kind::Float);
+                if !fp32 {
+                    // Low-precision storage: compute in float32, store back.
+                    let (mut mf, mut vf) = match q8 {
+                        Some((qm, qv)) => (qm.load(), qv.load()),
+                        None => (m.to_kind(Kind::Float), v.to_kind(Kind::Float)),
+                    };
+                    let _ = mf.lerp_(&g, 1.0 - b1);
+                    let _ = vf.g_mul_scalar_(b2).addcmul_(&(&g * (1.0 - b2)), &g);
+                    if self.weight_decay > 0.0 {
+                        let _ = p.g_mul_scalar_(1.0 - lr * self.weight_decay);
+                    }
+                    let denom = (vf.sqrt() * (1.0 / bc2.sqrt())).g_add_scalar_(self.eps);
+                    let upd = (mf.g_div_scalar(bc1) / denom) * lr;
+                    let _ = p.g_sub_(&upd.to_kind(p.kind()));
+                    match q8 {
+                        Some((qm, qv)) => {
+                            qm.store(&mf);
+                            qv.store(&vf);
+                        }
+                        None => {
+                            m.copy_(&mf);
+                            v.copy_(&vf);
+                        }
+                    }
+                    continue;
+                }
                 // m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2 (fewer kernels).
                 let _ = m.lerp_(&g, 1.0 - b1);
                 let _ = v.g_mul_scalar_(b2).addcmul_(&(&g * (1.0 - b2)), &g);
@@ -264,7 +364,17 @@ impl AdamW {
     /// The optimiser state as named tensors (for checkpoints).
     pub fn state(&self, prefix: &str) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
-        for ((n, m), v) in self.names.iter().zip(&self.m).zip(&self.v) {
+        for (((n, m), v), q8) in self.names.iter().zip(&self.m).zip(&self.v).zip(&self.q8) {
+            // 8-bit moments are written as they are held (codes and block scales), so
+            // that a resumed run continues bit for bit.
+            if let Some((qm, qv)) = q8 {
+                for (q, which) in [(qm, "m"), (qv, "v")] {
+                    let (codes, scales) = q.parts();
+                    out.push((format!("{prefix}.{which}8.{n}"), codes));
+                    out.push((format!("{prefix}.{which}8_scale.{n}"), scales));
+                }
+                continue;
+            }
             out.push((format!("{prefix}.m.{n}"), m.shallow_clone()));
             out.push((format!("{prefix}.v.{n}"), v.shallow_clone()));
         }
@@ -282,6 +392,18 @@ impl AdamW {
         tch::no_grad(|| -> Result<()> {
             for i in 0..self.names.len() {
                 let n = &self.names[i];
+                if let Some((qm, qv)) = &mut self.q8[i] {
+                    for (q, which) in [(qm, "m"), (qv, "v")] {
+                        let codes = get(&format!("{prefix}.{which}8.{n}")).map_err(|e| {
+                            e.context("the checkpoint has no 8-bit moments: was it written with another train.optimizer_state?")
+                        })?;
+                        let scales = get(&format!("{prefix}.{which}8_scale.{n}"))?;
+                        q.set_parts(codes, scales).map_err(|e| {
+                            e.context(format!("optimizer state {prefix}.{which}8.{n}"))
+                        })?;
+                    }
+                    continue;
+                }
                 for (slot, which) in [(&mut self.m[i], "m"), (&mut self.v[i], "v")] {
                     let t = get(&format!("{prefix}.{which}.{n}"))?;
                     if t.size() != slot.size() {

@@ -337,7 +337,14 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> Result<Trainer> {
         checkpoint::clean_atomic_temps(&out)?;
         tr.save_final(&out)?;
         checkpoint::save(&tr)?;
-        tracing::info!("tuned pipeline written to {}", out.display());
+        if cfg.train.lora.is_some() {
+            tracing::info!(
+                "LoRA adapters written to {}",
+                out.join(crate::models::lora::LORA_FILE).display()
+            );
+        } else {
+            tracing::info!("tuned pipeline written to {}", out.display());
+        }
     }
     barrier()?;
     Ok(tr)
