@@ -4,8 +4,8 @@
 
 use anyhow::Result;
 
+use super::options::{Inputs, Lever, Workload};
 use super::runner::{trajectory_for, Bench};
-use super::{Inputs, Lever, Workload};
 
 /// Measure workload `w` (`AdtGd`, `AdtD` or `AdtH5`) for each lever set.
 pub(crate) fn run_iterations(

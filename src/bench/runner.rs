@@ -6,8 +6,8 @@ use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 use tch::{Device, Kind};
 
+use super::options::{BenchOptions, Lever};
 use super::table::{fmt_opt, BenchReport, Row};
-use super::{BenchOptions, Lever};
 use crate::models::mmdit::Sd3TrajectoryCopy;
 use crate::models::pipeline::{Backbone, Pipeline};
 use crate::models::unet::LoadedUNet;

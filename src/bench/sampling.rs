@@ -4,8 +4,8 @@
 
 use anyhow::Result;
 
+use super::options::{Inputs, Lever, Workload};
 use super::runner::{trajectory_for, Bench};
-use super::{Inputs, Lever, Workload};
 use crate::models::denoiser::{guided_output, Denoiser, Guidance};
 use crate::train::config::GradPath;
 use crate::train::path::rollout;

@@ -3,7 +3,7 @@
 use serde::Serialize;
 use std::fmt;
 
-use super::{BenchConfig, Lever};
+use super::options::{BenchConfig, Lever};
 
 /// One measurement.
 #[derive(Debug, Clone, Serialize)]

@@ -69,7 +69,15 @@ thread_local! {
 /// A linear layer with diffusers' name `p`, able to carry an adapter. Model constructors
 /// gather the layers they build with [`collect`].
 pub fn lora_linear(p: &nn::Path, d_in: i64, d_out: i64, bias: bool) -> LoraLinear {
-    let base = crate::models::blocks::linear(p, d_in, d_out, bias);
+    let base = nn::linear(
+        p,
+        d_in,
+        d_out,
+        nn::LinearConfig {
+            bias,
+            ..Default::default()
+        },
+    );
     let name = p.path("weight");
     let name = name.strip_suffix(".weight").unwrap_or(&name).to_string();
     let slot = Arc::new(Slot {
