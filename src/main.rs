@@ -14,7 +14,7 @@ use std::path::PathBuf;
 struct Cli {
     /// CPU threads for tensor operations (libtorch intra-op threads). Default:
     /// OMP_NUM_THREADS when set, else the cores that are idle at start-up (libtorch's
-    /// one per physical core less the one-minute load average, at least one).
+    /// one per physical core less the other processes running then, at least one).
     #[arg(long, global = true, value_name = "N")]
     threads: Option<usize>,
     #[command(subcommand)]
@@ -245,18 +245,29 @@ enum Command {
     },
 }
 
-/// Tensor threads when the user chose none: the cores not already busy (one-minute load
-/// average), at least one. On an idle machine that is every core; beside other busy
-/// processes fewer threads finish sooner than threads that wait for a core (measured:
-/// the smoke test under a load of 4 to 6 on two cores took 4 to 6 s with one thread and
-/// 11 to 21 s with two).
-fn threads_for(cores: usize, load: f64) -> usize {
-    let free = (cores as f64 - load).round();
-    if free.is_finite() && free >= 1.0 {
-        (free as usize).min(cores)
-    } else {
-        1
-    }
+/// Tensor threads when the user chose none: the cores not taken by other runnable
+/// processes at start-up (the running-task count of /proc/loadavg, less this process),
+/// at least one. The instantaneous count, not the one-minute average: right after a
+/// build the average still says "busy" for a minute while the cores are free
+/// (measured on two cores: the demo's ADT iterations take 28 s with one thread against
+/// 16 s with two). Beside a busy process fewer threads finish sooner than threads
+/// that wait for a core (the smoke test: 3 s with one thread each, 9 to 24 s with two).
+fn threads_for(cores: usize, others_running: usize) -> usize {
+    cores.saturating_sub(others_running).clamp(1, cores.max(1))
+}
+
+/// Other runnable tasks now: the 4th field of /proc/loadavg is "running/total",
+/// counting this process's own thread.
+fn others_running() -> Option<usize> {
+    let s = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let running: usize = s
+        .split_whitespace()
+        .nth(3)?
+        .split('/')
+        .next()?
+        .parse()
+        .ok()?;
+    Some(running.saturating_sub(1))
 }
 
 /// `FILE` or `FILE:SCALE` (scale 1 by default).
@@ -272,14 +283,21 @@ fn parse_lora_args(args: &[String]) -> Result<Vec<(PathBuf, f64)>> {
         .collect()
 }
 
-/// OpenMP threads that wait for work spin by default (libgomp's active wait), which
+/// OpenMP threads that wait for work spin for a long time by default (libgomp), which
 /// starves every other process on the machine: two `adt` processes on two cores ran the
-/// tiny smoke test 25 to 50 times slower than one. Passive waiting (threads sleep) keeps
-/// the single-process speed and lets processes share. libgomp reads `OMP_WAIT_POLICY`
-/// once, when it is loaded with the program, before `main`: so when the user has not
-/// chosen a policy (`OMP_WAIT_POLICY` or `GOMP_SPINCOUNT`), the program sets it and
-/// replaces itself with a fresh copy of itself (`exec`), which loads libgomp again.
-fn ensure_passive_omp_wait() {
+/// tiny smoke test 25 to 50 times slower than one. Fully passive waiting (threads sleep
+/// at once) shares well but costs a single process dearly on small operations
+/// (measured on two cores: the smoke test 8.4 s passive against 3.1 s, the demo's ADT
+/// iterations 21 s against 16 s). A short spin (`GOMP_SPINCOUNT`, about tens of
+/// microseconds) keeps the single-process speed, and the thread count (see
+/// [`threads_for`]) keeps processes from fighting over cores. libgomp reads these
+/// variables once, when it is loaded with the program, before `main`: so when the user
+/// has chosen neither `OMP_WAIT_POLICY` nor `GOMP_SPINCOUNT`, the program sets the spin
+/// count and replaces itself with a fresh copy of itself (`exec`), which loads libgomp
+/// again.
+const SPIN_COUNT: &str = "10000";
+
+fn ensure_short_omp_spin() {
     use std::os::unix::process::CommandExt;
     if std::env::var_os("OMP_WAIT_POLICY").is_some() || std::env::var_os("GOMP_SPINCOUNT").is_some()
     {
@@ -290,14 +308,14 @@ fn ensure_passive_omp_wait() {
     };
     let err = std::process::Command::new(exe)
         .args(std::env::args_os().skip(1))
-        .env("OMP_WAIT_POLICY", "PASSIVE")
+        .env("GOMP_SPINCOUNT", SPIN_COUNT)
         .exec();
-    // exec only returns on failure: carry on with the active policy.
-    eprintln!("warning: could not restart with OMP_WAIT_POLICY=PASSIVE ({err}); OpenMP threads will spin while waiting");
+    // exec only returns on failure: carry on with libgomp's default.
+    eprintln!("warning: could not restart with GOMP_SPINCOUNT={SPIN_COUNT} ({err}); OpenMP threads will spin while waiting");
 }
 
 fn main() -> Result<()> {
-    ensure_passive_omp_wait();
+    ensure_short_omp_spin();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -312,16 +330,14 @@ fn main() -> Result<()> {
         tch::set_num_threads(n as i32);
     } else if std::env::var_os("OMP_NUM_THREADS").is_none() {
         let cores = tch::get_num_threads().max(1) as usize;
-        let load = std::fs::read_to_string("/proc/loadavg")
-            .ok()
-            .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok());
-        if let Some(load) = load {
-            tch::set_num_threads(threads_for(cores, load) as i32);
+        if let Some(others) = others_running() {
+            tch::set_num_threads(threads_for(cores, others) as i32);
         }
     }
     tracing::debug!(
-        "OMP_WAIT_POLICY={}, {} tensor threads",
+        "OMP_WAIT_POLICY={}, GOMP_SPINCOUNT={}, {} tensor threads",
         std::env::var("OMP_WAIT_POLICY").unwrap_or_default(),
+        std::env::var("GOMP_SPINCOUNT").unwrap_or_default(),
         tch::get_num_threads()
     );
     // Large tensors are allocated and freed every iteration; glibc's default of
@@ -649,11 +665,10 @@ mod tests {
     #[test]
     fn threads_follow_the_idle_cores() {
         use super::threads_for;
-        assert_eq!(threads_for(2, 0.1), 2);
-        assert_eq!(threads_for(2, 0.7), 1);
-        assert_eq!(threads_for(2, 5.0), 1);
-        assert_eq!(threads_for(16, 3.6), 12);
-        assert_eq!(threads_for(8, -1.0), 8);
-        assert_eq!(threads_for(4, f64::NAN), 1);
+        assert_eq!(threads_for(2, 0), 2);
+        assert_eq!(threads_for(2, 1), 1);
+        assert_eq!(threads_for(2, 5), 1);
+        assert_eq!(threads_for(16, 4), 12);
+        assert_eq!(threads_for(8, 0), 8);
     }
 }

@@ -19,12 +19,15 @@ fn adt_debug(args: &[&str], wait_policy: Option<&str>) -> String {
 }
 
 #[test]
-fn passive_wait_by_default_and_user_policy_kept() {
+fn short_spin_by_default_and_user_policy_kept() {
     let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/unet_sd15");
     let err = adt_debug(&["inspect", fixture], None);
-    assert!(err.contains("OMP_WAIT_POLICY=PASSIVE"), "{err}");
+    assert!(err.contains("GOMP_SPINCOUNT=10000"), "{err}");
     let err = adt_debug(&["inspect", fixture], Some("ACTIVE"));
-    assert!(err.contains("OMP_WAIT_POLICY=ACTIVE"), "{err}");
+    assert!(
+        err.contains("OMP_WAIT_POLICY=ACTIVE, GOMP_SPINCOUNT=,"),
+        "{err}"
+    );
 }
 
 #[test]
