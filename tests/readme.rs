@@ -493,3 +493,98 @@ fn format_thousands(n: u64) -> String {
     }
     out
 }
+
+/// The three-seed CPU table with the current defaults
+/// (`assets/demo-results/cpu-3seeds/report.json`): Lite1 and Lite2 FD (mean ± sd and
+/// per seed), KID means, colour-histogram L1 and mean saturation means.
+#[test]
+fn cpu_three_seed_table_matches_its_report() {
+    let text = readme();
+    let r = json("assets/demo-results/cpu-3seeds/report.json");
+    let second = &r["second_space"];
+    let rows = table(&text, "| model | Lite1 FD (mean ± sd, 3 seeds)");
+    assert_eq!(rows.len(), 3);
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    for row in &rows {
+        let name = row[0].to_lowercase();
+        let first: Vec<&Value> = models(&r, &name);
+        let other: Vec<&Value> = models(second, &name);
+        let get = |ms: &[&Value], key: &str| -> Vec<f64> {
+            ms.iter().map(|m| m[key].as_f64().unwrap()).collect()
+        };
+        let cells: Vec<Vec<String>> = row[1..].iter().map(|c| numbers(c)).collect();
+        let fd1 = get(&first, "fd");
+        let fd2 = get(&other, "fd");
+        if name == "base" {
+            assert_eq!(fd1.len(), 1);
+            same("base Lite1 FD", &cells[0][0], fd1[0]);
+        } else {
+            assert_eq!(fd1.len(), 3, "{name}: seeds");
+            let (m, sd) = mean_sd(&fd1);
+            same(&format!("{name} Lite1 FD mean"), &cells[0][0], m);
+            same(&format!("{name} Lite1 FD sd"), &cells[0][1], sd);
+            for (i, v) in fd1.iter().enumerate() {
+                same(&format!("{name} seed {i} Lite1 FD"), &cells[1][i], *v);
+            }
+        }
+        same(
+            &format!("{name} Lite1 KID"),
+            &cells[2][0],
+            mean(&get(&first, "kid")),
+        );
+        if name == "base" {
+            same("base Lite2 FD", &cells[3][0], fd2[0]);
+        } else {
+            let (m, sd) = mean_sd(&fd2);
+            same(&format!("{name} Lite2 FD mean"), &cells[3][0], m);
+            same(&format!("{name} Lite2 FD sd"), &cells[3][1], sd);
+        }
+        same(
+            &format!("{name} Lite2 KID"),
+            &cells[4][0],
+            mean(&get(&other, "kid")),
+        );
+        same(
+            &format!("{name} colour L1"),
+            &cells[5][0],
+            mean(&get(&first, "histogram_l1")),
+        );
+        same(
+            &format!("{name} mean saturation"),
+            &cells[6][0],
+            mean(&get(&other, "mean_saturation")),
+        );
+    }
+    let f = flat(&text);
+    let refs = after(&f, "(style-gap FD ");
+    same(
+        "3-seed style gap",
+        &refs[0],
+        r["style_gap_fd"].as_f64().unwrap(),
+    );
+    same("3-seed floor", &refs[1], r["floor_fd"].as_f64().unwrap());
+    same(
+        "3-seed wall time",
+        &after(&f, "--eval-images 478`, ")[0],
+        r["wall_seconds"].as_f64().unwrap(),
+    );
+    // "ADT won two seeds (by X and Y points) and lost the third (by Z)", "by P% in Lite1".
+    let fd = |n: &str| -> Vec<f64> {
+        models(&r, n)
+            .iter()
+            .map(|m| m["fd"].as_f64().unwrap())
+            .collect()
+    };
+    let (ft, adt) = (fd("ft"), fd("adt"));
+    let margins: Vec<f64> = ft.iter().zip(&adt).map(|(f, a)| f - a).collect();
+    let won = after(&f, "ADT won two seeds (by ");
+    same("first win", &won[0], margins[0]);
+    same("second win", &won[1], margins[1]);
+    same("loss", &after(&f, "lost the third (by ")[0], -margins[2]);
+    let rel = 100.0 * (mean(&ft) - mean(&adt)) / mean(&ft);
+    same(
+        "relative margin",
+        &after(&f, "is its mean KID, but by ")[0],
+        rel,
+    );
+}
