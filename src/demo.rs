@@ -485,10 +485,10 @@ impl Stages {
     }
 }
 
-/// Run the demo end to end.
-pub fn run_demo(o: &DemoOptions) -> Result<DemoReport> {
-    let started = std::time::Instant::now();
-    for sub in ["twemoji/heldout", "noto/train", "noto/heldout"] {
+/// Checks what a demo or ablation run reads before any work starts: the named subsets
+/// of the demo data and the base model; returns the device of `--device`.
+fn check_inputs(o: &DemoOptions, subsets: &[&str]) -> Result<Device> {
+    for sub in subsets {
         if !o.data.join(sub).join("metadata.jsonl").is_file() {
             bail!(
                 "demo data missing: {} (run scripts/setup_demo_data.sh, or scripts/demo.sh which does everything)",
@@ -502,12 +502,18 @@ pub fn run_demo(o: &DemoOptions) -> Result<DemoReport> {
             o.base.display()
         );
     }
-    std::fs::create_dir_all(&o.out)?;
-    let device = match o.device.as_str() {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(0),
+    match o.device.as_str() {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
         d => bail!("--device {d:?}: expected cpu or cuda"),
-    };
+    }
+}
+
+/// Run the demo end to end.
+pub fn run_demo(o: &DemoOptions) -> Result<DemoReport> {
+    let started = std::time::Instant::now();
+    let device = check_inputs(o, &["twemoji/heldout", "noto/train", "noto/heldout"])?;
+    std::fs::create_dir_all(&o.out)?;
     let mut opts = EvalOptions::new(o.out.join("unused"), o.data.join("noto/heldout"));
     opts.features = FeatureSpace::EfficientNetLite1;
     opts.max_images = Some(o.eval_images);

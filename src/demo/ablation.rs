@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
-use super::{captions, mean_sd, DemoOptions, Evaluator};
+use super::{captions, check_inputs, mean_sd, DemoOptions, Evaluator};
 use crate::eval::metrics::{
     compare, load_image01, select_images, EvalOptions, FeatureExtractor, FeatureSpace,
 };
@@ -441,30 +441,12 @@ pub fn run_ablation(o: &AblationOptions) -> Result<AblationReport> {
     );
     ensure!(!d.seeds.is_empty(), "no seeds");
     ensure!(!o.spaces.is_empty(), "no evaluation feature space");
-    for sub in ["noto/train", "noto/heldout"] {
-        if !d.data.join(sub).join("metadata.jsonl").is_file() {
-            bail!(
-                "demo data missing: {} (run scripts/setup_demo_data.sh, or scripts/demo.sh which does everything)",
-                d.data.join(sub).display()
-            );
-        }
-    }
-    if !d.base.join("model_index.json").is_file() {
-        bail!(
-            "base model missing: {} (no model_index.json)",
-            d.base.display()
-        );
-    }
+    let device = check_inputs(d, &["noto/train", "noto/heldout"])?;
     let variants = select_variants(&o.variants)?;
     // Every configuration loads and validates before any work starts.
     for v in &variants {
         variant_config(o, v, d.seeds[0], &d.out.join("check"))?.validate()?;
     }
-    let device = match d.device.as_str() {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(0),
-        x => bail!("--device {x:?}: expected cpu or cuda"),
-    };
     std::fs::create_dir_all(&d.out)?;
     let heldout = d.data.join("noto/heldout");
     let cache = d.data.join("eval-cache");
