@@ -21,6 +21,19 @@ pub fn generate(
     seed: i64,
     resolution: i64,
 ) -> Result<Tensor> {
+    Ok(generate_unclamped(pipe, plan, prompts, cfg, seed, resolution)?.clamp(-1.0, 1.0))
+}
+
+/// [`generate`] before the final clamp to [-1, 1]: the decoded images as the
+/// discriminator scores them in training.
+pub fn generate_unclamped(
+    pipe: &Pipeline,
+    plan: &Plan,
+    prompts: &[String],
+    cfg: f64,
+    seed: i64,
+    resolution: i64,
+) -> Result<Tensor> {
     ensure!(
         cfg.is_finite(),
         "guidance scale {cfg} is not a finite number"
@@ -90,7 +103,7 @@ pub fn generate(
              diverging sampler / guidance scale {cfg}); no image written",
             images.numel()
         );
-        Ok(images.clamp(-1.0, 1.0))
+        Ok(images)
     })
 }
 

@@ -95,13 +95,36 @@ pub fn table3_variants() -> Vec<Variant> {
 }
 
 /// Variants that only run when named.
+/// The colour-drift hypotheses (README, "Colour drift") are among them: each changes one
+/// setting that could make the samples drift away from the target's colours.
 pub fn optional_variants() -> Vec<Variant> {
-    vec![variant(
-        "no-color-aug",
-        "DiffAugment without the colour op",
-        false,
-        &["disc.diffaug=\"translation,cutout\""],
-    )]
+    vec![
+        variant(
+            "no-color-aug",
+            "DiffAugment without the colour op",
+            false,
+            &["disc.diffaug=\"translation,cutout\""],
+        ),
+        variant(
+            "lr-half",
+            "half the generator learning rate",
+            false,
+            &["train.lr_g=2.5e-5"],
+        ),
+        variant(
+            "h4",
+            "H = 4 (half the generator steps)",
+            false,
+            &["train.h=4"],
+        ),
+        variant("lambda2", "lambda = 2", false, &["train.lambda=2.0"]),
+        variant(
+            "cfg1",
+            "training trajectories without guidance (CFG 1)",
+            false,
+            &["sampler.cfg=1.0"],
+        ),
+    ]
 }
 
 /// Options of [`run_ablation`].
@@ -505,9 +528,11 @@ pub fn run_ablation(o: &AblationOptions) -> Result<AblationReport> {
             same_as: None,
         };
         tracing::info!(
-            "ablation {variant} seed {seed}: FD {:?} KID {:?} (train {:.0} s, eval {:.0} s)",
+            "ablation {variant} seed {seed}: FD {:?} KID {:?} saturation {:.3} hue L1 {:.3} (train {:.0} s, eval {:.0} s)",
             run.fd,
             run.kid,
+            run.mean_saturation,
+            run.hue_l1,
             run.train_seconds,
             run.eval_seconds
         );
@@ -706,6 +731,10 @@ mod tests {
                 "levels4" => c.disc.levels == crate::disc::features::Levels::Blocks,
                 "ft" => c.train.mode == crate::train::config::Mode::Ft,
                 "no-color-aug" => c.disc.diffaug == "translation,cutout",
+                "lr-half" => c.train.lr_g == Some(2.5e-5),
+                "h4" => c.train.h == 4,
+                "lambda2" => c.train.lambda == 2.0,
+                "cfg1" => c.sampler.cfg == 1.0,
                 other => panic!("untested variant {other}"),
             };
             assert!(changed, "{}", v.name);
