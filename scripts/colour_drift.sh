@@ -4,9 +4,10 @@
 #   scripts/colour_drift.sh
 #
 # 1. `adt ablate` on seed 1: ADT, FT and one variant per training hypothesis
-#    (DiffAugment's colour op, the generator learning rate, H, lambda, guidance in
-#    the training trajectories), each the demo's ADT configuration with one setting
-#    changed; then seed 0 for ADT, FT and the colour op.
+#    (DiffAugment's colour op off, the colour op drawn once for the views compared
+#    with each other, the generator learning rate, H, lambda, guidance in the
+#    training trajectories), each the demo's ADT configuration with one setting
+#    changed; then seed 0 for ADT, FT and the two colour-op variants.
 # 2. `examples/colour_probe.rs`: how much the discriminator's features and the
 #    evaluation's FD / KID move when only the colours change, and whether the trained
 #    models' samples leave [-1, 1] before the clamp.
@@ -37,14 +38,15 @@ ablate() {
         --out "$OUT/seed$seed"
 }
 
-ablate 1 ft,no-color-aug,lr-half,h4,lambda0,cfg1
-ablate 0 ft,no-color-aug
+ablate 1 ft,no-color-aug,paired-color,lambda0,lr-half,h4,cfg1
+ablate 0 ft,no-color-aug,paired-color
 
 nice -n 10 "$PROBE" --n "$EVAL_IMAGES" --out "$OUT/probe" \
     base=assets/demo-base \
     adt-seed1="$OUT/seed1/adt-seed1/final" \
     ft-seed1="$OUT/seed1/ft-seed1/final" \
-    no-color-aug-seed1="$OUT/seed1/no-color-aug-seed1/final"
+    no-color-aug-seed1="$OUT/seed1/no-color-aug-seed1/final" \
+    paired-color-seed1="$OUT/seed1/paired-color-seed1/final"
 
 mkdir -p "$ASSETS/seed1" "$ASSETS/seed0"
 for s in seed1 seed0; do

@@ -158,7 +158,7 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
         /// Variants (comma-separated; adt always runs): adt, stylegan-t, drtune, lambda0,
-        /// k1, k3, levels4, ft, and the optional colour-drift ones no-color-aug, lr-half, h4, lambda2,
+        /// k1, k3, levels4, ft, and the optional colour-drift ones no-color-aug, paired-color, lr-half, h4, lambda2,
         /// cfg1. Default: all but the optional.
         #[arg(long, value_delimiter = ',')]
         variants: Option<Vec<String>>,

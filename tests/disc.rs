@@ -714,3 +714,30 @@ fn diffaugment_gradcheck() {
     println!("DiffAugment gradcheck over {n} inputs: worst abs error {worst:e}");
     assert!(grad.iter().any(|g| g.abs() > 1e-3));
 }
+
+/// A shared colour draw gives two views of the same images the same colour transform
+/// (`apply` with the drawn parameters), cutout stays the view's own; without it each view
+/// has its own colour draw.
+#[test]
+fn diffaugment_with_a_shared_colour_draw() {
+    tch::manual_seed(5);
+    let x = Tensor::rand([6, 3, 8, 8], (Kind::Double, tch::Device::Cpu)) * 2.0 - 1.0;
+    let policy = Policy::default();
+    let color = AugParams::sample(&policy.color_only(), 6, 8, 8);
+    assert!(color.translation.is_none() && color.cutout.is_none());
+    let by_hand = diffaug::apply(&x, &color).unwrap();
+    let only_color = Policy::parse("color").unwrap();
+    let a = diffaug::diff_augment_with_color(&x, &only_color, Some(&color)).unwrap();
+    let b = diffaug::diff_augment_with_color(&x, &only_color, Some(&color)).unwrap();
+    assert!(same(&a, &by_hand) && same(&b, &by_hand));
+    // Without translation (cutout only), unmasked pixels are the shared transform's.
+    let cut = Policy::parse("color,cutout").unwrap();
+    let d = diffaug::diff_augment_with_color(&x, &cut, Some(&color)).unwrap();
+    let m = d.ne(0.0);
+    assert!(same(&(&by_hand * &m), &d));
+    assert!(m.logical_not().any().int64_value(&[]) == 1);
+    // Independent draws (None) differ between views.
+    let e = diffaug::diff_augment_with_color(&x, &only_color, None).unwrap();
+    let f = diffaug::diff_augment_with_color(&x, &only_color, None).unwrap();
+    assert!(!same(&e, &f));
+}

@@ -106,6 +106,12 @@ pub fn optional_variants() -> Vec<Variant> {
             &["disc.diffaug=\"translation,cutout\""],
         ),
         variant(
+            "paired-color",
+            "DiffAugment's colour op drawn once per sample for the reference and the scored views",
+            false,
+            &["disc.paired_color=true"],
+        ),
+        variant(
             "lr-half",
             "half the generator learning rate",
             false,
@@ -541,6 +547,17 @@ pub fn run_ablation(o: &AblationOptions) -> Result<AblationReport> {
 
     let mut base = evaluate("base", 0, &d.base, 0.0)?;
     base.seed = 0;
+    let report = |runs: Vec<AblationRun>| AblationReport {
+        iterations: d.iterations,
+        seeds: d.seeds.clone(),
+        eval_images: caps.len(),
+        spaces: o.spaces.iter().map(|s| s.name().to_string()).collect(),
+        variants: variants.clone(),
+        runs,
+        reference_colour: reference_colour.clone(),
+        base: Some(base.clone()),
+        wall_seconds: started.elapsed().as_secs_f64(),
+    };
     let mut runs: Vec<AblationRun> = Vec::new();
     // Configuration text (output folder blanked) -> variant that ran it, per seed.
     let mut seen: Vec<(u64, String, String)> = Vec::new();
@@ -591,26 +608,24 @@ pub fn run_ablation(o: &AblationOptions) -> Result<AblationReport> {
             let secs = t0.elapsed().as_secs_f64();
             runs.push(evaluate(&v.name, seed, &run_dir.join("final"), secs)?);
             seen.push((seed, key, v.name.clone()));
+            // The runs so far, so that a long ablation stopped early keeps them.
+            write_tables(&report(runs.clone()), &d.out)?;
         }
     }
-    let report = AblationReport {
-        iterations: d.iterations,
-        seeds: d.seeds.clone(),
-        eval_images: caps.len(),
-        spaces: o.spaces.iter().map(|s| s.name().to_string()).collect(),
-        variants,
-        runs,
-        reference_colour,
-        base: Some(base),
-        wall_seconds: started.elapsed().as_secs_f64(),
-    };
-    std::fs::write(
-        d.out.join("report.json"),
-        serde_json::to_string_pretty(&report)?,
-    )?;
-    std::fs::write(d.out.join("report.md"), report.markdown())?;
+    let report = report(runs);
+    write_tables(&report, &d.out)?;
     write_html(&report, &d.out).context("writing the ablation HTML report")?;
     Ok(report)
+}
+
+/// `report.json` and `report.md` in `out`.
+fn write_tables(report: &AblationReport, out: &Path) -> Result<()> {
+    std::fs::write(
+        out.join("report.json"),
+        serde_json::to_string_pretty(report)?,
+    )?;
+    std::fs::write(out.join("report.md"), report.markdown())?;
+    Ok(())
 }
 
 /// The HTML report: the table and one row of samples per variant (first seed).
@@ -731,6 +746,7 @@ mod tests {
                 "levels4" => c.disc.levels == crate::disc::features::Levels::Blocks,
                 "ft" => c.train.mode == crate::train::config::Mode::Ft,
                 "no-color-aug" => c.disc.diffaug == "translation,cutout",
+                "paired-color" => c.disc.paired_color,
                 "lr-half" => c.train.lr_g == Some(2.5e-5),
                 "h4" => c.train.h == 4,
                 "lambda2" => c.train.lambda == 2.0,

@@ -77,6 +77,24 @@ impl Policy {
         Ok(p)
     }
 
+    /// The colour op alone.
+    pub fn color_only(&self) -> Self {
+        Policy {
+            color: self.color,
+            translation: false,
+            cutout: false,
+            ..self.clone()
+        }
+    }
+
+    /// Everything but the colour op.
+    pub fn without_color(&self) -> Self {
+        Policy {
+            color: false,
+            ..self.clone()
+        }
+    }
+
     pub fn is_identity(&self) -> bool {
         !(self.color || self.translation || self.cutout)
     }
@@ -259,4 +277,18 @@ pub fn diff_augment(x: &Tensor, policy: &Policy) -> Result<Tensor> {
     }
     let params = AugParams::sample(policy, size[0], size[2], size[3]);
     apply(x, &params)
+}
+
+/// DiffAugment with the colour op's parameters given: `color` (drawn by the caller with
+/// [`Policy::color_only`], and shared by views that are compared with each other), then
+/// fresh parameters for the policy's other ops. `color = None`: [`diff_augment`].
+pub fn diff_augment_with_color(
+    x: &Tensor,
+    policy: &Policy,
+    color: Option<&AugParams>,
+) -> Result<Tensor> {
+    match color {
+        None => diff_augment(x, policy),
+        Some(c) => diff_augment(&apply(x, c)?, &policy.without_color()),
+    }
 }

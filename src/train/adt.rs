@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
 use crate::data::{DataConfig, DataLoader};
-use crate::disc::diffaug::{diff_augment, Policy};
+use crate::disc::diffaug::{diff_augment_with_color, AugParams, Policy};
 use crate::disc::features::{DinoFeatures, EfficientNetFeatures};
 use crate::disc::siamese::{DiscConfig, DiscVariant, Discriminator};
 use crate::disc::FeatureNetwork;
@@ -774,6 +774,16 @@ impl Trainer {
         })
     }
 
+    /// With `disc.paired_color` (and a colour op in the policy): one colour draw for
+    /// the batch of images `x` `[B, C, H, W]`, shared by the reference view and the
+    /// views scored against it.
+    fn shared_color(&self, x: &Tensor) -> Option<AugParams> {
+        (self.cfg.disc.paired_color && self.policy.color).then(|| {
+            let s = x.size();
+            AugParams::sample(&self.policy.color_only(), s[0], s[2], s[3])
+        })
+    }
+
     /// The images the discriminator scores for latents x_hat0, in both the D step
     /// and the G step: the decoded images, not clamped (so that the G step's
     /// gradient reaches every pixel, and the D step sees exactly what the G step
@@ -889,9 +899,10 @@ impl Trainer {
             let x0 = &tr.batch.x0;
             let (f_ref, f_real, f_fake) = tch::no_grad(|| -> Result<_> {
                 let fake = self.disc_images(&tr.final_x)?;
-                let real_ref = diff_augment(x0, &self.policy)?;
-                let real = diff_augment(x0, &self.policy)?;
-                let fake = diff_augment(&fake, &self.policy)?;
+                let color = self.shared_color(x0);
+                let real_ref = diff_augment_with_color(x0, &self.policy, color.as_ref())?;
+                let real = diff_augment_with_color(x0, &self.policy, color.as_ref())?;
+                let fake = diff_augment_with_color(&fake, &self.policy, color.as_ref())?;
                 Ok((
                     self.features(&real_ref),
                     self.features(&real),
@@ -992,12 +1003,21 @@ impl Trainer {
             let b = &tr.batch;
             let guidance = Guidance::new(&b.uncond, &b.cond, self.cfg.sampler.cfg);
             let target = self.plan.target(&b.z0, &tr.eps, tr.s);
+            let color = self.shared_color(&b.x0);
             let feats_ref = tch::no_grad(|| -> Result<Vec<Tensor>> {
-                Ok(self.features(&diff_augment(&b.x0, &self.policy)?))
+                Ok(self.features(&diff_augment_with_color(
+                    &b.x0,
+                    &self.policy,
+                    color.as_ref(),
+                )?))
             })?;
             let adv_loss = |x_hat0: &Tensor| -> Result<Tensor> {
                 let img = self.disc_images(x_hat0)?;
-                let feats = self.features(&diff_augment(&img, &self.policy)?);
+                let feats = self.features(&diff_augment_with_color(
+                    &img,
+                    &self.policy,
+                    color.as_ref(),
+                )?);
                 Ok(disc.g_loss(&feats_ref, b.text.as_ref(), &feats)?.0)
             };
             let (av, dv) = if t.decompose {

@@ -349,6 +349,11 @@ pub struct DiscSection {
     pub resolution: i64,
     /// DiffAugment policy.
     pub diffaug: String,
+    /// One draw of DiffAugment's colour op per sample, shared by the real reference
+    /// view and the views scored against it (real and generated) in both steps;
+    /// translation and cutout stay independent per view. Default false: every view
+    /// gets its own colour draw (DiffAugment as published). See README, "Colour drift".
+    pub paired_color: bool,
     /// Width of the heads' convolution blocks; unset: the width of the features
     /// of each level (StyleGAN-T).
     pub channels: Option<i64>,
@@ -366,6 +371,7 @@ impl Default for DiscSection {
             levels: Levels::PatchAndBlocks,
             resolution: 224,
             diffaug: "color,translation,cutout".into(),
+            paired_color: false,
             channels: None,
             out_channels: 64,
         }
