@@ -7,7 +7,7 @@
 #    (DiffAugment's colour op off, the colour op drawn once for the views compared
 #    with each other, the generator learning rate, H, lambda, guidance in the
 #    training trajectories), each the demo's ADT configuration with one setting
-#    changed; then seed 0 for ADT, FT and the two colour-op variants.
+#    changed; then seed 0 for ADT, FT, lambda = 0, the paired colour op and lambda = 2.
 # 2. `examples/colour_probe.rs`: how much the discriminator's features and the
 #    evaluation's FD / KID move when only the colours change, and whether the trained
 #    models' samples leave [-1, 1] before the clamp.
@@ -39,13 +39,13 @@ ablate() {
 }
 
 ablate 1 ft,no-color-aug,paired-color,lambda0,lr-half,h4,cfg1
-ablate 0 ft,no-color-aug,paired-color
+ablate 0 ft,lambda0,paired-color,lambda2
 
 nice -n 10 "$PROBE" --n "$EVAL_IMAGES" --out "$OUT/probe" \
     base=assets/demo-base \
     adt-seed1="$OUT/seed1/adt-seed1/final" \
     ft-seed1="$OUT/seed1/ft-seed1/final" \
-    no-color-aug-seed1="$OUT/seed1/no-color-aug-seed1/final" \
+    lambda0-seed1="$OUT/seed1/lambda0-seed1/final" \
     paired-color-seed1="$OUT/seed1/paired-color-seed1/final"
 
 mkdir -p "$ASSETS/seed1" "$ASSETS/seed0"

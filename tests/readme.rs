@@ -588,3 +588,96 @@ fn cpu_three_seed_table_matches_its_report() {
         rel,
     );
 }
+
+/// The colour-drift table (README, "Colour drift") against the ablation reports it
+/// merges (`assets/colour-drift/seed*/report.json`): per variant the seeds, and over
+/// them the mean (± sd) of the saturation, the paired saturation difference to ADT, the
+/// hue-histogram L1, FD and KID in both spaces; and the probe figures quoted in the text.
+#[test]
+fn colour_drift_table_matches_its_reports() {
+    let text = readme();
+    let reports = [
+        json("assets/colour-drift/seed1/report.json"),
+        json("assets/colour-drift/seed0/report.json"),
+    ];
+    // (variant, seed) -> run, each once.
+    let mut runs: Vec<(String, u64, &Value)> = Vec::new();
+    for r in &reports {
+        for run in r["runs"].as_array().unwrap() {
+            let key = (
+                run["variant"].as_str().unwrap().to_string(),
+                run["seed"].as_u64().unwrap(),
+            );
+            if !runs.iter().any(|(v, s, _)| (v, s) == (&key.0, &key.1)) {
+                runs.push((key.0, key.1, run));
+            }
+        }
+    }
+    let rows = table(&text, "| variant | change | seeds | mean saturation");
+    assert!(rows.len() >= 3, "colour-drift table: {} rows", rows.len());
+    // Cells are "m" or "m ± sd", m possibly negative (KID).
+    let check = |what: &str, cell: &str, v: &[f64]| {
+        let nums: Vec<String> = cell.split('±').map(|p| p.trim().to_string()).collect();
+        if v.len() == 1 {
+            assert_eq!(nums.len(), 1, "{what}: {cell}");
+            same(what, &nums[0], v[0]);
+        } else {
+            let (m, sd) = mean_sd(v);
+            assert_eq!(nums.len(), 2, "{what}: {cell}");
+            same(&format!("{what} mean"), &nums[0], m);
+            same(&format!("{what} sd"), &nums[1], sd);
+        }
+    };
+    let f = |r: &Value, key: &str, i: Option<usize>| -> f64 {
+        match i {
+            Some(i) => r[key][i].as_f64().unwrap(),
+            None => r[key].as_f64().unwrap(),
+        }
+    };
+    for row in &rows {
+        let name = row[0].as_str();
+        let rs: Vec<&Value> = if name == "base" {
+            vec![&reports[0]["base"]]
+        } else {
+            let mut v: Vec<(u64, &Value)> = runs
+                .iter()
+                .filter(|(n, _, _)| n == name)
+                .map(|(_, s, r)| (*s, *r))
+                .collect();
+            v.sort_by_key(|(s, _)| *s);
+            let seeds: Vec<String> = v.iter().map(|(s, _)| s.to_string()).collect();
+            assert_eq!(row[2], seeds.join(","), "{name}: seeds");
+            v.into_iter().map(|(_, r)| r).collect()
+        };
+        assert!(!rs.is_empty(), "{name}: no runs in the reports");
+        let col = |key: &str, i: Option<usize>| -> Vec<f64> {
+            rs.iter().map(|r| f(r, key, i)).collect()
+        };
+        check(&format!("{name} saturation"), &row[3], &col("mean_saturation", None));
+        if name != "base" && name != "adt" {
+            let d: Vec<f64> = rs
+                .iter()
+                .map(|r| {
+                    let seed = r["seed"].as_u64().unwrap();
+                    let adt = runs
+                        .iter()
+                        .find(|(n, s, _)| n == "adt" && *s == seed)
+                        .unwrap()
+                        .2;
+                    f(r, "mean_saturation", None) - f(adt, "mean_saturation", None)
+                })
+                .collect();
+            let mean = d.iter().sum::<f64>() / d.len() as f64;
+            same(
+                &format!("{name} saturation - ADT's"),
+                row[4].trim_start_matches('+'),
+                mean,
+            );
+        }
+        check(&format!("{name} hue L1"), &row[5], &col("hue_l1", None));
+        for i in 0..2 {
+            check(&format!("{name} FD {i}"), &row[6 + 2 * i], &col("fd", Some(i)));
+            check(&format!("{name} KID {i}"), &row[7 + 2 * i], &col("kid", Some(i)));
+        }
+    }
+}
