@@ -14,8 +14,10 @@
 //!    seeds) before the clamp to [-1, 1] that saving them applies; the discriminator
 //!    scores them unclamped.
 //!
-//! `cargo run --example colour_probe -- [--n N] [--data DIR] [--out DIR] [NAME=DIR]...`
-//! writes `probe.md` and `probe.json` to `--out` (default `runs/colour-probe`).
+//! `cargo run --example colour_probe -- [--n N] [--data DIR] [--out DIR] [--models-only]
+//! [NAME=DIR]...` writes `probe.md` and `probe.json` to `--out` (default
+//! `runs/colour-probe`); `--models-only` skips probes 1 and 2. `--grid OUT.png DIR,DIR,...`
+//! only writes a small side-by-side of sample folders (one row each).
 
 use adt::demo::ablation::saturation_hue;
 use adt::disc::diffaug::{diff_augment, Policy};
@@ -98,6 +100,19 @@ fn main() -> Result<()> {
             "--data" => data = args.next().context("--data needs a value")?.into(),
             "--out" => out = args.next().context("--out needs a value")?.into(),
             "--models-only" => models_only = true,
+            "--grid" => {
+                // `--grid OUT.png DIR,DIR,...`: only a small side-by-side of sample
+                // folders (10 images a row, 2x), nothing else.
+                let png = PathBuf::from(args.next().context("--grid needs OUT.png")?);
+                let dirs: Vec<PathBuf> = args
+                    .next()
+                    .context("--grid needs a comma-separated list of folders")?
+                    .split(',')
+                    .map(PathBuf::from)
+                    .collect();
+                let rows: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
+                return adt::report::rows_grid(&rows, 10, 2, &png);
+            }
             m if m.contains('=') => {
                 let (k, v) = m.split_once('=').unwrap();
                 models.push((k.to_string(), PathBuf::from(v)));

@@ -53,6 +53,8 @@ for s in seed1 seed0; do
     cp "$OUT/$s/report.md" "$OUT/$s/report.json" "$ASSETS/$s/"
 done
 cp "$OUT/probe/probe.md" "$OUT/probe/probe.json" "$ASSETS/"
-cp "$OUT/seed1/samples-side-by-side.png" "$ASSETS/samples-seed1.png"
+S="$OUT/seed1/samples"
+"$PROBE" --grid "$ASSETS/samples-seed1.png" \
+    "$S/base-seed0,$S/adt-seed1,$S/ft-seed1,$S/lambda0-seed1,$S/paired-color-seed1"
 python3 scripts/colour_drift_table.py "$ASSETS/results.md" \
     "$ASSETS/seed1/report.json" "$ASSETS/seed0/report.json"

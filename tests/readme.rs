@@ -592,7 +592,7 @@ fn cpu_three_seed_table_matches_its_report() {
 /// The colour-drift table (README, "Colour drift") against the ablation reports it
 /// merges (`assets/colour-drift/seed*/report.json`): per variant the seeds, and over
 /// them the mean (± sd) of the saturation, the paired saturation difference to ADT, the
-/// hue-histogram L1, FD and KID in both spaces; and the probe figures quoted in the text.
+/// hue-histogram L1, FD and KID in both spaces.
 #[test]
 fn colour_drift_table_matches_its_reports() {
     let text = readme();
@@ -650,10 +650,13 @@ fn colour_drift_table_matches_its_reports() {
             v.into_iter().map(|(_, r)| r).collect()
         };
         assert!(!rs.is_empty(), "{name}: no runs in the reports");
-        let col = |key: &str, i: Option<usize>| -> Vec<f64> {
-            rs.iter().map(|r| f(r, key, i)).collect()
-        };
-        check(&format!("{name} saturation"), &row[3], &col("mean_saturation", None));
+        let col =
+            |key: &str, i: Option<usize>| -> Vec<f64> { rs.iter().map(|r| f(r, key, i)).collect() };
+        check(
+            &format!("{name} saturation"),
+            &row[3],
+            &col("mean_saturation", None),
+        );
         if name != "base" && name != "adt" {
             let d: Vec<f64> = rs
                 .iter()
@@ -676,8 +679,16 @@ fn colour_drift_table_matches_its_reports() {
         }
         check(&format!("{name} hue L1"), &row[5], &col("hue_l1", None));
         for i in 0..2 {
-            check(&format!("{name} FD {i}"), &row[6 + 2 * i], &col("fd", Some(i)));
-            check(&format!("{name} KID {i}"), &row[7 + 2 * i], &col("kid", Some(i)));
+            check(
+                &format!("{name} FD {i}"),
+                &row[6 + 2 * i],
+                &col("fd", Some(i)),
+            );
+            check(
+                &format!("{name} KID {i}"),
+                &row[7 + 2 * i],
+                &col("kid", Some(i)),
+            );
         }
     }
 }
