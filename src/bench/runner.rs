@@ -59,6 +59,12 @@ impl Memory {
                 }
             }
             _ => {
+                // Hand freed heap memory back to the system first, so that the
+                // resident set is what is live (glibc keeps freed blocks otherwise).
+                #[cfg(all(target_os = "linux", target_env = "gnu"))]
+                unsafe {
+                    libc::malloc_trim(0);
+                }
                 self.before
                     .set(if Self::reset_rss() { vm_hwm() } else { None });
             }
