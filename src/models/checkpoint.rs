@@ -19,19 +19,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use tch::Tensor;
 
-/// A segment: inputs to outputs.
-type Segment = dyn Fn(&[Tensor]) -> Result<Vec<Tensor>>;
+/// A segment: inputs to outputs, borrowing for `'a`.
+type SegmentFn<'a> = dyn Fn(&[Tensor]) -> Result<Vec<Tensor>> + 'a;
 
 /// A registered segment. The closure borrows model weights (see [`checkpoint`]'s
 /// safety contract); it is called from the autograd engine's thread, which runs the
 /// backward while the thread that registered it waits.
-struct Entry {
-    scope: u64,
-    f: Arc<Box<Segment>>,
-}
+struct Segment(Box<SegmentFn<'static>>);
 // SAFETY: the closures only read model weights; the backward that calls them runs
 // while the registering thread is blocked in that backward (see `checkpoint`).
-unsafe impl Send for Entry {}
+unsafe impl Send for Segment {}
+unsafe impl Sync for Segment {}
+
+struct Entry {
+    scope: u64,
+    f: Arc<Segment>,
+}
 
 #[derive(Default)]
 struct Registry {
@@ -158,10 +161,10 @@ where
     };
     #[cfg(adt_ckpt_shim)]
     {
-        let boxed: Box<dyn Fn(&[Tensor]) -> Result<Vec<Tensor>> + 'a> = Box::new(f);
+        let boxed: Box<SegmentFn<'a>> = Box::new(f);
         // SAFETY: the caller guarantees that `f` outlives the scope; the registry
         // drops it when the scope ends.
-        let boxed: Box<Segment> = unsafe { std::mem::transmute(boxed) };
+        let boxed: Box<SegmentFn<'static>> = unsafe { std::mem::transmute(boxed) };
         let id = {
             let mut r = lock();
             r.next_id += 1;
@@ -170,7 +173,7 @@ where
                 id,
                 Entry {
                     scope,
-                    f: Arc::new(boxed),
+                    f: Arc::new(Segment(boxed)),
                 },
             );
             id
@@ -308,7 +311,7 @@ mod ffi {
             return 1;
         };
         let _guard = InSegment::enter();
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&ins)));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (f.0)(&ins)));
         match r {
             Ok(Ok(outs)) => {
                 for t in &outs {
