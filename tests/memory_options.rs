@@ -63,7 +63,10 @@ fn bf16_base(extra: &[&str]) {
     let mut bf16_opts = extra.to_vec();
     bf16_opts.extend(["train.base_dtype=\"bf16\"", "train.bf16_trajectory=true"]);
     let (tr, l16) = lora_run(&bf16_opts);
-    assert!(tr.fast.is_none() && tr.fast_sd3.is_none(), "a trajectory copy was made");
+    assert!(
+        tr.fast.is_none() && tr.fast_sd3.is_none(),
+        "a trajectory copy was made"
+    );
     let fresh = tiny_pipeline(extra, tr.cfg.train.seed as i64);
     let fresh: HashMap<String, Tensor> = fresh.backbone_vs().variables();
     let vars = tr.pipe.backbone_vs().variables();
@@ -114,7 +117,10 @@ fn bf16_base(extra: &[&str]) {
         worst.0
     );
     assert!(worst.1 < 0.02, "{}: {:.3e}", worst.0, worst.1);
-    assert!(worst.1 > 0.0, "the bf16 run gave the float32 losses exactly");
+    assert!(
+        worst.1 > 0.0,
+        "the bf16 run gave the float32 losses exactly"
+    );
 }
 
 #[test]
@@ -206,8 +212,15 @@ fn bf16_base_adapter_gradients_match_fp32() {
             (0.999, 0.95, 0.02)
         };
         assert!(cos > min_cos, "sd3 {sd3}: adapter gradient cosine {cos}");
-        assert!(worst > min_worst, "sd3 {sd3}: worst adapter tensor cosine {worst}");
-        assert!((ny / nx - 1.0).abs() < max_norm, "sd3 {sd3}: norm ratio {}", ny / nx);
+        assert!(
+            worst > min_worst,
+            "sd3 {sd3}: worst adapter tensor cosine {worst}"
+        );
+        assert!(
+            (ny / nx - 1.0).abs() < max_norm,
+            "sd3 {sd3}: norm ratio {}",
+            ny / nx
+        );
     }
 }
 
@@ -331,7 +344,9 @@ fn frozen_networks_in_half_precision() {
         .zip(&b)
         .map(|(x, y)| (x - y).abs() / scale)
         .fold(0.0, f64::max);
-    println!("bf16 frozen networks vs fp32: largest loss difference {worst:.3e} of the largest loss");
+    println!(
+        "bf16 frozen networks vs fp32: largest loss difference {worst:.3e} of the largest loss"
+    );
     assert!(worst < 0.02 && worst > 0.0, "{worst}");
 }
 
@@ -360,4 +375,44 @@ fn text_encoders_on_the_host() {
         assert_eq!(c1.context.device(), p.device);
         assert!(c1.context.equal(&c0.context));
     }
+}
+
+/// A LoRA run with a bfloat16 base and bfloat16 frozen networks, stopped at a
+/// checkpoint and resumed, ends in the state of the uninterrupted run, bit for bit.
+#[test]
+fn bf16_base_run_resumes_bit_for_bit() {
+    use adt::train::run::{run, RunOptions};
+    let _g = common::lock();
+    tch::set_num_threads(1);
+    let over = [
+        "train.iterations=6",
+        "train.h=2",
+        "train.warmup_g=1",
+        "train.lr_g=1e-2",
+        "train.lora={ rank = 2 }",
+        "train.base_dtype=\"bf16\"",
+        "model.frozen_dtype=\"bf16\"",
+        "output.checkpoint_every=3",
+    ];
+    let opts = |max: Option<usize>, resume: bool| RunOptions {
+        quiet: true,
+        max_iterations: max,
+        resume: resume.then_some(None),
+        ..Default::default()
+    };
+    let a = tempfile::tempdir().unwrap();
+    let whole = run(common::tiny_config(a.path(), &over), &opts(None, false)).unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let tr = run(common::tiny_config(b.path(), &over), &opts(Some(3), false)).unwrap();
+    assert_eq!(tr.step, 3);
+    drop(tr);
+    let tr = run(common::tiny_config(b.path(), &over), &opts(None, true)).unwrap();
+    assert_eq!(tr.step, 6);
+    assert!(tr
+        .pipe
+        .backbone_vs()
+        .variables()
+        .iter()
+        .all(|(k, t)| k.contains(".lora_") || t.kind() == Kind::BFloat16));
+    common::assert_same_state(&whole, &tr);
 }

@@ -502,8 +502,8 @@ impl Trainer {
         }
         // The frozen networks' dtype and the text device (a no-op for a pipeline
         // loaded with them).
-        let frozen = (cfg.model.frozen_dtype != WeightDtype::Fp32)
-            .then(|| cfg.model.frozen_dtype.kind());
+        let frozen =
+            (cfg.model.frozen_dtype != WeightDtype::Fp32).then(|| cfg.model.frozen_dtype.kind());
         if frozen.is_some() || cfg.model.text_device != TextDevice::Train {
             pipe.place_frozen(frozen, cfg.text_device());
         }

@@ -918,12 +918,18 @@ mod tests {
         };
         let err = |o: &[&str]| format!("{:#}", load(o).unwrap_err());
         let e = err(&["train.base_dtype=\"bf16\""]);
-        assert!(e.contains("train.base_dtype") && e.contains("train.lora"), "{e}");
+        assert!(
+            e.contains("train.base_dtype") && e.contains("train.lora"),
+            "{e}"
+        );
         let e = err(&["train.base_dtype=\"fp16\"", "train.lora={}"]);
         assert!(e.contains("train.base_dtype = \"fp16\""), "{e}");
         for lever in ["train.cuda_graph=true", "train.channels_last=true"] {
             let e = err(&["train.base_dtype=\"bf16\"", "train.lora={}", lever]);
-            assert!(e.contains("train.cuda_graph and train.channels_last"), "{e}");
+            assert!(
+                e.contains("train.cuda_graph and train.channels_last"),
+                "{e}"
+            );
         }
         let e = err(&["model.frozen_dtype=\"fp8\""]);
         assert!(e.contains("model.frozen_dtype"), "{e}");
