@@ -363,7 +363,7 @@ impl fmt::Display for AccountTable<'_> {
             f,
             "memory account of the training state (computed from parameter counts, not measured; GiB)"
         )?;
-        write!(f, "{:<32}", "")?;
+        write!(f, "{:<34}", "")?;
         for r in rows {
             write!(f, " | {:>28}", r.target.name)?;
         }
@@ -380,7 +380,7 @@ impl fmt::Display for AccountTable<'_> {
             }),
         ];
         for (name, get) in param_lines {
-            write!(f, "{name:<32}")?;
+            write!(f, "{name:<34}")?;
             for r in rows {
                 write!(f, " | {:>28}", m(get(&r.sizes, r.target.lora)))?;
             }
@@ -412,7 +412,7 @@ impl fmt::Display for AccountTable<'_> {
             }),
         ];
         for (name, get) in options {
-            write!(f, "{name:<32}")?;
+            write!(f, "{name:<34}")?;
             for r in rows {
                 write!(f, " | {:>28}", get(&r.target))?;
             }
@@ -430,7 +430,7 @@ impl fmt::Display for AccountTable<'_> {
             v
         };
         for n in names {
-            write!(f, "{n:<32}")?;
+            write!(f, "{n:<34}")?;
             for r in rows {
                 match r.line(n) {
                     Some(b) => write!(f, " | {:>28.2}", b / GIB)?,
@@ -439,12 +439,12 @@ impl fmt::Display for AccountTable<'_> {
             }
             writeln!(f)?;
         }
-        write!(f, "{:<32}", "state total")?;
+        write!(f, "{:<34}", "state total")?;
         for r in rows {
             write!(f, " | {:>28.2}", r.state_gib())?;
         }
         writeln!(f)?;
-        write!(f, "{:<32}", "activations (SD1.5 full: H200)")?;
+        write!(f, "{:<34}", "activations (SD1.5 full: H200)")?;
         for r in rows {
             match r.activations {
                 Some(a) => write!(f, " | {:>28.2}", a / GIB)?,
@@ -452,7 +452,7 @@ impl fmt::Display for AccountTable<'_> {
             }
         }
         writeln!(f)?;
-        write!(f, "{:<32}", "total")?;
+        write!(f, "{:<34}", "total")?;
         for r in rows {
             match r.total_gib() {
                 Some(t) => write!(f, " | {:>28.2}", t)?,
@@ -460,17 +460,17 @@ impl fmt::Display for AccountTable<'_> {
             }
         }
         writeln!(f)?;
-        write!(f, "{:<32}", "target")?;
+        write!(f, "{:<34}", "target")?;
         for r in rows {
             write!(f, " | {:>28.1}", r.target.target_gib)?;
         }
         writeln!(f)?;
-        write!(f, "{:<32}", "host memory (text encoders)")?;
+        write!(f, "{:<34}", "host memory (text encoders)")?;
         for r in rows {
             write!(f, " | {:>28.2}", r.host / GIB)?;
         }
         writeln!(f)?;
-        write!(f, "{:<32}", "T5-XXL, fp32 (use_t5 = false)")?;
+        write!(f, "{:<34}", "T5-XXL, fp32 (use_t5 = false)")?;
         for r in rows {
             write!(f, " | {:>28.2}", 4.0 * r.sizes.t5 as f64 / GIB)?;
         }
