@@ -416,3 +416,72 @@ fn bf16_base_run_resumes_bit_for_bit() {
         .all(|(k, t)| k.contains(".lora_") || t.kind() == Kind::BFloat16));
     common::assert_same_state(&whole, &tr);
 }
+
+/// The options on a pipeline read from a diffusers folder (and DINOv2 read from a
+/// transformers folder, in bfloat16): the UNet is read straight
+/// into bfloat16 (adapters float32), the VAE and the text encoder in bfloat16 with the
+/// encoder on the host, no trajectory copy, and two iterations give a finite
+/// generator loss and move the adapters.
+#[test]
+fn options_on_a_pipeline_folder() {
+    let _g = common::lock();
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    Pipeline::tiny_random(Device::Cpu, 7)
+        .unwrap()
+        .save(&model)
+        .unwrap();
+    let path = format!("model.path={:?}", model.display().to_string());
+    // The DINOv2 fixture (a small transformers Dinov2Model, 4 layers) as features.
+    let dino = format!(
+        "disc.features_path={:?}",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/dinov2")
+    );
+    let cfg = common::tiny_config(
+        &dir.path().join("out"),
+        &[
+            &path,
+            &dino,
+            "disc.blocks=[0, 1, 2, 3]",
+            "train.lora={ rank = 2 }",
+            "train.base_dtype=\"bf16\"",
+            "train.bf16_trajectory=true",
+            "train.warmup_g=1",
+            "train.warmup_d=1",
+            "train.h=1",
+            "train.iterations=2",
+            "output.checkpoint_every=0",
+            "model.frozen_dtype=\"bf16\"",
+            "model.text_device=\"cpu\"",
+        ],
+    );
+    let tr = common::run_quiet(cfg).unwrap();
+    assert!(tr.fast.is_none() && tr.fast_sd3.is_none());
+    for (k, t) in tr.pipe.backbone_vs().variables() {
+        let want = if k.contains(".lora_") {
+            Kind::Float
+        } else {
+            Kind::BFloat16
+        };
+        assert_eq!(t.kind(), want, "{k}");
+    }
+    assert_eq!(
+        all_kinds(&tr.pipe.vae.as_ref().unwrap().vs),
+        vec![Kind::BFloat16]
+    );
+    assert_eq!(tr.pipe.text_device(), Device::Cpu);
+    for vs in text_stores(&tr.pipe) {
+        assert_eq!(all_kinds(vs), vec![Kind::BFloat16]);
+        assert_eq!(vs.device(), Device::Cpu);
+    }
+    let m = common::read_metrics(&dir.path().join("out"));
+    let g = m.last().unwrap()["loss_g_adv"]
+        .as_f64()
+        .expect("a generator step");
+    assert!(g.is_finite());
+    assert!(tr.pipe.lora_slots().adapters().iter().any(|(_, _, b)| b
+        .abs()
+        .max()
+        .double_value(&[])
+        > 0.0));
+}
