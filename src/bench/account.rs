@@ -353,6 +353,9 @@ pub fn memory_account() -> Result<Vec<AccountRow>> {
 /// A parameter count of a model family (the flag: LoRA).
 type ParamOf = fn(&ModelSizes, bool) -> i64;
 
+/// A training option's value in a configuration, as written in the table.
+type OptionOf = fn(&MemoryTarget) -> String;
+
 /// The account as a table: one column per target, GiB.
 pub struct AccountTable<'a>(pub &'a [AccountRow]);
 
@@ -386,7 +389,7 @@ impl fmt::Display for AccountTable<'_> {
             }
             writeln!(f)?;
         }
-        let options: [(&str, fn(&MemoryTarget) -> String); 4] = [
+        let options: [(&str, OptionOf); 4] = [
             ("train.optimizer_state", |t| {
                 match t.moments {
                     MomentStorage::Fp32 => "fp32",
