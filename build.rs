@@ -95,6 +95,38 @@ fn build_optim_shim() {
     println!("cargo:rustc-cfg=adt_optim_shim");
 }
 
+// The gradient-checkpointing binding (csrc/ckpt_shim.cpp: a custom autograd function
+// that recomputes a model segment in the backward) is compiled in every build whose
+// libtorch folder is known; without it `train.gradient_checkpointing` is refused.
+fn build_ckpt_shim() {
+    println!("cargo:rerun-if-changed=csrc/ckpt_shim.cpp");
+    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    let Ok(libtorch) = std::env::var("LIBTORCH") else {
+        return;
+    };
+    let inc = PathBuf::from(libtorch).join("include");
+    if !inc
+        .join("torch")
+        .join("csrc")
+        .join("autograd")
+        .join("custom_function.h")
+        .is_file()
+    {
+        return;
+    }
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .file("csrc/ckpt_shim.cpp")
+        .include(&inc)
+        .include(inc.join("torch").join("csrc").join("api").join("include"))
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .flag_if_supported("-Wno-unused-parameter")
+        .warnings(false)
+        .compile("adt_ckpt_shim");
+    println!("cargo:rustc-cfg=adt_ckpt_shim");
+}
+
 // The distributed binding (csrc/dist_shim.cpp: TCPStore, Gloo process group and, in
 // GPU builds, NCCL; bucketed gradient reducer) is compiled in every build whose
 // libtorch folder is known and ships the c10d headers; without it `adt train` runs
@@ -138,7 +170,9 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(adt_cuda_shim)");
     println!("cargo::rustc-check-cfg=cfg(adt_optim_shim)");
     println!("cargo::rustc-check-cfg=cfg(adt_dist_shim)");
+    println!("cargo::rustc-check-cfg=cfg(adt_ckpt_shim)");
     build_optim_shim();
+    build_ckpt_shim();
     let cuda = std::env::var("CARGO_FEATURE_CUDA").is_ok()
         || std::env::var("ADT_CUDA_LINK")
             .map(|v| v == "1")

@@ -14,7 +14,12 @@
 //!   D-only) with random start steps;
 //! * `adt_gd_s0_k{K}` / `adt_gd_s0_k{K}_onegraph`: the G+D iteration for each K with
 //!   the per-step gradient decomposition and with the whole trajectory in one graph
-//!   (peak memory against K).
+//!   (peak memory against K);
+//! * `kept_step_grad` / `vae_decode_grad` (and `_ckpt`): one kept-step
+//!   recomputation (guided backbone call with gradient, then its backward) and the
+//!   VAE decode of the final latents with its backward, without and with gradient
+//!   checkpointing: the rows' notes give the memory the run added on top of what was
+//!   in use before it (the activations), which is what checkpointing saves.
 //!
 //! SD3 configurations (`tiny-sd3`, `sd3-medium`) run the same workloads on the
 //! MMDiT with SD3's flow-matching schedule and the flow Euler sampler (28 steps by
@@ -37,6 +42,7 @@
 
 mod account;
 mod adt;
+mod ckpt;
 mod models;
 mod options;
 mod runner;
@@ -283,6 +289,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
                 adt::run_iterations(&mut b, &mut cx, w, &variants)?
             }
             Workload::Memory => adt::run_memory(&mut b, &mut cx, &opts.ks)?,
+            Workload::Checkpointing => ckpt::run(&mut b, &mut cx)?,
         }
     }
     Ok(b.report)

@@ -773,6 +773,9 @@ impl Trainer {
             prepared.push(self.prepare(images, captions, time_ids, &mut rng)?);
         }
         let mode = self.cfg.train.mode;
+        // Checkpointed segments registered in this iteration are released with it.
+        let _checkpointing =
+            crate::models::checkpoint::Scope::new(self.cfg.train.gradient_checkpointing)?;
         let body = |tr: &mut Trainer| match mode {
             Mode::Adt => tr.adt_iteration(step, prepared, &mut rng),
             Mode::Ft => tr.ft_iteration(step, prepared, &mut rng),

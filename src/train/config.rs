@@ -195,6 +195,13 @@ pub struct TrainSection {
     /// transformer (refreshed from the float32 master weights after each generator
     /// step); the kept steps are recomputed with the float32 weights.
     pub bf16_trajectory: bool,
+    /// Gradient checkpointing: the backbone's blocks (UNet resnets and transformers,
+    /// MMDiT joint blocks) and the VAE decoder's blocks keep only their inputs in
+    /// the graph and run again in the backward, so the kept-step recomputation and
+    /// the decode backward hold one block's activations at a time, for about one
+    /// more forward of each. Needs a build with LIBTORCH set (the checkpoint
+    /// binding).
+    pub gradient_checkpointing: bool,
     /// Capture the guided UNet call of the trajectory once as a CUDA graph and replay
     /// it (CUDA, GPU build only; UNet models).
     pub cuda_graph: bool,
@@ -350,6 +357,7 @@ impl Default for TrainSection {
             d_only_iterations: 0,
             device: "cpu".into(),
             bf16_trajectory: false,
+            gradient_checkpointing: false,
             cuda_graph: false,
             channels_last: false,
             cudnn_benchmark: false,
@@ -529,6 +537,13 @@ impl Config {
     /// Range and consistency checks; errors name the key and the allowed values.
     pub fn validate(&self) -> Result<()> {
         let t = &self.train;
+        if t.gradient_checkpointing && !crate::models::checkpoint::available() {
+            bail!(
+                "train.gradient_checkpointing = true: this build has no checkpoint binding \
+                 (csrc/ckpt_shim.cpp is compiled only when LIBTORCH is set at build time; \
+                 source scripts/env.sh and rebuild)"
+            );
+        }
         if !["auto", "gloo", "nccl"].contains(&t.dist_backend.as_str()) {
             bail!(
                 "train.dist_backend = {:?}: expected \"auto\", \"gloo\" or \"nccl\"",
