@@ -485,3 +485,69 @@ fn options_on_a_pipeline_folder() {
         .double_value(&[])
         > 0.0));
 }
+
+/// Gradient checkpointing on a bfloat16 base with bfloat16 frozen networks: the
+/// recomputed blocks (float32 adapters on the bfloat16 base, the bfloat16 VAE
+/// decoder) give the losses of the run without it exactly and its adapter gradient up
+/// to the order in which bfloat16 gradients are summed. Measured: 9.8e-3 of the
+/// gradient's norm (8.5e-3 with float32 frozen networks); with a float32 base the same
+/// comparison gives 4.6e-7, and bfloat16's rounding is 2^16 times coarser. Allowed: 3 %.
+#[test]
+fn bf16_base_with_gradient_checkpointing() {
+    use adt::models::checkpoint::{available, checkpointed_total};
+    if !available() {
+        eprintln!("skipped: this build has no checkpoint shim (build with LIBTORCH set)");
+        return;
+    }
+    let _g = common::lock();
+    tch::set_num_threads(1);
+    let mut per_mode = Vec::new();
+    for ckpt in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let g = format!("train.gradient_checkpointing={ckpt}");
+        let cfg = common::tiny_config(
+            dir.path(),
+            &[
+                &g,
+                "train.h=1",
+                "train.k=2",
+                "sampler.steps=6",
+                "train.lora={ rank = 2, alpha = 4.0 }",
+                "train.base_dtype=\"bf16\"",
+                "model.frozen_dtype=\"bf16\"",
+            ],
+        );
+        tch::manual_seed(11);
+        let features = build_features(&cfg, Device::Cpu, true).unwrap();
+        let pipe = Pipeline::tiny_random(Device::Cpu, 3).unwrap();
+        tch::manual_seed(12);
+        let mut tr = adt::train::adt::Trainer::with_parts(cfg, pipe, Some(features)).unwrap();
+        tch::manual_seed(3);
+        for (_, _, b) in tr.pipe.lora_slots().adapters() {
+            let mut b = b.shallow_clone();
+            tch::no_grad(|| b.copy_(&(b.randn_like() * 0.1)));
+        }
+        tr.force_start = Some(1);
+        tch::manual_seed(5);
+        let images = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu)).tanh();
+        let captions = vec!["a red circle".to_string(), "a blue square".to_string()];
+        let ids = Tensor::zeros([2, 6], (Kind::Float, Device::Cpu));
+        let before = checkpointed_total();
+        let log = tr.iteration_on(&images, &captions, &ids).unwrap();
+        assert_eq!(checkpointed_total() > before, ckpt);
+        let grads: Vec<Tensor> = tr
+            .pipe
+            .lora_slots()
+            .adapters()
+            .iter()
+            .flat_map(|(_, a, b)| [a.grad().flatten(0, -1), b.grad().flatten(0, -1)])
+            .collect();
+        per_mode.push((Tensor::cat(&grads, 0), log));
+    }
+    let ((g0, l0), (g1, l1)) = (&per_mode[0], &per_mode[1]);
+    assert_eq!(l0.loss_d, l1.loss_d);
+    assert_eq!(l0.loss_g_adv, l1.loss_g_adv);
+    let rel = (g1 - g0).norm().double_value(&[]) / g0.norm().double_value(&[]);
+    println!("bf16 base: checkpointing vs not, adapter gradient rel diff {rel:.2e}");
+    assert!(rel < 0.03, "{rel:e}");
+}
