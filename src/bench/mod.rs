@@ -112,6 +112,10 @@ pub struct BenchArgs {
     pub steps: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Image resolution (default: the configuration's, 512 px for SD1.5, 1024 px for
+    /// SD3-medium, 32 px for the tiny ones); a multiple of 8 times the VAE scale.
+    #[arg(long)]
+    pub resolution: Option<i64>,
     /// Print the memory account of the training state for the SD1.5 / SDXL / SD3-medium
     /// targets (computed from the real models' parameter counts, not measured) and exit.
     #[arg(long)]
@@ -138,6 +142,7 @@ impl BenchArgs {
             steps: self.steps.unwrap_or(config.default_steps()),
             json: self.json.clone(),
             seed: self.seed,
+            resolution: self.resolution,
         })
     }
 }
@@ -183,6 +188,13 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
         BenchConfig::Tiny | BenchConfig::TinySd3 => (32, 56),
         BenchConfig::Sd15 => (512, 224),
         BenchConfig::Sd3Medium => (1024, 224),
+    };
+    let resolution = match opts.resolution {
+        Some(r) if r < 16 || r % 16 != 0 => {
+            bail!("--resolution {r}: must be a positive multiple of 16")
+        }
+        Some(r) => r,
+        None => resolution,
     };
     let sampler = if sd3 {
         SamplerKind::FlowEuler

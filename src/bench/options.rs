@@ -214,6 +214,8 @@ pub struct BenchOptions {
     /// cut short keeps what it measured).
     pub json: Option<PathBuf>,
     pub seed: u64,
+    /// Image resolution instead of the configuration's.
+    pub resolution: Option<i64>,
 }
 
 impl Default for BenchOptions {
@@ -230,6 +232,7 @@ impl Default for BenchOptions {
             steps: 50,
             json: None,
             seed: 0,
+            resolution: None,
         }
     }
 }
