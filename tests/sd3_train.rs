@@ -687,10 +687,7 @@ fn sd3_gradient_checkpointing_gives_the_same_gradient() {
     assert!(adt::models::checkpoint::checkpointed_total() > before);
     assert_eq!(log.loss_g_adv, log_ck.loss_g_adv);
     let worst = worst_rel(&ck, &plain);
-    println!(
-        "SD3 checkpointing: worst rel err {worst:.2e} over {} gradients",
-        plain.len()
-    );
+    println!("SD3 checkpointing: worst rel err {worst:.2e} over {} gradients", plain.len());
     assert!(worst < 1e-5, "{worst:e}");
 }
 

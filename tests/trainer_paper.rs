@@ -415,11 +415,7 @@ fn gradient_checkpointing_leaves_the_generator_gradient_unchanged_f64() {
             "checkpointing (lora {lora}): {segments} segments, worst rel err {worst:.2e} over {nonzero} of {} gradients",
             plain.len()
         );
-        assert!(
-            nonzero * 10 >= plain.len() * 9,
-            "{nonzero} of {}",
-            plain.len()
-        );
+        assert!(nonzero * 10 >= plain.len() * 9, "{nonzero} of {}", plain.len());
         let tol = if lora { 1e-5 } else { 1e-12 };
         assert!(worst < tol, "lora {lora}: {worst:e}");
     }

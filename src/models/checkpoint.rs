@@ -196,10 +196,7 @@ where
     let mut out = unsafe { checkpoint(inputs, move |xs| Ok(vec![f(xs)]))? };
     match out.pop() {
         Some(t) if out.is_empty() => Ok(t),
-        _ => bail!(
-            "checkpoint: a one-output segment returned {} outputs",
-            out.len() + 1
-        ),
+        _ => bail!("checkpoint: a one-output segment returned {} outputs", out.len() + 1),
     }
 }
 
@@ -243,8 +240,7 @@ mod ffi {
     const MAX_OUT: usize = 16;
 
     pub fn apply(id: u64, ins: &[Tensor]) -> Result<Vec<Tensor>> {
-        let ptrs: Vec<*const C_tensor> =
-            ins.iter().map(|t| t.as_ptr() as *const C_tensor).collect();
+        let ptrs: Vec<*const C_tensor> = ins.iter().map(|t| t.as_ptr() as *const C_tensor).collect();
         let mut outs: [*mut C_tensor; MAX_OUT] = [std::ptr::null_mut(); MAX_OUT];
         let mut n_out = 0i64;
         let rc = unsafe {
@@ -363,17 +359,13 @@ mod tests {
             let scope = Scope::new(ck).unwrap();
             let (a, b) = (&w1, &w2);
             let h = unsafe { checkpoint1(&[&x], move |xs| mlp(a, b, &xs[0])) }.unwrap();
-            let y = unsafe { checkpoint1(&[&h], move |xs| mlp(&b.tr(), &a.tr(), &xs[0])) }.unwrap();
+            let y = unsafe { checkpoint1(&[&h], move |xs| mlp(&b.tr(), &a.tr(), &xs[0])) }
+                .unwrap();
             if ck {
                 assert_eq!(scope.registered(), 2);
             }
             (y.square().sum(Kind::Double) + h.sum(Kind::Double)).backward();
-            (
-                y.detach(),
-                w1.grad().copy(),
-                w2.grad().copy(),
-                x.grad().copy(),
-            )
+            (y.detach(), w1.grad().copy(), w2.grad().copy(), x.grad().copy())
         };
         let plain = run(false);
         let ck = run(true);
@@ -419,8 +411,10 @@ mod tests {
             tch::manual_seed(7);
             let _s = Scope::new(ck).unwrap();
             let wr = &w;
-            let y = unsafe { checkpoint1(&[&x], move |xs| xs[0].matmul(wr).dropout(0.5, true)) }
-                .unwrap();
+            let y = unsafe {
+                checkpoint1(&[&x], move |xs| xs[0].matmul(wr).dropout(0.5, true))
+            }
+            .unwrap();
             // A draw between the forward and the backward must not change the mask.
             let _ = Tensor::rand([100], opts);
             y.square().sum(Kind::Double).backward();

@@ -10,8 +10,8 @@ use crate::models::blocks::{
     conv2d, group_norm, layer_norm, linear, timestep_embedding, Attention, Downsample2D,
     GegluFeedForward, ResnetBlock2D, TimestepEmbedding, Upsample2D,
 };
-use crate::models::checkpoint::checkpoint1;
 use crate::models::forward_input as input;
+use crate::models::checkpoint::checkpoint1;
 use crate::weights;
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};

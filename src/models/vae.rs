@@ -307,8 +307,7 @@ impl Decoder {
         let mid = &self.mid;
         // SAFETY (both segments): they borrow only the decoder's weights, which
         // outlive the scope; the activations are inputs.
-        let mut h =
-            unsafe { checkpoint1(&[&self.conv_in.forward(z)], move |xs| mid.forward(&xs[0]))? };
+        let mut h = unsafe { checkpoint1(&[&self.conv_in.forward(z)], move |xs| mid.forward(&xs[0]))? };
         for (resnets, us) in &self.up {
             for r in resnets {
                 h = unsafe { checkpoint1(&[&h], move |xs| r.forward(&xs[0], None))? };
