@@ -145,6 +145,7 @@ fn sd3_adt_trains_saves_reloads_and_samples() {
             use_t5: true,
             max_sequence_length: 32,
         },
+        ..Default::default()
     };
     let back = Pipeline::load_with(&out, Device::Cpu, Kind::Float, Kind::Float, &opts).unwrap();
     assert_eq!(back.family, Family::Sd3);
@@ -378,6 +379,7 @@ fn tiny_sd3_pipeline_on_disk_loads_and_samples() {
             use_t5: false,
             ..Default::default()
         },
+        ..Default::default()
     };
     let small =
         Pipeline::load_with(dir.path(), Device::Cpu, Kind::Float, Kind::Float, &no_t5).unwrap();

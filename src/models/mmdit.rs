@@ -660,6 +660,11 @@ pub struct SD3Transformer2DModel {
 }
 
 impl SD3Transformer2DModel {
+    /// The dtype of the (base) weights, which the forward pass computes in.
+    pub fn weight_kind(&self) -> Kind {
+        self.proj_out.ws.kind()
+    }
+
     /// Build the variables under `p` with diffusers' names. The position grid is
     /// initialised to diffusers' sin-cos values (the checkpoint's copy replaces it on
     /// loading) and is not trainable.

@@ -887,6 +887,11 @@ impl UNet2DConditionModel {
         &self.config
     }
 
+    /// The dtype of the (base) weights.
+    pub fn weight_kind(&self) -> Kind {
+        self.conv_in.ws.kind()
+    }
+
     /// The raw model output (noise, v or whatever the checkpoint predicts).
     ///
     /// * `sample`: `[B, in_channels, H, W]` latents;
