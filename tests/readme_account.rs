@@ -121,7 +121,7 @@ fn readme_account_table_matches_the_asset() {
     // Totals: measured-activation columns as numbers, the others as lower bounds.
     let totals: Vec<String> = row(&table, "total")
         .iter()
-        .map(|c| c.replace("≥ ", ">= "))
+        .map(|c| c.replace("≥ ", ">= ").replace("≤ ", "<= "))
         .collect();
     assert_eq!(totals, row(&asset, "total"));
 }

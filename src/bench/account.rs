@@ -64,6 +64,12 @@ pub struct MemoryTarget {
     pub frozen: WeightDtype,
     /// Where the text encoders live (`model.text_device`).
     pub text: TextDevice,
+    /// A bfloat16 copy of the backbone runs the trajectory (`train.bf16_trajectory`;
+    /// a bfloat16 LoRA base runs it itself).
+    pub trajectory_copy: bool,
+    /// `train.gradient_checkpointing`: the activations are at most those measured
+    /// without it (an upper bound; not measured with it on a GPU).
+    pub checkpointing: bool,
     pub resolution: i64,
     pub target_gib: f64,
 }
@@ -83,6 +89,8 @@ const FULL_SD15: MemoryTarget = MemoryTarget {
     base: WeightDtype::Fp32,
     frozen: WeightDtype::Fp32,
     text: TextDevice::Train,
+    trajectory_copy: true,
+    checkpointing: false,
     resolution: 512,
     target_gib: 12.0,
 };
@@ -92,17 +100,22 @@ const LORA_SD15: MemoryTarget = MemoryTarget {
     lora: true,
     base: WeightDtype::Bf16,
     frozen: WeightDtype::Bf16,
+    checkpointing: true,
     target_gib: 8.0,
     ..FULL_SD15
 };
 
-/// The four targets (batch 1, CFG, K = 3): SD1.5 full at most 12 GiB (with float32 and
-/// with 8-bit AdamW moments), SD1.5 LoRA 8, SDXL LoRA 20, SD3-medium LoRA 24.
+/// The four targets (batch 1, CFG, K = 3): SD1.5 full at most 12 GiB (with the
+/// defaults, and with 8-bit AdamW moments, bf16 frozen networks, no trajectory copy
+/// and gradient checkpointing), SD1.5 LoRA 8, SDXL LoRA 20, SD3-medium LoRA 24.
 pub const TARGETS: [MemoryTarget; 5] = [
     FULL_SD15,
     MemoryTarget {
-        name: "SD1.5 full, 8-bit AdamW",
+        name: "SD1.5 full, low memory",
         moments: MomentStorage::Int8Blockwise,
+        frozen: WeightDtype::Bf16,
+        trajectory_copy: false,
+        checkpointing: true,
         ..FULL_SD15
     },
     LORA_SD15,
@@ -208,7 +221,7 @@ pub fn account(target: MemoryTarget, sizes: ModelSizes) -> AccountRow {
             bytes_of(target.base) * p,
         ));
     }
-    if !base_bf16 {
+    if !base_bf16 && target.trajectory_copy {
         // A bfloat16 base is its own trajectory model; otherwise a bf16 copy of the
         // backbone (with the adapters) runs the trajectory.
         lines.push((
@@ -389,7 +402,7 @@ impl fmt::Display for AccountTable<'_> {
             }
             writeln!(f)?;
         }
-        let options: [(&str, OptionOf); 4] = [
+        let options: [(&str, OptionOf); 6] = [
             ("train.optimizer_state", |t| {
                 match t.moments {
                     MomentStorage::Fp32 => "fp32",
@@ -406,6 +419,16 @@ impl fmt::Display for AccountTable<'_> {
                 }
             }),
             ("model.frozen_dtype", |t| t.frozen.name().to_string()),
+            ("train.bf16_trajectory", |t| {
+                if t.lora && t.base != WeightDtype::Fp32 {
+                    "- (the base)".to_string()
+                } else {
+                    t.trajectory_copy.to_string()
+                }
+            }),
+            ("train.gradient_checkpointing", |t| {
+                t.checkpointing.to_string()
+            }),
             ("model.text_device", |t| {
                 match t.text {
                     TextDevice::Train => "train",
@@ -448,9 +471,12 @@ impl fmt::Display for AccountTable<'_> {
         }
         writeln!(f)?;
         write!(f, "{:<34}", "activations (SD1.5 full: H200)")?;
+        // With gradient checkpointing the H200 figure (measured without it) bounds
+        // the activations from above.
+        let bound = |r: &AccountRow| if r.target.checkpointing { "<= " } else { "" };
         for r in rows {
             match r.activations {
-                Some(a) => write!(f, " | {:>28.2}", a / GIB)?,
+                Some(a) => write!(f, " | {:>28}", format!("{}{:.2}", bound(r), a / GIB))?,
                 None => write!(f, " | {:>28}", "not measured")?,
             }
         }
@@ -458,7 +484,7 @@ impl fmt::Display for AccountTable<'_> {
         write!(f, "{:<34}", "total")?;
         for r in rows {
             match r.total_gib() {
-                Some(t) => write!(f, " | {:>28.2}", t)?,
+                Some(t) => write!(f, " | {:>28}", format!("{}{t:.2}", bound(r)))?,
                 None => write!(f, " | {:>28}", format!(">= {:.2}", r.state_gib()))?,
             }
         }
@@ -505,8 +531,17 @@ mod tests {
         assert_eq!(get(&full, "VAE (fp32)"), 400.0);
         assert_eq!(get(&full, "text encoders (fp32)"), 200.0);
         assert!(!full.lines.iter().any(|(k, _)| k.starts_with("frozen base")));
-        let q8 = account(TARGETS[1], sizes);
-        assert_eq!(get(&q8, "AdamW moments"), 2000.0 * (1.0 + 4.0 / 2048.0));
+        let low = account(TARGETS[1], sizes);
+        assert_eq!(get(&low, "AdamW moments"), 2000.0 * (1.0 + 4.0 / 2048.0));
+        // Low-memory full fine-tuning: no trajectory copy, bf16 frozen networks.
+        assert_eq!(low.line("bf16 trajectory copy"), None);
+        assert_eq!(get(&low, "VAE (bf16)"), 200.0);
+        assert!(low.target.checkpointing && !full.target.checkpointing);
+        let table = AccountTable(&[full.clone(), low.clone()]).to_string();
+        let total = table.lines().find(|l| l.starts_with("total")).unwrap();
+        assert!(total.contains("<= "), "{total}");
+        assert_eq!(total.matches("<= ").count(), 1, "{total}");
+        assert!(!total.starts_with("total") || !total.contains(">= "), "{total}");
         // LoRA with a bf16 base and bf16 frozen networks: no trajectory copy.
         let lora = account(TARGETS[2], sizes);
         assert_eq!(get(&lora, "gradients (fp32)"), 40.0);
