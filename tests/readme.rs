@@ -609,7 +609,10 @@ fn checkpointing_table_matches_its_report() {
         (v[0], v[1])
     };
     let text = readme();
-    let t = table(&text, "| step | without | with checkpointing | time ratio |");
+    let t = table(
+        &text,
+        "| step | without | with checkpointing | time ratio |",
+    );
     assert_eq!(t.len(), 2);
     for (cells, w) in t.iter().zip(["kept_step_grad", "vae_decode_grad"]) {
         let (plain, before) = note(w);
@@ -618,10 +621,17 @@ fn checkpointing_table_matches_its_report() {
         same(&format!("{w} with"), &numbers(&cells[2])[0], ck);
         let ratio = row(&format!("{w}_ckpt"))["ratio"].as_f64().unwrap();
         same(&format!("{w} ratio"), &cells[3], ratio);
-        assert!(ck < plain, "{w}: checkpointing added {ck} GiB, without {plain}");
+        assert!(
+            ck < plain,
+            "{w}: checkpointing added {ck} GiB, without {plain}"
+        );
         same("memory in use", "13.99", before);
         same("memory in use", "13.99", before_ck);
     }
     let f = flat(&text);
-    same("in use", &after(&f, "each step adds over the")[0], note("kept_step_grad").1);
+    same(
+        "in use",
+        &after(&f, "each step adds over the")[0],
+        note("kept_step_grad").1,
+    );
 }
