@@ -65,34 +65,54 @@ fn build_shim() {
     println!("cargo:rustc-cfg=adt_cuda_shim");
 }
 
+/// The include folder of the libtorch named by LIBTORCH (as scripts/env.sh sets it),
+/// if it has `marker` (a header path under it, in `/`-separated parts); None for
+/// builds without a known libtorch folder. Registers the rerun triggers of `source`.
+fn libtorch_include(source: &str, marker: &[&str]) -> Option<PathBuf> {
+    println!("cargo:rerun-if-changed={source}");
+    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    let inc = PathBuf::from(std::env::var("LIBTORCH").ok()?).join("include");
+    let header = marker.iter().fold(inc.clone(), |p, part| p.join(part));
+    header.is_file().then_some(inc)
+}
+
+/// A C++17 build of one shim against the libtorch headers (with the C++ API
+/// headers when `api`).
+fn shim_build(source: &str, inc: &Path, api: bool) -> cc::Build {
+    let mut b = cc::Build::new();
+    b.cpp(true).std("c++17").file(source).include(inc);
+    if api {
+        b.include(inc.join("torch").join("csrc").join("api").join("include"));
+    }
+    b.define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .flag_if_supported("-Wno-unused-parameter")
+        .warnings(false);
+    b
+}
+
 // The fused-AdamW binding (csrc/optim_shim.cpp) is compiled in every build whose
 // libtorch folder is known (LIBTORCH, as scripts/env.sh sets it); without it the
 // optimiser falls back to its per-tensor loop.
 fn build_optim_shim() {
-    println!("cargo:rerun-if-changed=csrc/optim_shim.cpp");
-    println!("cargo:rerun-if-env-changed=LIBTORCH");
-    let Ok(libtorch) = std::env::var("LIBTORCH") else {
+    let src = "csrc/optim_shim.cpp";
+    let Some(inc) = libtorch_include(src, &["ATen", "ops", "_fused_adamw.h"]) else {
         return;
     };
-    let inc = PathBuf::from(libtorch).join("include");
-    if !inc
-        .join("ATen")
-        .join("ops")
-        .join("_fused_adamw.h")
-        .is_file()
-    {
-        return;
-    }
-    cc::Build::new()
-        .cpp(true)
-        .std("c++17")
-        .file("csrc/optim_shim.cpp")
-        .include(&inc)
-        .define("_GLIBCXX_USE_CXX11_ABI", "1")
-        .flag_if_supported("-Wno-unused-parameter")
-        .warnings(false)
-        .compile("adt_optim_shim");
+    shim_build(src, &inc, false).compile("adt_optim_shim");
     println!("cargo:rustc-cfg=adt_optim_shim");
+}
+
+// The gradient-checkpointing binding (csrc/ckpt_shim.cpp: a custom autograd function
+// that recomputes a model segment in the backward) is compiled in every build whose
+// libtorch folder is known; without it `train.gradient_checkpointing` is refused.
+fn build_ckpt_shim() {
+    let src = "csrc/ckpt_shim.cpp";
+    let marker = ["torch", "csrc", "autograd", "custom_function.h"];
+    let Some(inc) = libtorch_include(src, &marker) else {
+        return;
+    };
+    shim_build(src, &inc, true).compile("adt_ckpt_shim");
+    println!("cargo:rustc-cfg=adt_ckpt_shim");
 }
 
 // The distributed binding (csrc/dist_shim.cpp: TCPStore, Gloo process group and, in
@@ -100,35 +120,22 @@ fn build_optim_shim() {
 // libtorch folder is known and ships the c10d headers; without it `adt train` runs
 // on one process only.
 fn build_dist_shim(cuda: bool) {
-    println!("cargo:rerun-if-changed=csrc/dist_shim.cpp");
-    println!("cargo:rerun-if-env-changed=LIBTORCH");
-    let Ok(libtorch) = std::env::var("LIBTORCH") else {
+    let src = "csrc/dist_shim.cpp";
+    let c10d = ["torch", "csrc", "distributed", "c10d"];
+    let Some(inc) = libtorch_include(src, &[&c10d[..], &["TCPStore.hpp"]].concat()) else {
         return;
     };
-    let inc = PathBuf::from(libtorch).join("include");
-    let c10d = inc
-        .join("torch")
-        .join("csrc")
-        .join("distributed")
-        .join("c10d");
-    if !c10d.join("TCPStore.hpp").is_file() || !c10d.join("Backend.hpp").is_file() {
+    let backend = c10d.iter().fold(inc.clone(), |p, part| p.join(part));
+    if !backend.join("Backend.hpp").is_file() {
         return;
     }
-    let mut b = cc::Build::new();
+    let mut b = shim_build(src, &inc, true);
     if cuda {
         // ProcessGroupNCCL (libtorch_cuda, linked in GPU builds).
         b.define("ADT_DIST_NCCL", None);
     }
-    b.cpp(true)
-        .std("c++17")
-        .file("csrc/dist_shim.cpp")
-        .include(&inc)
-        .include(inc.join("torch").join("csrc").join("api").join("include"))
-        .define("_GLIBCXX_USE_CXX11_ABI", "1")
-        .define("USE_C10D_GLOO", None)
+    b.define("USE_C10D_GLOO", None)
         .define("USE_DISTRIBUTED", None)
-        .flag_if_supported("-Wno-unused-parameter")
-        .warnings(false)
         .compile("adt_dist_shim");
     println!("cargo:rustc-cfg=adt_dist_shim");
 }
@@ -138,7 +145,9 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(adt_cuda_shim)");
     println!("cargo::rustc-check-cfg=cfg(adt_optim_shim)");
     println!("cargo::rustc-check-cfg=cfg(adt_dist_shim)");
+    println!("cargo::rustc-check-cfg=cfg(adt_ckpt_shim)");
     build_optim_shim();
+    build_ckpt_shim();
     let cuda = std::env::var("CARGO_FEATURE_CUDA").is_ok()
         || std::env::var("ADT_CUDA_LINK")
             .map(|v| v == "1")

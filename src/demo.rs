@@ -95,6 +95,21 @@ pub struct DemoReport {
     /// The same samples scored in a second feature space (EfficientNet-Lite2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub second_space: Option<spaces::SecondSpace>,
+    /// Seconds before the first stage: input checks, loading, and the timing of a few
+    /// units of each stage for the estimate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preparation_seconds: Option<f64>,
+    /// Each stage with its estimate and the seconds it took.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<StageTime>,
+}
+
+/// One stage of a demo run: its estimate and what it took.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StageTime {
+    pub stage: String,
+    pub estimate_seconds: f64,
+    pub seconds: f64,
 }
 
 fn mean_sd(v: &[f64]) -> (f64, f64) {
@@ -154,6 +169,27 @@ impl DemoReport {
             self.style_gap_fd, self.floor_fd, self.wall_seconds
         );
         s += &self.second_space_markdown();
+        s += &self.stages_markdown();
+        s
+    }
+
+    /// Where the wall time went: the preparation and each stage, with its estimate.
+    fn stages_markdown(&self) -> String {
+        if self.stages.is_empty() {
+            return String::new();
+        }
+        let mut s = String::from("\n| stage | seconds | estimate |\n|---|---|---|\n");
+        if let Some(p) = self.preparation_seconds {
+            s += &format!(
+                "| preparation (checks, loading, timing for the estimate) | {p:.0} | - |\n"
+            );
+        }
+        for t in &self.stages {
+            s += &format!(
+                "| {} | {:.0} | {:.0} |\n",
+                t.stage, t.seconds, t.estimate_seconds
+            );
+        }
         s
     }
 }
@@ -404,6 +440,8 @@ fn measure_rates(o: &DemoOptions, caps: &[String], ev: &Evaluator, train: bool) 
 /// with theirs).
 struct Stages {
     list: Vec<(String, f64)>,
+    /// The finished stages.
+    done: Vec<StageTime>,
     next: usize,
     started: std::time::Instant,
     stage_started: std::time::Instant,
@@ -415,6 +453,7 @@ impl Stages {
     fn new(started: std::time::Instant) -> Stages {
         Stages {
             list: Vec::new(),
+            done: Vec::new(),
             next: 0,
             started,
             stage_started: started,
@@ -473,6 +512,11 @@ impl Stages {
             self.done_estimate += s;
             self.done_actual += took;
             self.next += 1;
+            self.done.push(StageTime {
+                stage: label.clone(),
+                estimate_seconds: *s,
+                seconds: took,
+            });
             tracing::info!(
                 "[{}/{}] {label}: done in {}; {} elapsed, about {} left",
                 self.next,
@@ -576,6 +620,7 @@ pub fn run_demo(o: &DemoOptions) -> Result<DemoReport> {
         "adt demo: timing a few units of each stage on this machine for an estimate of the time..."
     );
     let rates = measure_rates(o, &caps, &ev, train_runs > 0)?;
+    let preparation = started.elapsed().as_secs_f64();
     let mut stages = Stages::new(started);
     stages.add(
         "reference statistics",
@@ -737,6 +782,8 @@ pub fn run_demo(o: &DemoOptions) -> Result<DemoReport> {
         models,
         wall_seconds: started.elapsed().as_secs_f64(),
         second_space: None,
+        preparation_seconds: None,
+        stages: Vec::new(),
     };
     let mut report = report;
     stages.begin();
@@ -750,6 +797,8 @@ pub fn run_demo(o: &DemoOptions) -> Result<DemoReport> {
     )?;
     stages.end();
     report.wall_seconds = started.elapsed().as_secs_f64();
+    report.preparation_seconds = Some(preparation);
+    report.stages = stages.done.clone();
     std::fs::write(
         o.out.join("report.json"),
         serde_json::to_string_pretty(&report)?,
@@ -880,5 +929,36 @@ mod tests {
         assert_eq!(s.left(), 100.0);
         s.next = 3;
         assert_eq!(s.left(), 0.0);
+    }
+
+    #[test]
+    fn finished_stages_are_recorded_for_the_report() {
+        let mut s = Stages::new(std::time::Instant::now());
+        s.add("train", 10.0);
+        s.add("evaluate", 5.0);
+        s.begin();
+        s.end();
+        assert_eq!(s.done.len(), 1);
+        assert_eq!(s.done[0].stage, "train");
+        assert_eq!(s.done[0].estimate_seconds, 10.0);
+        assert!(s.done[0].seconds >= 0.0 && s.done[0].seconds < 5.0);
+        let r = DemoReport {
+            iterations: 1,
+            seeds: vec![0],
+            eval_images: 1,
+            features: "f".into(),
+            style_gap_fd: 1.0,
+            floor_fd: 1.0,
+            models: Vec::new(),
+            wall_seconds: 3.0,
+            second_space: None,
+            preparation_seconds: Some(2.0),
+            stages: s.done.clone(),
+        };
+        let md = r.markdown();
+        assert!(md.contains("| preparation (checks, loading, timing for the estimate) | 2 | - |"));
+        assert!(md.contains("| train | 0 | 10 |"), "{md}");
+        let back: DemoReport = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back.stages, r.stages);
     }
 }

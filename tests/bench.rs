@@ -297,7 +297,22 @@ fn tiny_cpu_bench_reports_every_row() {
             assert!(r.peak_bytes.unwrap() > 0);
         }
     }
-    assert_eq!(report.summary().len(), workloads.len() + 4);
+    // Gradient checkpointing's rows: both sides measured, the memory the runs added
+    // in the note, the checkpointed side's time against the plain one.
+    for name in ["kept_step_grad", "vae_decode_grad"] {
+        let plain = report.row(name, "baseline").unwrap();
+        let ck = report.row(&format!("{name}_ckpt"), "baseline").unwrap();
+        for r in [plain, ck] {
+            assert!(r.mean_ms.unwrap() > 0.0, "{name}: {:?}", r.note);
+            assert!(r.note.as_deref().unwrap().contains("GiB in use"), "{r:?}");
+        }
+        let ratio = ck.ratio.unwrap();
+        assert!(
+            (ratio - ck.median_ms.unwrap() / plain.median_ms.unwrap()).abs() < 1e-12,
+            "{name}: ratio {ratio}"
+        );
+    }
+    assert_eq!(report.summary().len(), workloads.len() + 8);
 
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();

@@ -487,6 +487,10 @@ const TRAIN_SETS: &[(&str, &[&str])] = &[
         "disc.diffaug",
         &["\"\"", "\"cutout\"", "\"color,translation,cutout\""],
     ),
+    ("train.lora", &["{ rank = 2 }"]),
+    ("train.base_dtype", &["\"fp32\"", "\"bf16\"", "\"fp16\""]),
+    ("model.frozen_dtype", &["\"fp32\"", "\"bf16\"", "\"fp16\""]),
+    ("model.text_device", &["\"train\"", "\"cpu\""]),
 ];
 
 fn train_set() -> impl Strategy<Value = String> {

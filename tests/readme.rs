@@ -692,3 +692,50 @@ fn colour_drift_table_matches_its_reports() {
         }
     }
 }
+
+/// The gradient-checkpointing table: the memory each step added (from the rows'
+/// notes), the memory in use before, and the time ratios, against
+/// `assets/checkpointing/sd15-256px-cpu.json`.
+#[test]
+fn checkpointing_table_matches_its_report() {
+    let file = json("assets/checkpointing/sd15-256px-cpu.json");
+    let rows = file["rows"].as_array().unwrap();
+    let row = |w: &str| -> &Value {
+        rows.iter()
+            .find(|r| r["workload"] == w)
+            .unwrap_or_else(|| panic!("no row {w}"))
+    };
+    // "added X GiB over Y GiB in use"
+    let note = |w: &str| -> (f64, f64) {
+        let n = row(w)["note"].as_str().unwrap();
+        let v: Vec<f64> = numbers(n).iter().map(|s| s.parse().unwrap()).collect();
+        assert_eq!(v.len(), 2, "{n}");
+        (v[0], v[1])
+    };
+    let text = readme();
+    let t = table(
+        &text,
+        "| step | without | with checkpointing | time ratio |",
+    );
+    assert_eq!(t.len(), 2);
+    for (cells, w) in t.iter().zip(["kept_step_grad", "vae_decode_grad"]) {
+        let (plain, before) = note(w);
+        let (ck, before_ck) = note(&format!("{w}_ckpt"));
+        same(&format!("{w} without"), &numbers(&cells[1])[0], plain);
+        same(&format!("{w} with"), &numbers(&cells[2])[0], ck);
+        let ratio = row(&format!("{w}_ckpt"))["ratio"].as_f64().unwrap();
+        same(&format!("{w} ratio"), &cells[3], ratio);
+        assert!(
+            ck < plain,
+            "{w}: checkpointing added {ck} GiB, without {plain}"
+        );
+        same("memory in use", "13.99", before);
+        same("memory in use", "13.99", before_ck);
+    }
+    let f = flat(&text);
+    same(
+        "in use",
+        &after(&f, "each step adds over the")[0],
+        note("kept_step_grad").1,
+    );
+}

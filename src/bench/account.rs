@@ -2,20 +2,28 @@
 //! configuration holds on the device, computed from the parameter counts of the real
 //! models (built here, on the CPU, in half precision to count them), not measured.
 //!
-//! The account follows how `adt train` runs today: float32 master weights, float32
-//! AdamW moments (8 bytes per trainable parameter), float32 gradients, a bfloat16
-//! trajectory copy of the backbone (`train.bf16_trajectory`), and the frozen networks
-//! (VAE, text encoders, DINOv2 features) in float32; one more SD1.5 column has 8-bit
-//! AdamW moments (`train.optimizer_state = "8bit"`). With `train.lora` the base weights
-//! are frozen and only the adapters (default targets, rank 16) have gradients and
-//! moments.
+//! Each column is the configuration meant to meet one of the targets, as `adt train`
+//! runs it with those options:
+//!
+//! * SD1.5 full fine-tuning: float32 master weights and gradients, AdamW moments in
+//!   float32 (8 bytes per parameter) or 8-bit (`train.optimizer_state = "8bit"`), a
+//!   bfloat16 trajectory copy of the UNet (`train.bf16_trajectory`), the frozen
+//!   networks (VAE, text encoder, DINOv2 features) in float32.
+//! * LoRA (rank 16 on the default targets): the base frozen in bfloat16
+//!   (`train.base_dtype = "bf16"`), which is also the trajectory model (no copy); the
+//!   float32 adapters with their gradients and moments; the frozen networks in
+//!   bfloat16 (`model.frozen_dtype = "bf16"`). SD3-medium also keeps its three text
+//!   encoders on the host (`model.text_device = "cpu"`): nothing of them on the device,
+//!   their size is reported as host memory.
 //!
 //! Activations cannot be counted without running the model. For SD1.5 at 512 px the
 //! account uses the one measured figure: the H200 peak of the float32 G+D iteration at
 //! K = 3 with the per-step decomposition (19.5 GiB, `assets/bench-h200/memory.json`)
 //! less the state this account computes for that run (no trajectory copy: 13.7 GiB),
-//! about 5.8 GiB of activations and workspace. For SDXL and SD3-medium at 1024 px no
-//! such measurement exists: their activations are left out (to be measured on a GPU).
+//! about 5.8 GiB of activations and workspace, a float32 figure that the LoRA column
+//! reuses as it is (its recomputation runs in bfloat16 there). For SDXL and SD3-medium
+//! at 1024 px no such measurement exists: their activations are left out (to be
+//! measured on a GPU).
 
 use anyhow::Result;
 use std::fmt;
@@ -26,6 +34,7 @@ use crate::models::dinov2::Dinov2Config;
 use crate::models::lora::{default_targets, LoraSpec};
 use crate::models::mmdit::{LoadedSd3Transformer, Sd3Config};
 use crate::models::unet::{LoadedUNet, UNetConfig};
+use crate::train::config::{TextDevice, WeightDtype};
 use crate::train::optim::MomentStorage;
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -40,8 +49,8 @@ pub const HEAD_PARAMS: i64 = 456_448;
 /// Activation bytes of the SD1.5 G+D iteration at 512 px (see the module notes).
 pub const SD15_ACTIVATION_BYTES: f64 = 5.8 * GIB;
 
-/// One of the targets: a model, full or LoRA fine-tuning, a resolution and the
-/// memory aimed for.
+/// One of the targets: a model, full or LoRA fine-tuning, a resolution, the memory
+/// aimed for, and the training options meant to meet it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MemoryTarget {
     pub name: &'static str,
@@ -49,6 +58,18 @@ pub struct MemoryTarget {
     pub lora: bool,
     /// Storage of the AdamW moments (`train.optimizer_state`).
     pub moments: MomentStorage,
+    /// Dtype of the frozen LoRA base (`train.base_dtype`; LoRA only).
+    pub base: WeightDtype,
+    /// Dtype of the VAE, text encoders and feature network (`model.frozen_dtype`).
+    pub frozen: WeightDtype,
+    /// Where the text encoders live (`model.text_device`).
+    pub text: TextDevice,
+    /// A bfloat16 copy of the backbone runs the trajectory (`train.bf16_trajectory`;
+    /// a bfloat16 LoRA base runs it itself).
+    pub trajectory_copy: bool,
+    /// `train.gradient_checkpointing`: the activations are at most those measured
+    /// without it (an upper bound; not measured with it on a GPU).
+    pub checkpointing: bool,
     pub resolution: i64,
     pub target_gib: f64,
 }
@@ -60,48 +81,58 @@ pub enum TargetModel {
     Sd3Medium,
 }
 
-/// The four targets: SD1.5 full at most 12 GiB (with float32 and with 8-bit AdamW
-/// moments), SD1.5 LoRA 8, SDXL LoRA 20, SD3-medium LoRA 24 (batch 1, CFG, K = 3).
+const FULL_SD15: MemoryTarget = MemoryTarget {
+    name: "SD1.5 full, 512 px",
+    model: TargetModel::Sd15,
+    lora: false,
+    moments: MomentStorage::Fp32,
+    base: WeightDtype::Fp32,
+    frozen: WeightDtype::Fp32,
+    text: TextDevice::Train,
+    trajectory_copy: true,
+    checkpointing: false,
+    resolution: 512,
+    target_gib: 12.0,
+};
+
+const LORA_SD15: MemoryTarget = MemoryTarget {
+    name: "SD1.5 LoRA r16, 512 px",
+    lora: true,
+    base: WeightDtype::Bf16,
+    frozen: WeightDtype::Bf16,
+    checkpointing: true,
+    target_gib: 8.0,
+    ..FULL_SD15
+};
+
+/// The four targets (batch 1, CFG, K = 3): SD1.5 full at most 12 GiB (with the
+/// defaults, and with 8-bit AdamW moments, bf16 frozen networks, no trajectory copy
+/// and gradient checkpointing), SD1.5 LoRA 8, SDXL LoRA 20, SD3-medium LoRA 24.
 pub const TARGETS: [MemoryTarget; 5] = [
+    FULL_SD15,
     MemoryTarget {
-        name: "SD1.5 full, 512 px",
-        model: TargetModel::Sd15,
-        lora: false,
-        moments: MomentStorage::Fp32,
-        resolution: 512,
-        target_gib: 12.0,
-    },
-    MemoryTarget {
-        name: "SD1.5 full, 8-bit AdamW",
-        model: TargetModel::Sd15,
-        lora: false,
+        name: "SD1.5 full, low memory",
         moments: MomentStorage::Int8Blockwise,
-        resolution: 512,
-        target_gib: 12.0,
+        frozen: WeightDtype::Bf16,
+        trajectory_copy: false,
+        checkpointing: true,
+        ..FULL_SD15
     },
-    MemoryTarget {
-        name: "SD1.5 LoRA r16, 512 px",
-        model: TargetModel::Sd15,
-        lora: true,
-        moments: MomentStorage::Fp32,
-        resolution: 512,
-        target_gib: 8.0,
-    },
+    LORA_SD15,
     MemoryTarget {
         name: "SDXL LoRA r16, 1024 px",
         model: TargetModel::Sdxl,
-        lora: true,
-        moments: MomentStorage::Fp32,
         resolution: 1024,
         target_gib: 20.0,
+        ..LORA_SD15
     },
     MemoryTarget {
         name: "SD3-medium LoRA r16, 1024 px",
         model: TargetModel::Sd3Medium,
-        lora: true,
-        moments: MomentStorage::Fp32,
+        text: TextDevice::Cpu,
         resolution: 1024,
         target_gib: 24.0,
+        ..LORA_SD15
     },
 ];
 
@@ -123,15 +154,17 @@ pub struct ModelSizes {
     pub vae_scale: i64,
 }
 
-/// One line of the account: what, bytes.
+/// The account of one configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AccountRow {
     pub target: MemoryTarget,
     pub sizes: ModelSizes,
-    /// The training state, bytes.
-    pub lines: Vec<(&'static str, f64)>,
+    /// The training state on the device: (what, bytes).
+    pub lines: Vec<(String, f64)>,
     /// Activations and workspace, where measured (SD1.5 at 512 px only).
     pub activations: Option<f64>,
+    /// Host memory the configuration holds instead (text encoders on the host), bytes.
+    pub host: f64,
 }
 
 impl AccountRow {
@@ -143,6 +176,18 @@ impl AccountRow {
     /// State plus activations, GiB (None where the activations are unknown).
     pub fn total_gib(&self) -> Option<f64> {
         self.activations.map(|a| self.state_gib() + a / GIB)
+    }
+
+    /// Bytes of the line `name`, if the configuration has it.
+    pub fn line(&self, name: &str) -> Option<f64> {
+        self.lines.iter().find(|(k, _)| k == name).map(|(_, b)| *b)
+    }
+}
+
+fn bytes_of(d: WeightDtype) -> f64 {
+    match d {
+        WeightDtype::Fp32 => 4.0,
+        WeightDtype::Bf16 | WeightDtype::Fp16 => 2.0,
     }
 }
 
@@ -157,10 +202,10 @@ pub fn account(target: MemoryTarget, sizes: ModelSizes) -> AccountRow {
     let activations = (target.model == TargetModel::Sd15 && target.resolution == 512)
         .then_some(SD15_ACTIVATION_BYTES);
     let mut lines = vec![
-        ("trainable weights (fp32)", 4.0 * trainable),
-        ("gradients (fp32)", 4.0 * trainable),
+        ("trainable weights (fp32)".to_string(), 4.0 * trainable),
+        ("gradients (fp32)".to_string(), 4.0 * trainable),
         (
-            "AdamW moments",
+            "AdamW moments".to_string(),
             match target.moments {
                 MomentStorage::Fp32 => 8.0,
                 MomentStorage::Bf16 => 4.0,
@@ -169,24 +214,48 @@ pub fn account(target: MemoryTarget, sizes: ModelSizes) -> AccountRow {
             } * trainable,
         ),
     ];
+    let base_bf16 = target.lora && target.base != WeightDtype::Fp32;
     if target.lora {
-        lines.push(("frozen base weights (fp32)", 4.0 * p));
+        lines.push((
+            format!("frozen base weights ({})", target.base.name()),
+            bytes_of(target.base) * p,
+        ));
     }
-    lines.extend([
-        (
-            "bf16 trajectory copy",
+    if !base_bf16 && target.trajectory_copy {
+        // A bfloat16 base is its own trajectory model; otherwise a bf16 copy of the
+        // backbone (with the adapters) runs the trajectory.
+        lines.push((
+            "bf16 trajectory copy".to_string(),
             2.0 * (p + if target.lora { trainable } else { 0.0 }),
+        ));
+    }
+    let fb = bytes_of(target.frozen);
+    let f = target.frozen.name();
+    let text = fb * sizes.text as f64;
+    lines.push((format!("VAE ({f})"), fb * sizes.vae as f64));
+    let host = match target.text {
+        TextDevice::Train => {
+            lines.push((format!("text encoders ({f})"), text));
+            0.0
+        }
+        TextDevice::Cpu => {
+            lines.push((format!("text encoders ({f}, on the host)"), 0.0));
+            text
+        }
+    };
+    lines.extend([
+        (format!("DINOv2 features ({f})"), fb * sizes.features as f64),
+        (
+            "discriminator heads + AdamW".to_string(),
+            16.0 * sizes.heads as f64,
         ),
-        ("VAE (fp32)", 4.0 * sizes.vae as f64),
-        ("text encoders (fp32)", 4.0 * sizes.text as f64),
-        ("DINOv2 features (fp32)", 4.0 * sizes.features as f64),
-        ("discriminator heads + AdamW", 16.0 * sizes.heads as f64),
     ]);
     AccountRow {
         target,
         sizes,
         lines,
         activations,
+        host,
     }
 }
 
@@ -297,6 +366,9 @@ pub fn memory_account() -> Result<Vec<AccountRow>> {
 /// A parameter count of a model family (the flag: LoRA).
 type ParamOf = fn(&ModelSizes, bool) -> i64;
 
+/// A training option's value in a configuration, as written in the table.
+type OptionOf = fn(&MemoryTarget) -> String;
+
 /// The account as a table: one column per target, GiB.
 pub struct AccountTable<'a>(pub &'a [AccountRow]);
 
@@ -307,7 +379,7 @@ impl fmt::Display for AccountTable<'_> {
             f,
             "memory account of the training state (computed from parameter counts, not measured; GiB)"
         )?;
-        write!(f, "{:<32}", "")?;
+        write!(f, "{:<34}", "")?;
         for r in rows {
             write!(f, " | {:>28}", r.target.name)?;
         }
@@ -324,9 +396,51 @@ impl fmt::Display for AccountTable<'_> {
             }),
         ];
         for (name, get) in param_lines {
-            write!(f, "{name:<32}")?;
+            write!(f, "{name:<34}")?;
             for r in rows {
                 write!(f, " | {:>28}", m(get(&r.sizes, r.target.lora)))?;
+            }
+            writeln!(f)?;
+        }
+        let options: [(&str, OptionOf); 6] = [
+            ("train.optimizer_state", |t| {
+                match t.moments {
+                    MomentStorage::Fp32 => "fp32",
+                    MomentStorage::Bf16 => "bf16",
+                    MomentStorage::Int8Blockwise => "8bit",
+                }
+                .to_string()
+            }),
+            ("train.base_dtype (LoRA)", |t| {
+                if t.lora {
+                    t.base.name().to_string()
+                } else {
+                    "-".to_string()
+                }
+            }),
+            ("model.frozen_dtype", |t| t.frozen.name().to_string()),
+            ("train.bf16_trajectory", |t| {
+                if t.lora && t.base != WeightDtype::Fp32 {
+                    "- (the base)".to_string()
+                } else {
+                    t.trajectory_copy.to_string()
+                }
+            }),
+            ("train.gradient_checkpointing", |t| {
+                t.checkpointing.to_string()
+            }),
+            ("model.text_device", |t| {
+                match t.text {
+                    TextDevice::Train => "train",
+                    TextDevice::Cpu => "cpu",
+                }
+                .to_string()
+            }),
+        ];
+        for (name, get) in options {
+            write!(f, "{name:<34}")?;
+            for r in rows {
+                write!(f, " | {:>28}", get(&r.target))?;
             }
             writeln!(f)?;
         }
@@ -334,7 +448,7 @@ impl fmt::Display for AccountTable<'_> {
             let mut v: Vec<&str> = Vec::new();
             for r in rows {
                 for (n, _) in &r.lines {
-                    if !v.contains(n) {
+                    if !v.contains(&n.as_str()) {
                         v.push(n);
                     }
                 }
@@ -342,43 +456,50 @@ impl fmt::Display for AccountTable<'_> {
             v
         };
         for n in names {
-            write!(f, "{n:<32}")?;
+            write!(f, "{n:<34}")?;
             for r in rows {
-                let b = r.lines.iter().find(|(k, _)| *k == n).map(|(_, b)| *b);
-                match b {
+                match r.line(n) {
                     Some(b) => write!(f, " | {:>28.2}", b / GIB)?,
                     None => write!(f, " | {:>28}", "-")?,
                 }
             }
             writeln!(f)?;
         }
-        write!(f, "{:<32}", "state total")?;
+        write!(f, "{:<34}", "state total")?;
         for r in rows {
             write!(f, " | {:>28.2}", r.state_gib())?;
         }
         writeln!(f)?;
-        write!(f, "{:<32}", "activations (SD1.5 full: H200)")?;
+        write!(f, "{:<34}", "activations (SD1.5 full: H200)")?;
+        // With gradient checkpointing the H200 figure (measured without it) bounds
+        // the activations from above.
+        let bound = |r: &AccountRow| if r.target.checkpointing { "<= " } else { "" };
         for r in rows {
             match r.activations {
-                Some(a) => write!(f, " | {:>28.2}", a / GIB)?,
+                Some(a) => write!(f, " | {:>28}", format!("{}{:.2}", bound(r), a / GIB))?,
                 None => write!(f, " | {:>28}", "not measured")?,
             }
         }
         writeln!(f)?;
-        write!(f, "{:<32}", "total")?;
+        write!(f, "{:<34}", "total")?;
         for r in rows {
             match r.total_gib() {
-                Some(t) => write!(f, " | {:>28.2}", t)?,
+                Some(t) => write!(f, " | {:>28}", format!("{}{t:.2}", bound(r)))?,
                 None => write!(f, " | {:>28}", format!(">= {:.2}", r.state_gib()))?,
             }
         }
         writeln!(f)?;
-        write!(f, "{:<32}", "target")?;
+        write!(f, "{:<34}", "target")?;
         for r in rows {
             write!(f, " | {:>28.1}", r.target.target_gib)?;
         }
         writeln!(f)?;
-        write!(f, "{:<32}", "of which T5-XXL (use_t5 = false)")?;
+        write!(f, "{:<34}", "host memory (text encoders)")?;
+        for r in rows {
+            write!(f, " | {:>28.2}", r.host / GIB)?;
+        }
+        writeln!(f)?;
+        write!(f, "{:<34}", "T5-XXL, fp32 (use_t5 = false)")?;
         for r in rows {
             write!(f, " | {:>28.2}", 4.0 * r.sizes.t5 as f64 / GIB)?;
         }
@@ -402,27 +523,56 @@ mod tests {
             heads: 5,
             vae_scale: 8,
         };
+        let get = |r: &AccountRow, n: &str| r.line(n).unwrap_or_else(|| panic!("no line {n}"));
         let full = account(TARGETS[0], sizes);
-        let get = |r: &AccountRow, n: &str| r.lines.iter().find(|(k, _)| *k == n).unwrap().1;
         assert_eq!(get(&full, "trainable weights (fp32)"), 4000.0);
         assert_eq!(get(&full, "AdamW moments"), 8000.0);
-        let q8 = account(TARGETS[1], sizes);
-        assert_eq!(get(&q8, "AdamW moments"), 2000.0 * (1.0 + 4.0 / 2048.0));
         assert_eq!(get(&full, "bf16 trajectory copy"), 2000.0);
-        assert!(!full
-            .lines
-            .iter()
-            .any(|(k, _)| *k == "frozen base weights (fp32)"));
+        assert_eq!(get(&full, "VAE (fp32)"), 400.0);
+        assert_eq!(get(&full, "text encoders (fp32)"), 200.0);
+        assert!(!full.lines.iter().any(|(k, _)| k.starts_with("frozen base")));
+        let low = account(TARGETS[1], sizes);
+        assert_eq!(get(&low, "AdamW moments"), 2000.0 * (1.0 + 4.0 / 2048.0));
+        // Low-memory full fine-tuning: no trajectory copy, bf16 frozen networks.
+        assert_eq!(low.line("bf16 trajectory copy"), None);
+        assert_eq!(get(&low, "VAE (bf16)"), 200.0);
+        assert!(low.target.checkpointing && !full.target.checkpointing);
+        let table = AccountTable(&[full.clone(), low.clone()]).to_string();
+        let total = table.lines().find(|l| l.starts_with("total")).unwrap();
+        assert!(total.contains("<= "), "{total}");
+        assert_eq!(total.matches("<= ").count(), 1, "{total}");
+        assert!(!total.contains(">= "), "{total}");
+        // LoRA with a bf16 base and bf16 frozen networks: no trajectory copy.
         let lora = account(TARGETS[2], sizes);
         assert_eq!(get(&lora, "gradients (fp32)"), 40.0);
-        assert_eq!(get(&lora, "frozen base weights (fp32)"), 4000.0);
-        assert_eq!(get(&lora, "bf16 trajectory copy"), 2020.0);
+        assert_eq!(get(&lora, "frozen base weights (bf16)"), 2000.0);
+        assert_eq!(lora.line("bf16 trajectory copy"), None);
+        assert_eq!(get(&lora, "VAE (bf16)"), 200.0);
+        assert_eq!(get(&lora, "text encoders (bf16)"), 100.0);
+        assert_eq!(get(&lora, "DINOv2 features (bf16)"), 40.0);
         let state: f64 = lora.lines.iter().map(|(_, b)| b).sum();
         assert_eq!(
             state,
-            40.0 + 40.0 + 80.0 + 4000.0 + 2020.0 + 400.0 + 200.0 + 80.0 + 80.0
+            40.0 + 40.0 + 80.0 + 2000.0 + 100.0 + 200.0 + 40.0 + 80.0
         );
-        assert_eq!(lora.activations, Some(SD15_ACTIVATION_BYTES));
+        assert_eq!(
+            (lora.activations, lora.host),
+            (Some(SD15_ACTIVATION_BYTES), 0.0)
+        );
         assert_eq!(account(TARGETS[3], sizes).activations, None);
+        // A float32 LoRA base keeps the trajectory copy (with the adapters).
+        let lora32 = account(
+            MemoryTarget {
+                base: WeightDtype::Fp32,
+                ..TARGETS[2]
+            },
+            sizes,
+        );
+        assert_eq!(get(&lora32, "frozen base weights (fp32)"), 4000.0);
+        assert_eq!(get(&lora32, "bf16 trajectory copy"), 2020.0);
+        // Text encoders on the host: nothing on the device, their bytes as host memory.
+        let sd3 = account(TARGETS[4], sizes);
+        assert_eq!(get(&sd3, "text encoders (bf16, on the host)"), 0.0);
+        assert_eq!(sd3.host, 100.0);
     }
 }

@@ -14,7 +14,12 @@
 //!   D-only) with random start steps;
 //! * `adt_gd_s0_k{K}` / `adt_gd_s0_k{K}_onegraph`: the G+D iteration for each K with
 //!   the per-step gradient decomposition and with the whole trajectory in one graph
-//!   (peak memory against K).
+//!   (peak memory against K);
+//! * `kept_step_grad` / `vae_decode_grad` (and `_ckpt`): one kept-step
+//!   recomputation (guided backbone call with gradient, then its backward) and the
+//!   VAE decode of the final latents with its backward, without and with gradient
+//!   checkpointing: the rows' notes give the memory the run added on top of what was
+//!   in use before it (the activations), which is what checkpointing saves.
 //!
 //! SD3 configurations (`tiny-sd3`, `sd3-medium`) run the same workloads on the
 //! MMDiT with SD3's flow-matching schedule and the flow Euler sampler (28 steps by
@@ -37,6 +42,7 @@
 
 mod account;
 mod adt;
+mod ckpt;
 mod models;
 mod options;
 mod runner;
@@ -106,6 +112,10 @@ pub struct BenchArgs {
     pub steps: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Image resolution (default: the configuration's, 512 px for SD1.5, 1024 px for
+    /// SD3-medium, 32 px for the tiny ones); a multiple of 8 times the VAE scale.
+    #[arg(long)]
+    pub resolution: Option<i64>,
     /// Print the memory account of the training state for the SD1.5 / SDXL / SD3-medium
     /// targets (computed from the real models' parameter counts, not measured) and exit.
     #[arg(long)]
@@ -132,6 +142,7 @@ impl BenchArgs {
             steps: self.steps.unwrap_or(config.default_steps()),
             json: self.json.clone(),
             seed: self.seed,
+            resolution: self.resolution,
         })
     }
 }
@@ -177,6 +188,13 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
         BenchConfig::Tiny | BenchConfig::TinySd3 => (32, 56),
         BenchConfig::Sd15 => (512, 224),
         BenchConfig::Sd3Medium => (1024, 224),
+    };
+    let resolution = match opts.resolution {
+        Some(r) if r < 16 || r % 16 != 0 => {
+            bail!("--resolution {r}: must be a positive multiple of 16")
+        }
+        Some(r) => r,
+        None => resolution,
     };
     let sampler = if sd3 {
         SamplerKind::FlowEuler
@@ -283,6 +301,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
                 adt::run_iterations(&mut b, &mut cx, w, &variants)?
             }
             Workload::Memory => adt::run_memory(&mut b, &mut cx, &opts.ks)?,
+            Workload::Checkpointing => ckpt::run(&mut b, &mut cx)?,
         }
     }
     Ok(b.report)

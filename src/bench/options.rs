@@ -148,16 +148,21 @@ pub enum Workload {
     AdtH5,
     /// Peak memory against K, decomposed and in one graph.
     Memory,
+    /// Gradient checkpointing: memory added and time of one kept-step recomputation
+    /// (guided backbone call with gradient, backward) and of the VAE decode
+    /// backward, with and without it.
+    Checkpointing,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 6] = [
+    pub const ALL: [Workload; 7] = [
         Workload::UnetCfgStep,
         Workload::Sample,
         Workload::AdtGd,
         Workload::AdtD,
         Workload::AdtH5,
         Workload::Memory,
+        Workload::Checkpointing,
     ];
 
     /// Parse a comma-separated list ("unet,sample,gd,d,h5,memory" or "all").
@@ -174,8 +179,9 @@ impl Workload {
                 "d" | "adt_d_s0" => out.push(Workload::AdtD),
                 "h5" | "adt_h5_mean" => out.push(Workload::AdtH5),
                 "memory" | "k" => out.push(Workload::Memory),
+                "ckpt" | "checkpointing" => out.push(Workload::Checkpointing),
                 other => bail!(
-                    "--workloads: unknown workload {other:?} (unet or step, sample, gd, d, h5, memory, all)"
+                    "--workloads: unknown workload {other:?} (unet or step, sample, gd, d, h5, memory, ckpt, all)"
                 ),
             }
         }
@@ -208,6 +214,8 @@ pub struct BenchOptions {
     /// cut short keeps what it measured).
     pub json: Option<PathBuf>,
     pub seed: u64,
+    /// Image resolution instead of the configuration's.
+    pub resolution: Option<i64>,
 }
 
 impl Default for BenchOptions {
@@ -224,6 +232,7 @@ impl Default for BenchOptions {
             steps: 50,
             json: None,
             seed: 0,
+            resolution: None,
         }
     }
 }

@@ -23,6 +23,9 @@ pub(crate) fn sync(device: Device) {
 pub(crate) struct Memory {
     device: Device,
     pub(crate) kind: String,
+    /// Bytes in use when the peak was last reset (resident set on CPU, allocated
+    /// bytes on CUDA): the peak less this is what the measured runs added.
+    pub(crate) before: std::cell::Cell<Option<i64>>,
 }
 
 impl Memory {
@@ -33,7 +36,11 @@ impl Memory {
             _ if Self::reset_rss() => "cpu_max_rss".to_string(),
             _ => "cpu_max_rss_unreset".to_string(),
         };
-        Memory { device, kind }
+        Memory {
+            device,
+            kind,
+            before: std::cell::Cell::new(None),
+        }
     }
 
     /// Reset the peak RSS (Linux >= 4.0: writing 5 to clear_refs resets VmHWM).
@@ -48,10 +55,18 @@ impl Memory {
                     if let Err(e) = gpu::reset_peak(i) {
                         tracing::warn!("{e:#}");
                     }
+                    self.before.set(gpu::memory(i).ok().map(|m| m.allocated));
                 }
             }
             _ => {
-                Self::reset_rss();
+                // Hand freed heap memory back to the system first, so that the
+                // resident set is what is live (glibc keeps freed blocks otherwise).
+                #[cfg(all(target_os = "linux", target_env = "gnu"))]
+                unsafe {
+                    libc::malloc_trim(0);
+                }
+                self.before
+                    .set(if Self::reset_rss() { vm_hwm() } else { None });
             }
         }
     }
@@ -285,6 +300,11 @@ impl Bench {
     fn push(&mut self, row: Row) -> Result<()> {
         self.report.rows.push(row);
         self.mem.release();
+        self.write_json()
+    }
+
+    /// Rewrite the JSON report (`--json`), if one was asked for.
+    pub(crate) fn write_json(&self) -> Result<()> {
         if let Some(path) = &self.opts.json {
             let text = serde_json::to_string_pretty(&self.report)?;
             crate::weights::atomic_write(path, text.as_bytes())

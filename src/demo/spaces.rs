@@ -235,6 +235,8 @@ mod tests {
                 models: second,
                 reference_saturation: 0.4,
             }),
+            preparation_seconds: None,
+            stages: Vec::new(),
         }
     }
 

@@ -296,3 +296,36 @@ impl FeatureNetwork for EfficientNetFeatures {
         out
     }
 }
+
+/// A feature network whose frozen weights are in a reduced precision
+/// (`model.frozen_dtype`): the images are cast to its dtype and the features back to
+/// the images' dtype (differentiably), so the heads and losses stay float32.
+pub struct CastFeatures {
+    inner: Box<dyn FeatureNetwork>,
+    kind: Kind,
+}
+
+impl CastFeatures {
+    pub fn new(inner: Box<dyn FeatureNetwork>, kind: Kind) -> Self {
+        Self { inner, kind }
+    }
+
+    /// The dtype the wrapped network computes in.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+}
+
+impl FeatureNetwork for CastFeatures {
+    fn features(&self, images: &Tensor) -> Vec<Tensor> {
+        self.inner
+            .features(&images.to_kind(self.kind))
+            .into_iter()
+            .map(|f| f.to_kind(images.kind()))
+            .collect()
+    }
+
+    fn channels(&self) -> Vec<i64> {
+        self.inner.channels()
+    }
+}

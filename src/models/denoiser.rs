@@ -49,6 +49,15 @@ impl Cond {
         }
     }
 
+    /// The conditioning on `device` (a no-op where it already is).
+    pub fn to_device(&self, device: tch::Device) -> Cond {
+        Cond {
+            context: self.context.to_device(device),
+            pooled: self.pooled.as_ref().map(|t| t.to_device(device)),
+            time_ids: self.time_ids.as_ref().map(|t| t.to_device(device)),
+        }
+    }
+
     pub fn to_kind(&self, kind: Kind) -> Cond {
         Cond {
             context: self.context.to_kind(kind),

@@ -194,15 +194,15 @@ impl LoraSlots {
             let (d_out, d_in) = s_shape(s)?;
             let p = sub_path(root, &s.name);
             let bound = 1.0 / (d_in as f64).sqrt();
-            let a = (&p / "lora_A").var(
+            // Adapters are float32 (float64 on a float64 model) whatever the base's
+            // dtype: a bfloat16 base (`train.base_dtype`) keeps float32 adapters.
+            let opts = (adapter_kind(base_weight(s)?.kind()), s_device(s)?);
+            let a = (&p / "lora_A").add(
                 "weight",
-                &[spec.rank, d_in],
-                nn::Init::Uniform {
-                    lo: -bound,
-                    up: bound,
-                },
+                Tensor::zeros([spec.rank, d_in], opts).uniform_(-bound, bound),
+                true,
             );
-            let b = (&p / "lora_B").var("weight", &[d_out, spec.rank], nn::Init::Const(0.0));
+            let b = (&p / "lora_B").add("weight", Tensor::zeros([d_out, spec.rank], opts), true);
             *s.adapter.lock().unwrap() = Some(Adapter {
                 a,
                 b,
@@ -295,6 +295,16 @@ impl LoraSlots {
             .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
+    }
+}
+
+/// The dtype of trainable adapters on a base of dtype `base`: float64 for a float64
+/// model (gradient tests), float32 otherwise.
+pub fn adapter_kind(base: Kind) -> Kind {
+    if base == Kind::Double {
+        Kind::Double
+    } else {
+        Kind::Float
     }
 }
 

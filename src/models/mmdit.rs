@@ -31,6 +31,7 @@
 //! The timestep is a float `[B]` tensor of `sigma * 1000` (flow matching).
 
 use crate::models::blocks::{linear, timestep_embedding, TimestepEmbedding};
+use crate::models::checkpoint::checkpoint;
 use crate::models::denoiser::{Cond, Denoiser};
 use crate::models::forward_input as input;
 use crate::models::lora::{lora_linear, LoraLinear};
@@ -659,6 +660,11 @@ pub struct SD3Transformer2DModel {
 }
 
 impl SD3Transformer2DModel {
+    /// The dtype of the (base) weights, which the forward pass computes in.
+    pub fn weight_kind(&self) -> Kind {
+        self.proj_out.ws.kind()
+    }
+
     /// Build the variables under `p` with diffusers' names. The position grid is
     /// initialised to diffusers' sin-cos values (the checkpoint's copy replaces it on
     /// loading) and is not trainable.
@@ -817,11 +823,22 @@ impl SD3Transformer2DModel {
             .forward(&encoder_hidden_states.to_device(device).to_kind(kind));
         let mut x = x;
         for block in &self.blocks {
-            let (nc, nx) = block.forward(&x, &c, &temb);
-            x = nx;
-            if let Some(nc) = nc {
-                c = nc;
+            // Checkpointed inside a checkpointing scope (`models::checkpoint`).
+            // SAFETY: the segment borrows only the block's weights, which belong to
+            // the model and outlive the scope; the activations are inputs.
+            let mut out = unsafe {
+                checkpoint(&[&x, &c, &temb], move |xs| {
+                    let (nc, nx) = block.forward(&xs[0], &xs[1], &xs[2]);
+                    Ok(match nc {
+                        Some(nc) => vec![nx, nc],
+                        None => vec![nx],
+                    })
+                })?
+            };
+            if out.len() == 2 {
+                c = out.pop().context("MMDiT block: no context output")?;
             }
+            x = out.pop().context("MMDiT block: no output")?;
         }
         let x = self.proj_out.forward(&self.norm_out.forward(&x, &temb));
         let co = cfg.out_channels();

@@ -1,5 +1,6 @@
 //! Networks, written on tch, loading the diffusers / transformers layouts directly.
 pub mod blocks;
+pub mod checkpoint;
 pub mod clip;
 pub mod clip_vision;
 pub mod config;

@@ -111,12 +111,28 @@ impl Backbone {
     }
 }
 
+impl Backbone {
+    /// The dtype of the base weights, which the network computes in (LoRA adapters
+    /// may be float32 on a bfloat16 base: `train.base_dtype`).
+    pub fn weight_kind(&self) -> Kind {
+        match self {
+            Backbone::Unet(u) => u.model.weight_kind(),
+            Backbone::Sd3(t) => t.model.weight_kind(),
+        }
+    }
+}
+
+/// The network runs in the dtype of its base weights; the output comes back in the
+/// dtype of `x` (differentiably), so a bfloat16 base serves a float32 trainer.
 impl Denoiser for Backbone {
     fn predict(&self, x: &Tensor, t: &Tensor, cond: &Cond) -> Result<Tensor> {
-        match self {
-            Backbone::Unet(u) => UNetDenoiser(&u.model).predict(x, t, cond),
-            Backbone::Sd3(m) => m.model.predict(x, t, cond),
-        }
+        let kind = self.weight_kind();
+        let xk = x.to_kind(kind);
+        let out = match self {
+            Backbone::Unet(u) => UNetDenoiser(&u.model).predict(&xk, t, cond),
+            Backbone::Sd3(m) => m.model.predict(&xk, t, cond),
+        }?;
+        Ok(out.to_kind(x.kind()))
     }
 }
 
@@ -165,6 +181,9 @@ pub struct Pipeline {
 pub struct PipelineOptions {
     /// SD3: whether to run T5 (`text_encoder_3`) and its sequence length.
     pub sd3_text: Sd3TextOptions,
+    /// Where the text encoders are loaded and run (None: the pipeline's device).
+    /// Their outputs are moved to the pipeline's device.
+    pub text_device: Option<Device>,
 }
 
 fn tiny_vae_config() -> Result<VaeConfig> {
@@ -374,6 +393,7 @@ impl Pipeline {
         } else {
             Family::Sd
         };
+        let text_device = opts.text_device.unwrap_or(device);
         let unet_dir = dir.join("unet");
         let backbone_file_kind = component_file_kind(&unet_dir).context("unet/")?;
         let unet = LoadedUNet::load(&unet_dir, device, unet_kind).context("loading unet/")?;
@@ -393,7 +413,7 @@ impl Pipeline {
         for (enc, tok) in pairs {
             let tokenizer = ClipTokenizer::from_dir(&dir.join(tok))
                 .with_context(|| format!("loading {tok}/"))?;
-            let mut encoder = ClipTextModel::load(&dir.join(enc), device, frozen_kind)
+            let mut encoder = ClipTextModel::load(&dir.join(enc), text_device, frozen_kind)
                 .with_context(|| format!("loading {enc}/"))?;
             encoder.vs.freeze();
             text.push(TextEncoder {
@@ -459,7 +479,8 @@ impl Pipeline {
         let transformer =
             LoadedSd3Transformer::load(&tdir, device, kind).context("loading transformer/")?;
         let vae = LoadedVae::load(&dir.join("vae"), device, frozen_kind).context("loading vae/")?;
-        let text = Sd3TextEncoders::load(dir, device, frozen_kind, &opts.sd3_text)?;
+        let text_device = opts.text_device.unwrap_or(device);
+        let text = Sd3TextEncoders::load(dir, text_device, frozen_kind, &opts.sd3_text)?;
         if !opts.sd3_text.use_t5 {
             tracing::info!("{}: running without T5 (text_encoder_3)", dir.display());
         } else if text.t5.is_none() {
@@ -696,15 +717,81 @@ impl Pipeline {
         })
     }
 
-    /// The floating-point kind the backbone computes in (float32 for training;
-    /// float64 in gradient tests).
+    /// The floating-point kind the trainer computes in: the most precise kind of the
+    /// backbone's variables (float32 for training, also with float32 LoRA adapters on
+    /// a bfloat16 base; float64 in gradient tests; the weights' kind for a
+    /// half-precision inference pipeline).
     pub fn kind(&self) -> Kind {
-        self.backbone_vs()
+        let kinds: Vec<Kind> = self
+            .backbone_vs()
             .variables()
             .values()
-            .next()
             .map(|t| t.kind())
+            .collect();
+        [Kind::Double, Kind::Float, Kind::BFloat16, Kind::Half]
+            .into_iter()
+            .find(|k| kinds.contains(k))
             .unwrap_or(Kind::Float)
+    }
+
+    /// Keep the frozen base weights of the backbone in `kind` (`train.base_dtype`):
+    /// every variable that does not require a gradient (after [`Pipeline::attach_lora`]:
+    /// all but the adapters) is converted in place, so every handle on it (the layers,
+    /// the LoRA slots) sees the new dtype. Returns the number of tensors converted.
+    pub fn set_base_kind(&mut self, kind: Kind) -> usize {
+        let mut n = 0;
+        tch::no_grad(|| {
+            for (_, mut t) in self.backbone.vs().variables() {
+                if !t.requires_grad() && t.is_floating_point() && t.kind() != kind {
+                    t.set_data(&t.to_kind(kind));
+                    n += 1;
+                }
+            }
+        });
+        n
+    }
+
+    /// Put the frozen networks in `kind` (`model.frozen_dtype`; None: as they are) and
+    /// the text encoders on `text_device` (`model.text_device`), in place.
+    /// [`Pipeline::load_with`] does this while loading; this is for pipelines built in
+    /// memory.
+    pub fn place_frozen(&mut self, kind: Option<Kind>, text_device: Device) {
+        if let (Some(v), Some(k)) = (&mut self.vae, kind) {
+            v.vs.set_kind(k);
+        }
+        let stores: Vec<&mut nn::VarStore> = match &mut self.text {
+            TextStack::Clip(v) => v.iter_mut().map(|t| &mut t.encoder.vs).collect(),
+            TextStack::Sd3(s) => {
+                s.device = text_device;
+                let mut v = vec![&mut s.clip_l.encoder.vs, &mut s.clip_g.encoder.vs];
+                if let Some(t5) = &mut s.t5 {
+                    v.push(&mut t5.encoder.vs);
+                }
+                v
+            }
+        };
+        for vs in stores {
+            if let Some(k) = kind {
+                vs.set_kind(k);
+            }
+            vs.set_device(text_device);
+        }
+    }
+
+    /// The device the text encoders run on.
+    pub fn text_device(&self) -> Device {
+        match &self.text {
+            TextStack::Clip(v) => v.first().map_or(self.device, |t| t.encoder.vs.device()),
+            TextStack::Sd3(s) => s.device,
+        }
+    }
+
+    /// The dtype of the VAE's weights (the pipeline's kind for a pixel-space model).
+    pub fn vae_kind(&self) -> Kind {
+        self.vae
+            .as_ref()
+            .and_then(|v| v.vs.variables().values().next().map(|t| t.kind()))
+            .unwrap_or_else(|| self.kind())
     }
 
     /// Whether the model is trained with flow matching (SD3).
@@ -730,17 +817,26 @@ impl Pipeline {
 
     /// Images in [-1, 1] to the (scaled) latents the backbone works on; identity for
     /// a pixel-space model. Differentiable.
+    /// The VAE computes in its weights' dtype (`model.frozen_dtype`); the latents come
+    /// back in the dtype of `images`.
     pub fn to_latents(&self, images: &Tensor) -> Result<Tensor> {
         match &self.vae {
-            Some(v) => v.model.latents_from_image(images, false),
+            Some(v) => Ok(v
+                .model
+                .latents_from_image(&images.to_kind(self.vae_kind()), false)?
+                .to_kind(images.kind())),
             None => Ok(images.shallow_clone()),
         }
     }
 
-    /// Latents back to images in [-1, 1] (not clamped). Differentiable.
+    /// Latents back to images in [-1, 1] (not clamped), in the dtype of `latents`.
+    /// Differentiable.
     pub fn to_images(&self, latents: &Tensor) -> Result<Tensor> {
         match &self.vae {
-            Some(v) => v.model.image_from_latents(latents),
+            Some(v) => Ok(v
+                .model
+                .image_from_latents(&latents.to_kind(self.vae_kind()))?
+                .to_kind(latents.kind())),
             None => Ok(latents.shallow_clone()),
         }
     }
@@ -755,9 +851,13 @@ impl Pipeline {
     ) -> Result<(Cond, usize)> {
         let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
         let encoders = match &self.text {
-            TextStack::Sd3(s) => return s.encode_with_truncation(&refs),
+            TextStack::Sd3(s) => {
+                let (c, n) = s.encode_with_truncation(&refs)?;
+                return Ok((c.to_device(self.device), n));
+            }
             TextStack::Clip(v) => v,
         };
+        let text_device = self.text_device();
         tch::no_grad(|| {
             let mut states = Vec::new();
             let mut pooled = None;
@@ -768,7 +868,7 @@ impl Pipeline {
                 let out = te
                     .encoder
                     .model
-                    .forward(&ids.to_device(self.device), None)?;
+                    .forward(&ids.to_device(text_device), None)?;
                 if self.family == Family::Sdxl {
                     states.push(out.penultimate().shallow_clone());
                     if let Some(p) = &out.text_embeds {
@@ -778,13 +878,16 @@ impl Pipeline {
                     states.push(out.last_hidden_state.shallow_clone());
                 }
             }
-            let context = Tensor::cat(&states, 2).to_kind(Kind::Float);
+            let context = Tensor::cat(&states, 2)
+                .to_kind(Kind::Float)
+                .to_device(self.device);
             let mut cond = Cond::new(context);
             if self.family == Family::Sdxl {
                 cond.pooled = Some(
                     pooled
                         .context("SDXL: text_encoder_2 has no projection")?
-                        .to_kind(Kind::Float),
+                        .to_kind(Kind::Float)
+                        .to_device(self.device),
                 );
                 cond.time_ids = Some(match time_ids {
                     Some(t) => t.to_device(self.device).to_kind(Kind::Float),
@@ -804,9 +907,10 @@ impl Pipeline {
         let encoders = match &self.text {
             TextStack::Sd3(s) => {
                 let (cond, _) = s.encode_with_truncation(&refs)?;
-                return cond
+                return Ok(cond
                     .pooled
-                    .context("SD3 text encoders gave no pooled projections");
+                    .context("SD3 text encoders gave no pooled projections")?
+                    .to_device(self.device));
             }
             TextStack::Clip(v) => v,
         };
@@ -818,11 +922,12 @@ impl Pipeline {
             let out = te
                 .encoder
                 .model
-                .forward(&ids.to_device(self.device), None)?;
+                .forward(&ids.to_device(self.text_device()), None)?;
             Ok(out
                 .text_embeds
                 .unwrap_or(out.pooler_output)
-                .to_kind(Kind::Float))
+                .to_kind(Kind::Float)
+                .to_device(self.device))
         })
     }
 

@@ -10,6 +10,7 @@ use crate::models::blocks::{
     conv2d, group_norm, layer_norm, linear, timestep_embedding, Attention, Downsample2D,
     GegluFeedForward, ResnetBlock2D, TimestepEmbedding, Upsample2D,
 };
+use crate::models::checkpoint::checkpoint1;
 use crate::models::forward_input as input;
 use crate::weights;
 use anyhow::{bail, ensure, Context, Result};
@@ -886,6 +887,11 @@ impl UNet2DConditionModel {
         &self.config
     }
 
+    /// The dtype of the (base) weights.
+    pub fn weight_kind(&self) -> Kind {
+        self.conv_in.ws.kind()
+    }
+
     /// The raw model output (noise, v or whatever the checkpoint predicts).
     ///
     /// * `sample`: `[B, in_channels, H, W]` latents;
@@ -968,9 +974,9 @@ impl UNet2DConditionModel {
         let mut skips = vec![h.shallow_clone()];
         for blk in &self.down_blocks {
             for (j, r) in blk.resnets.iter().enumerate() {
-                h = r.forward(&h, Some(&emb));
+                h = resnet(r, &h, &emb)?;
                 if let Some(a) = blk.attentions.get(j) {
-                    h = a.forward(&h, &ctx);
+                    h = attention(a, &h, &ctx)?;
                 }
                 skips.push(h.shallow_clone());
             }
@@ -980,14 +986,14 @@ impl UNet2DConditionModel {
             }
         }
 
-        h = self.mid_block.resnets[0].forward(&h, Some(&emb));
+        h = resnet(&self.mid_block.resnets[0], &h, &emb)?;
         for (a, r) in self
             .mid_block
             .attentions
             .iter()
             .zip(&self.mid_block.resnets[1..])
         {
-            h = r.forward(&a.forward(&h, &ctx), Some(&emb));
+            h = resnet(r, &attention(a, &h, &ctx)?, &emb)?;
         }
 
         for blk in &self.up_blocks {
@@ -995,9 +1001,9 @@ impl UNet2DConditionModel {
                 let skip = skips
                     .pop()
                     .context("UNet forward: skip connections exhausted")?;
-                h = r.forward(&Tensor::cat(&[&h, &skip], 1), Some(&emb));
+                h = resnet(r, &Tensor::cat(&[&h, &skip], 1), &emb)?;
                 if let Some(a) = blk.attentions.get(j) {
-                    h = a.forward(&h, &ctx);
+                    h = attention(a, &h, &ctx)?;
                 }
             }
             if let Some(u) = &blk.upsampler {
@@ -1013,6 +1019,19 @@ impl UNet2DConditionModel {
         let h = self.conv_norm_out.forward(&h).silu();
         Ok(self.conv_out.forward(&h))
     }
+}
+
+/// A resnet block, checkpointed inside a checkpointing scope (`models::checkpoint`).
+fn resnet(r: &ResnetBlock2D, h: &Tensor, emb: &Tensor) -> Result<Tensor> {
+    // SAFETY: the segment borrows only the block's weights, which belong to the
+    // model and outlive the scope; the activations are passed as inputs.
+    unsafe { checkpoint1(&[h, emb], move |xs| r.forward(&xs[0], Some(&xs[1]))) }
+}
+
+/// A transformer block (`Transformer2D`), checkpointed as [`resnet`].
+fn attention(a: &Transformer2D, h: &Tensor, ctx: &Tensor) -> Result<Tensor> {
+    // SAFETY: as in `resnet`.
+    unsafe { checkpoint1(&[h, ctx], move |xs| a.forward(&xs[0], &xs[1])) }
 }
 
 /// A UNet with its variables, config and the original config JSON.

@@ -8,6 +8,7 @@
 use crate::models::blocks::{
     conv2d, group_norm, Downsample2D, ResnetBlock2D, SpatialSelfAttention, Upsample2D,
 };
+use crate::models::checkpoint::checkpoint1;
 use crate::weights;
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -300,17 +301,23 @@ impl Decoder {
         })
     }
 
-    fn forward(&self, z: &Tensor) -> Tensor {
-        let mut h = self.mid.forward(&self.conv_in.forward(z));
+    /// The decoder; its mid block and each resnet of the up blocks are checkpointed
+    /// inside a checkpointing scope (`models::checkpoint`).
+    fn forward(&self, z: &Tensor) -> Result<Tensor> {
+        let mid = &self.mid;
+        // SAFETY (both segments): they borrow only the decoder's weights, which
+        // outlive the scope; the activations are inputs.
+        let mut h =
+            unsafe { checkpoint1(&[&self.conv_in.forward(z)], move |xs| mid.forward(&xs[0]))? };
         for (resnets, us) in &self.up {
             for r in resnets {
-                h = r.forward(&h, None);
+                h = unsafe { checkpoint1(&[&h], move |xs| r.forward(&xs[0], None))? };
             }
             if let Some(u) = us {
                 h = u.forward(&h, None);
             }
         }
-        self.conv_out.forward(&self.norm_out.forward(&h).silu())
+        Ok(self.conv_out.forward(&self.norm_out.forward(&h).silu()))
     }
 }
 
@@ -386,7 +393,7 @@ impl AutoencoderKL {
             Some(c) => c.forward(z),
             None => z.shallow_clone(),
         };
-        Ok(self.decoder.forward(&z))
+        self.decoder.forward(&z)
     }
 
     /// Raw latents to the diffusion model's latent space: `(z - shift) * scaling`.

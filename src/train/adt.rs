@@ -27,7 +27,7 @@ use tch::{nn::VarStore, Device, Kind, Tensor};
 
 use crate::data::{DataConfig, DataLoader};
 use crate::disc::diffaug::{diff_augment_with_color, AugParams, Policy};
-use crate::disc::features::{DinoFeatures, EfficientNetFeatures};
+use crate::disc::features::{CastFeatures, DinoFeatures, EfficientNetFeatures};
 use crate::disc::siamese::{DiscConfig, DiscVariant, Discriminator};
 use crate::disc::FeatureNetwork;
 use crate::models::denoiser::{Cond, Denoiser, Guidance};
@@ -38,7 +38,9 @@ use crate::models::pipeline::{Backbone, Family, Pipeline, PipelineOptions, Rando
 use crate::models::sd3_text::Sd3TextOptions;
 use crate::schedule::Plan;
 use crate::schedule::{SamplerKind, ScheduleConfig};
-use crate::train::config::{Config, DiscKind, FeatureNet, FlowTimestep, Mode};
+use crate::train::config::{
+    Config, DiscKind, FeatureNet, FlowTimestep, Mode, TextDevice, WeightDtype,
+};
 use crate::train::fast::{FastDenoiser, FastOptions};
 use crate::train::logging::{EventWriter, JsonlWriter};
 use crate::train::optim::{warmup_lr, AdamW};
@@ -264,12 +266,30 @@ fn new_run_id() -> String {
 }
 
 /// The feature network F of the discriminator.
+///
+/// Its weights are in `model.frozen_dtype`; with a reduced precision the network is
+/// wrapped in [`CastFeatures`] (float32 images in, float32 features out).
 pub fn build_features(cfg: &Config, device: Device, tiny: bool) -> Result<Box<dyn FeatureNetwork>> {
+    let kind = cfg.model.frozen_dtype.kind();
+    let net = build_features_in(cfg, device, tiny, kind)?;
+    Ok(if kind == Kind::Float {
+        net
+    } else {
+        Box::new(CastFeatures::new(net, kind))
+    })
+}
+
+fn build_features_in(
+    cfg: &Config,
+    device: Device,
+    tiny: bool,
+    kind: Kind,
+) -> Result<Box<dyn FeatureNetwork>> {
     let d = &cfg.disc;
     match d.features {
         FeatureNet::Dinov2 => {
             if let Some(path) = &d.features_path {
-                let loaded = Dinov2Model::load(path, device, Kind::Float)
+                let loaded = Dinov2Model::load(path, device, kind)
                     .with_context(|| format!("loading DINOv2 from {}", path.display()))?;
                 let mut vs = loaded.vs;
                 vs.freeze();
@@ -288,6 +308,7 @@ pub fn build_features(cfg: &Config, device: Device, tiny: bool) -> Result<Box<dy
                 let mut vs = VarStore::new(device);
                 let dcfg = Dinov2Config::tiny();
                 let model = Dinov2Model::new(&vs.root(), &dcfg)?;
+                vs.set_kind(kind);
                 vs.freeze();
                 let n = dcfg.num_hidden_layers;
                 let blocks: Vec<usize> = d
@@ -332,7 +353,7 @@ pub fn build_features(cfg: &Config, device: Device, tiny: bool) -> Result<Box<dy
                     p
                 }
             };
-            let loaded = EfficientNet::load(&dir, device, Kind::Float)
+            let loaded = EfficientNet::load(&dir, device, kind)
                 .with_context(|| format!("loading EfficientNet-{name} from {}", dir.display()))?;
             let mut vs = loaded.vs;
             vs.freeze();
@@ -406,9 +427,18 @@ impl Trainer {
                         use_t5: cfg.model.use_t5,
                         max_sequence_length: cfg.model.max_sequence_length,
                     },
+                    text_device: Some(cfg.text_device()),
                 };
+                // A bfloat16 LoRA base is read in bfloat16 directly (never whole in
+                // float32 on the device); the frozen networks in their dtype.
+                let base_kind = if cfg.train.lora.is_some() {
+                    cfg.train.base_dtype.kind()
+                } else {
+                    Kind::Float
+                };
+                let frozen_kind = cfg.model.frozen_dtype.kind();
                 let pipe =
-                    Pipeline::load_with(Path::new(path), device, Kind::Float, Kind::Float, &opts)
+                    Pipeline::load_with(Path::new(path), device, base_kind, frozen_kind, &opts)
                         .with_context(|| format!("model.path = {path:?}"))?;
                 (pipe, false)
             }
@@ -459,6 +489,23 @@ impl Trainer {
         if let Some(l) = &cfg.train.lora {
             let n = pipe.attach_lora(&l.spec()).context("train.lora")?.len();
             tracing::info!("LoRA: {n} adapted layers, base weights frozen");
+        }
+        // With LoRA and `train.base_dtype = "bf16"`: the frozen base in bfloat16, the
+        // adapters float32 (validated: no base_dtype without LoRA).
+        let base_bf16 = cfg.train.lora.is_some() && cfg.train.base_dtype == WeightDtype::Bf16;
+        if base_bf16 {
+            pipe.set_base_kind(Kind::BFloat16);
+            tracing::info!(
+                "LoRA: base weights kept in bfloat16 (train.base_dtype); it also runs the \
+                 trajectory, no separate trajectory copy"
+            );
+        }
+        // The frozen networks' dtype and the text device (a no-op for a pipeline
+        // loaded with them).
+        let frozen =
+            (cfg.model.frozen_dtype != WeightDtype::Fp32).then(|| cfg.model.frozen_dtype.kind());
+        if frozen.is_some() || cfg.model.text_device != TextDevice::Train {
+            pipe.place_frozen(frozen, cfg.text_device());
         }
         let device = pipe.device;
         // Per-model learning rates and resolution (section 5) where the user set none.
@@ -567,13 +614,18 @@ impl Trainer {
                 pipe.family
             );
         }
+        // A bfloat16 base is its own trajectory model: no copy (cuda_graph and
+        // channels_last are refused with it by the configuration check).
         let fast_sd3 = match &pipe.backbone {
-            Backbone::Sd3(t) if tt.bf16_trajectory && !tt.cuda_graph && !tt.channels_last => {
+            Backbone::Sd3(t)
+                if tt.bf16_trajectory && !tt.cuda_graph && !tt.channels_last && !base_bf16 =>
+            {
                 Some(Sd3TrajectoryCopy::new(t, Kind::BFloat16)?)
             }
             _ => None,
         };
         let fast = if fast_sd3.is_none()
+            && !base_bf16
             && (tt.bf16_trajectory || tt.cuda_graph || tt.channels_last)
         {
             let unet = pipe.unet().context(
@@ -721,6 +773,9 @@ impl Trainer {
             prepared.push(self.prepare(images, captions, time_ids, &mut rng)?);
         }
         let mode = self.cfg.train.mode;
+        // Checkpointed segments registered in this iteration are released with it.
+        let _checkpointing =
+            crate::models::checkpoint::Scope::new(self.cfg.train.gradient_checkpointing)?;
         let body = |tr: &mut Trainer| match mode {
             Mode::Adt => tr.adt_iteration(step, prepared, &mut rng),
             Mode::Ft => tr.ft_iteration(step, prepared, &mut rng),

@@ -75,6 +75,53 @@ pub struct ModelSection {
     /// SD3: T5 tokens per prompt (without T5, as many zero tokens stand in for them,
     /// as in diffusers).
     pub max_sequence_length: usize,
+    /// Weights of the frozen networks: the VAE, the text encoders and the
+    /// discriminator's feature network (DINOv2 / EfficientNet-Lite): "fp32" (default),
+    /// "bf16" or "fp16". They compute in this dtype; their outputs are float32.
+    pub frozen_dtype: WeightDtype,
+    /// Where the text encoders live and run: "train" (the training device, default) or
+    /// "cpu" (only their outputs move to the training device).
+    pub text_device: TextDevice,
+}
+
+/// A floating-point storage dtype for weights (`model.frozen_dtype`, `train.base_dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightDtype {
+    #[default]
+    Fp32,
+    Bf16,
+    Fp16,
+}
+
+impl WeightDtype {
+    pub fn kind(self) -> tch::Kind {
+        match self {
+            WeightDtype::Fp32 => tch::Kind::Float,
+            WeightDtype::Bf16 => tch::Kind::BFloat16,
+            WeightDtype::Fp16 => tch::Kind::Half,
+        }
+    }
+
+    /// The configuration spelling ("fp32", "bf16", "fp16").
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightDtype::Fp32 => "fp32",
+            WeightDtype::Bf16 => "bf16",
+            WeightDtype::Fp16 => "fp16",
+        }
+    }
+}
+
+/// Where the text encoders run (`model.text_device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TextDevice {
+    /// The training device (`train.device`).
+    #[default]
+    Train,
+    /// The host CPU: the encoders' weights stay in host memory.
+    Cpu,
 }
 
 impl Default for ModelSection {
@@ -85,6 +132,8 @@ impl Default for ModelSection {
             save_to: None,
             use_t5: true,
             max_sequence_length: 256,
+            frozen_dtype: WeightDtype::Fp32,
+            text_device: TextDevice::Train,
         }
     }
 }
@@ -146,6 +195,13 @@ pub struct TrainSection {
     /// transformer (refreshed from the float32 master weights after each generator
     /// step); the kept steps are recomputed with the float32 weights.
     pub bf16_trajectory: bool,
+    /// Gradient checkpointing: the backbone's blocks (UNet resnets and transformers,
+    /// MMDiT joint blocks) and the VAE decoder's blocks keep only their inputs in
+    /// the graph and run again in the backward, so the kept-step recomputation and
+    /// the decode backward hold one block's activations at a time, for about one
+    /// more forward of each. Needs a build with LIBTORCH set (the checkpoint
+    /// binding).
+    pub gradient_checkpointing: bool,
     /// Capture the guided UNet call of the trajectory once as a CUDA graph and replay
     /// it (CUDA, GPU build only; UNet models).
     pub cuda_graph: bool,
@@ -182,6 +238,11 @@ pub struct TrainSection {
     /// parameter), "bf16" (4) or "8bit" (block-wise 8-bit as bitsandbytes' AdamW8bit,
     /// about 2). The update itself is computed in float32.
     pub optimizer_state: crate::train::optim::MomentStorage,
+    /// With `train.lora`: the dtype the frozen base weights of the backbone are kept
+    /// in, "fp32" (default) or "bf16". With "bf16" the base is stored once in
+    /// bfloat16 and is also the trajectory model (no separate trajectory copy); the
+    /// adapters stay float32 and the base matmuls run in bfloat16.
+    pub base_dtype: WeightDtype,
 }
 
 /// `train.lora`: the LoRA adapters to train.
@@ -296,6 +357,7 @@ impl Default for TrainSection {
             d_only_iterations: 0,
             device: "cpu".into(),
             bf16_trajectory: false,
+            gradient_checkpointing: false,
             cuda_graph: false,
             channels_last: false,
             cudnn_benchmark: false,
@@ -305,6 +367,7 @@ impl Default for TrainSection {
             time_limit_minutes: None,
             lora: None,
             optimizer_state: Default::default(),
+            base_dtype: WeightDtype::Fp32,
             dist_backend: "auto".into(),
             dist_timeout_s: 600.0,
             dist_shared_start: false,
@@ -480,6 +543,13 @@ impl Config {
     /// Range and consistency checks; errors name the key and the allowed values.
     pub fn validate(&self) -> Result<()> {
         let t = &self.train;
+        if t.gradient_checkpointing && !crate::models::checkpoint::available() {
+            bail!(
+                "train.gradient_checkpointing = true: this build has no checkpoint binding \
+                 (csrc/ckpt_shim.cpp is compiled only when LIBTORCH is set at build time; \
+                 source scripts/env.sh and rebuild)"
+            );
+        }
         if !["auto", "gloo", "nccl"].contains(&t.dist_backend.as_str()) {
             bail!(
                 "train.dist_backend = {:?}: expected \"auto\", \"gloo\" or \"nccl\"",
@@ -582,6 +652,29 @@ impl Config {
                 bail!("disc.diffaug: unknown policy {p:?} (allowed: color, translation, cutout)");
             }
         }
+        match t.base_dtype {
+            WeightDtype::Fp32 => {}
+            WeightDtype::Fp16 => bail!(
+                "train.base_dtype = \"fp16\": allowed values are \"fp32\" and \"bf16\" (float16 \
+                 has too little range for the trained model's activations)"
+            ),
+            WeightDtype::Bf16 => {
+                if t.lora.is_none() {
+                    bail!(
+                        "train.base_dtype = \"bf16\" needs train.lora: a full fine-tune trains the \
+                         base weights, which stay float32 master weights (train.bf16_trajectory \
+                         gives the bfloat16 trajectory)"
+                    );
+                }
+                if t.cuda_graph || t.channels_last {
+                    bail!(
+                        "train.base_dtype = \"bf16\" runs the trajectory on the bfloat16 base itself; \
+                         train.cuda_graph and train.channels_last build a separate trajectory copy \
+                         of the UNet: turn them off"
+                    );
+                }
+            }
+        }
         match t.device.as_str() {
             "cpu" | "cuda" => {}
             d if d.starts_with("cuda:") && d[5..].parse::<usize>().is_ok() => {}
@@ -656,6 +749,14 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The device the text encoders run on (`model.text_device`).
+    pub fn text_device(&self) -> tch::Device {
+        match self.model.text_device {
+            TextDevice::Train => self.device(),
+            TextDevice::Cpu => tch::Device::Cpu,
+        }
     }
 
     pub fn device(&self) -> tch::Device {
@@ -825,5 +926,48 @@ mod tests {
             Config::load(None, &["train.logit_mean=inf".into()]).unwrap_err()
         );
         assert!(e.contains("train.logit_mean"), "{e}");
+    }
+
+    /// The memory options: the bf16 base needs LoRA and no separate trajectory copy,
+    /// fp16 is refused for the base, and the text device resolves to the host or the
+    /// training device.
+    #[test]
+    fn memory_options_are_checked() {
+        let load = |o: &[&str]| {
+            let o: Vec<String> = o.iter().map(|s| s.to_string()).collect();
+            Config::load(None, &o)
+        };
+        let err = |o: &[&str]| format!("{:#}", load(o).unwrap_err());
+        let e = err(&["train.base_dtype=\"bf16\""]);
+        assert!(
+            e.contains("train.base_dtype") && e.contains("train.lora"),
+            "{e}"
+        );
+        let e = err(&["train.base_dtype=\"fp16\"", "train.lora={}"]);
+        assert!(e.contains("train.base_dtype = \"fp16\""), "{e}");
+        for lever in ["train.cuda_graph=true", "train.channels_last=true"] {
+            let e = err(&["train.base_dtype=\"bf16\"", "train.lora={}", lever]);
+            assert!(
+                e.contains("train.cuda_graph and train.channels_last"),
+                "{e}"
+            );
+        }
+        let e = err(&["model.frozen_dtype=\"fp8\""]);
+        assert!(e.contains("model.frozen_dtype"), "{e}");
+        let c = load(&[
+            "train.base_dtype=\"bf16\"",
+            "train.lora={}",
+            "model.frozen_dtype=\"fp16\"",
+            "model.text_device=\"cpu\"",
+            "train.device=\"cuda:1\"",
+        ])
+        .unwrap();
+        assert_eq!(c.train.base_dtype.kind(), tch::Kind::BFloat16);
+        assert_eq!(c.model.frozen_dtype.kind(), tch::Kind::Half);
+        assert_eq!(c.text_device(), tch::Device::Cpu);
+        let c = load(&["train.device=\"cuda:1\""]).unwrap();
+        assert_eq!(c.text_device(), tch::Device::Cuda(1));
+        assert_eq!(c.model.frozen_dtype, WeightDtype::Fp32);
+        assert_eq!(c.train.base_dtype, WeightDtype::Fp32);
     }
 }
