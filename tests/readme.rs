@@ -739,3 +739,56 @@ fn checkpointing_table_matches_its_report() {
         note("kept_step_grad").1,
     );
 }
+
+/// The Apple-emoji table against `assets/other-styles/apple/report.json`: means, sample
+/// standard deviations and per-seed FD in both spaces, KID means, saturation.
+#[test]
+fn other_style_table_matches_its_report() {
+    let rep = json("assets/other-styles/apple/report.json");
+    let runs: Vec<&Value> = rep["runs"].as_array().unwrap().iter().collect();
+    let of =
+        |v: &str| -> Vec<&Value> { runs.iter().copied().filter(|r| r["variant"] == v).collect() };
+    let text = readme();
+    let t = table(
+        &text,
+        "| model | Lite1 FD (mean ± sd) | per seed | Lite1 KID | Lite2 FD (mean ± sd) | Lite2 KID | mean saturation |",
+    );
+    assert_eq!(t.len(), 3);
+    let base = &rep["base"];
+    same("base Lite1 FD", &t[0][1], base["fd"][0].as_f64().unwrap());
+    same("base Lite1 KID", &t[0][3], base["kid"][0].as_f64().unwrap());
+    same("base Lite2 FD", &t[0][4], base["fd"][1].as_f64().unwrap());
+    same("base Lite2 KID", &t[0][5], base["kid"][1].as_f64().unwrap());
+    same(
+        "base saturation",
+        &t[0][6],
+        base["mean_saturation"].as_f64().unwrap(),
+    );
+    for (row, v) in t[1..].iter().zip(["ft", "adt"]) {
+        let rs = of(v);
+        assert_eq!(rs.len(), 3, "{v}: three seeds");
+        let col = |f: &dyn Fn(&Value) -> f64| rs.iter().map(|r| f(r)).collect::<Vec<f64>>();
+        for (space, fd_cell, kid_cell) in [(0, 1, 3), (1, 4, 5)] {
+            let fd = col(&|r: &Value| r["fd"][space].as_f64().unwrap());
+            let (m, sd) = mean_sd(&fd);
+            let n = numbers(&row[fd_cell]);
+            same(&format!("{v} FD mean {space}"), &n[0], m);
+            same(&format!("{v} FD sd {space}"), &n[1], sd);
+            let kid = col(&|r: &Value| r["kid"][space].as_f64().unwrap());
+            same(&format!("{v} KID {space}"), &row[kid_cell], mean_sd(&kid).0);
+            if space == 0 {
+                for (w, x) in numbers(&row[2]).iter().zip(&fd) {
+                    same(&format!("{v} per seed"), w, *x);
+                }
+            }
+        }
+        let sat = col(&|r: &Value| r["mean_saturation"].as_f64().unwrap());
+        same(&format!("{v} saturation"), &row[6], mean_sd(&sat).0);
+    }
+    let f = flat(&text);
+    same(
+        "target saturation",
+        &after(&f, "(held-out Apple mean saturation")[0],
+        rep["reference_colour"]["mean_saturation"].as_f64().unwrap(),
+    );
+}
