@@ -792,3 +792,56 @@ fn other_style_table_matches_its_report() {
         rep["reference_colour"]["mean_saturation"].as_f64().unwrap(),
     );
 }
+
+/// The demo's stage table against `assets/demo-results/cpu-seed0-rerun/report.json`,
+/// and the rerun's figures equal to the first run's (`cpu-seed0`).
+#[test]
+fn demo_stage_table_matches_the_rerun() {
+    let first = json("assets/demo-results/cpu-seed0/report.json");
+    let rerun = json("assets/demo-results/cpu-seed0-rerun/report.json");
+    for key in ["fd", "kid", "histogram_l1"] {
+        for (a, b) in first["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(rerun["models"].as_array().unwrap())
+        {
+            assert_eq!(a[key], b[key], "{key} of {}", a["name"]);
+        }
+    }
+    let text = readme();
+    let t = table(&text, "| stage | seconds |");
+    let stages = rerun["stages"].as_array().unwrap();
+    assert_eq!(
+        t.len(),
+        stages.len() + 2,
+        "preparation, the stages, the total"
+    );
+    same(
+        "preparation",
+        &t[0][1],
+        rerun["preparation_seconds"].as_f64().unwrap(),
+    );
+    for (row, s) in t[1..].iter().zip(stages) {
+        same(row[0].as_str(), &row[1], s["seconds"].as_f64().unwrap());
+    }
+    same(
+        "total",
+        &t[t.len() - 1][1],
+        rerun["wall_seconds"].as_f64().unwrap(),
+    );
+    let adt = stages
+        .iter()
+        .find(|s| {
+            s["stage"]
+                .as_str()
+                .unwrap()
+                .starts_with("ADT seed 0: train")
+        })
+        .unwrap()["seconds"]
+        .as_f64()
+        .unwrap();
+    let share = 100.0 * adt / rerun["wall_seconds"].as_f64().unwrap();
+    let f = flat(&text);
+    same("ADT share", &after(&f, "ADT's training is")[0], share);
+}
