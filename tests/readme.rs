@@ -593,6 +593,22 @@ fn cpu_three_seed_table_matches_its_report() {
 /// merges (`assets/colour-drift/seed*/report.json`): per variant the seeds, and over
 /// them the mean (± sd) of the saturation, the paired saturation difference to ADT, the
 /// hue-histogram L1, FD and KID in both spaces.
+/// A cell "m" (one value) or "m ± sd" (mean and sample sd of several), m possibly
+/// negative, against the values.
+#[track_caller]
+fn mean_sd_cell(what: &str, cell: &str, v: &[f64]) {
+    let parts: Vec<&str> = cell.split('±').map(str::trim).collect();
+    if v.len() == 1 {
+        assert_eq!(parts.len(), 1, "{what}: {cell}");
+        same(what, parts[0], v[0]);
+    } else {
+        let (m, sd) = mean_sd(v);
+        assert_eq!(parts.len(), 2, "{what}: {cell}");
+        same(&format!("{what} mean"), parts[0], m);
+        same(&format!("{what} sd"), parts[1], sd);
+    }
+}
+
 #[test]
 fn colour_drift_table_matches_its_reports() {
     let text = readme();
@@ -615,19 +631,7 @@ fn colour_drift_table_matches_its_reports() {
     }
     let rows = table(&text, "| variant | change | seeds | mean saturation");
     assert!(rows.len() >= 3, "colour-drift table: {} rows", rows.len());
-    // Cells are "m" or "m ± sd", m possibly negative (KID).
-    let check = |what: &str, cell: &str, v: &[f64]| {
-        let nums: Vec<String> = cell.split('±').map(|p| p.trim().to_string()).collect();
-        if v.len() == 1 {
-            assert_eq!(nums.len(), 1, "{what}: {cell}");
-            same(what, &nums[0], v[0]);
-        } else {
-            let (m, sd) = mean_sd(v);
-            assert_eq!(nums.len(), 2, "{what}: {cell}");
-            same(&format!("{what} mean"), &nums[0], m);
-            same(&format!("{what} sd"), &nums[1], sd);
-        }
-    };
+    let check = mean_sd_cell;
     let f = |r: &Value, key: &str, i: Option<usize>| -> f64 {
         match i {
             Some(i) => r[key][i].as_f64().unwrap(),
@@ -844,4 +848,176 @@ fn demo_stage_table_matches_the_rerun() {
     let share = 100.0 * adt / rerun["wall_seconds"].as_f64().unwrap();
     let f = flat(&text);
     same("ADT share", &after(&f, "ADT's training is")[0], share);
+}
+
+/// The Table 3 table against `assets/table3/report.json` (`scripts/table3.sh`): for
+/// every variant, mean ± sd over the seeds of FD in both spaces, the per-seed Lite1
+/// FD, the mean KIDs, the direction against ADT, the hue-histogram distance and the
+/// saturation; and the settings the text quotes.
+#[test]
+fn table3_matches_its_report() {
+    let rep = json("assets/table3/report.json");
+    let runs: Vec<&Value> = rep["runs"].as_array().unwrap().iter().collect();
+    let seeds: Vec<u64> = rep["seeds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_u64().unwrap())
+        .collect();
+    assert!(seeds.len() >= 3, "Table 3: {} seeds", seeds.len());
+    let of = |v: &str| -> Vec<&Value> {
+        let mut rs: Vec<&Value> = runs.iter().copied().filter(|r| r["variant"] == v).collect();
+        rs.sort_by_key(|r| r["seed"].as_u64().unwrap());
+        rs
+    };
+    let metric = |rs: &[&Value], key: &str, i: Option<usize>| -> Vec<f64> {
+        rs.iter()
+            .map(|r| match i {
+                Some(i) => r[key][i].as_f64().unwrap(),
+                None => r[key].as_f64().unwrap(),
+            })
+            .collect()
+    };
+    let check = mean_sd_cell;
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let text = readme();
+    let rows = table(
+        &text,
+        "| variant | change | Lite1 FD (mean ± sd) | Lite1 FD per seed |",
+    );
+    let names: Vec<&str> = rows.iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "base",
+            "adt",
+            "stylegan-t",
+            "drtune",
+            "lambda0",
+            "k1",
+            "k3",
+            "levels4",
+            "ft"
+        ],
+        "Table 3 rows"
+    );
+    let adt = of("adt");
+    for row in &rows {
+        let name = row[0].as_str();
+        let rs: Vec<&Value> = if name == "base" {
+            vec![&rep["base"]]
+        } else {
+            of(name)
+        };
+        if name != "base" {
+            let got: Vec<u64> = rs.iter().map(|r| r["seed"].as_u64().unwrap()).collect();
+            assert_eq!(got, seeds, "{name}: one run per seed");
+            let fd0 = metric(&rs, "fd", Some(0));
+            let written = numbers(&row[3]);
+            assert_eq!(written.len(), fd0.len(), "{name}: per-seed FD");
+            for (w, x) in written.iter().zip(&fd0) {
+                same(&format!("{name} per-seed FD"), w, *x);
+            }
+        }
+        check(
+            &format!("{name} Lite1 FD"),
+            &row[2],
+            &metric(&rs, "fd", Some(0)),
+        );
+        same(
+            &format!("{name} Lite1 KID"),
+            &row[4],
+            mean(&metric(&rs, "kid", Some(0))),
+        );
+        check(
+            &format!("{name} Lite2 FD"),
+            &row[5],
+            &metric(&rs, "fd", Some(1)),
+        );
+        same(
+            &format!("{name} Lite2 KID"),
+            &row[6],
+            mean(&metric(&rs, "kid", Some(1))),
+        );
+        if name != "base" && name != "adt" {
+            let dir = |key: &str| {
+                let signs: Vec<std::cmp::Ordering> = (0..2)
+                    .map(|i| {
+                        mean(&metric(&rs, key, Some(i)))
+                            .partial_cmp(&mean(&metric(&adt, key, Some(i))))
+                            .unwrap()
+                    })
+                    .collect();
+                if signs.iter().all(|s| s.is_gt()) {
+                    "worse"
+                } else if signs.iter().all(|s| s.is_lt()) {
+                    "better"
+                } else {
+                    "disagree"
+                }
+            };
+            assert_eq!(
+                row[7],
+                format!("{} / {}", dir("fd"), dir("kid")),
+                "{name}: vs ADT"
+            );
+        }
+        same(
+            &format!("{name} hue L1"),
+            &row[8],
+            mean(&metric(&rs, "hue_l1", None)),
+        );
+        same(
+            &format!("{name} saturation"),
+            &row[9],
+            mean(&metric(&rs, "mean_saturation", None)),
+        );
+    }
+    let f = flat(&text);
+    let settings = after(&f, "`scripts/table3.sh` (");
+    assert_eq!(
+        settings[..2],
+        [
+            rep["iterations"].as_u64().unwrap().to_string(),
+            rep["eval_images"].as_u64().unwrap().to_string()
+        ],
+        "Table 3 settings: iterations, held-out captions"
+    );
+}
+
+/// The fresh-clone `scripts/demo.sh` figures: the README's total, setup and demo
+/// seconds against `assets/demo-results/fresh-clone/` (timing.txt and the report's
+/// wall time), and that run's model figures equal to the first run's.
+#[test]
+fn fresh_clone_demo_matches_its_files() {
+    let dir = "assets/demo-results/fresh-clone";
+    let timing = std::fs::read_to_string(root().join(dir).join("timing.txt")).unwrap();
+    let measured: Vec<String> = timing
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .flat_map(numbers)
+        .collect();
+    let fresh = json(&format!("{dir}/report.json"));
+    let f = flat(&readme());
+    let written = after(&f, "(`assets/demo-results/fresh-clone/`), it took");
+    // "exit 0, wall 824 s" then "demo: 555 s ... data: 269 s".
+    assert_eq!(written[0], measured[1], "total seconds");
+    assert_eq!(written[1], measured[3], "setup seconds");
+    assert_eq!(written[2], measured[2], "demo seconds");
+    same(
+        "demo wall",
+        &written[2],
+        fresh["wall_seconds"].as_f64().unwrap(),
+    );
+    let first = json("assets/demo-results/cpu-seed0/report.json");
+    for (a, b) in fresh["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(first["models"].as_array().unwrap())
+    {
+        for key in ["name", "fd", "kid", "histogram_l1"] {
+            assert_eq!(a[key], b[key], "fresh-clone {key}");
+        }
+    }
 }
