@@ -306,7 +306,10 @@ fn efficientnet_five_levels_add_the_stem() {
         let prepared = adt::models::efficientnet::normalize(&((&x + 1.0) * 0.5));
         model.stage_outputs(&prepared, &[1, 2, 4, 6]).unwrap()
     });
-    for (a, b) in f5[1..].iter().zip(&stages) {
-        assert_eq!(vals(a), vals(&b.flatten(2, 3)));
+    // The features run channels-last, the reference here in NCHW: the same values up
+    // to the order of the float sums.
+    for (i, (a, b)) in f5[1..].iter().zip(&stages).enumerate() {
+        let e = rel_err(a, &b.flatten(2, 3));
+        assert!(e < 1e-5, "level {}: relative error {e}", i + 1);
     }
 }

@@ -58,9 +58,13 @@ fn path_name(p: &nn::Path) -> String {
     p.components().collect::<Vec<_>>().join(".")
 }
 
-/// LeakyReLU with slope [`LEAKY_SLOPE`] (gradient 0.2 at 0, as PyTorch).
+/// LeakyReLU with slope [`LEAKY_SLOPE`] (gradient 0.2 at 0, as PyTorch). One fused
+/// kernel: PReLU with a constant slope (tch's `leaky_relu` has no slope argument).
 pub fn leaky_relu(x: &Tensor) -> Tensor {
-    x.relu() * (1.0 - LEAKY_SLOPE) + x * LEAKY_SLOPE
+    let slope = Tensor::from_slice(&[LEAKY_SLOPE])
+        .to_kind(x.kind())
+        .to_device(x.device());
+    x.prelu(&slope)
 }
 
 fn normalize(v: &Tensor) -> Tensor {
@@ -271,22 +275,26 @@ impl BatchNormLocal {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let b = x.size()[0];
         let groups = (b + self.virtual_batch - 1) / self.virtual_batch;
-        let normed: Vec<Tensor> = x
-            .chunk(groups.max(1), 0)
-            .iter()
-            .map(|g| {
-                let dims = [0i64, 2].as_slice();
-                let mean = g.mean_dim(dims, true, g.kind());
-                let var = g.var_correction(dims, 0, true);
-                (g - mean) / (var + self.eps).sqrt()
-            })
-            .collect();
-        let y = if normed.len() == 1 {
-            normed.into_iter().next().expect("one group")
-        } else {
-            Tensor::cat(&normed, 0)
+        // Each group is a plain training-mode batch norm over (samples, tokens)
+        // without running statistics: one fused kernel forward and backward.
+        let norm = |g: &Tensor| {
+            Tensor::batch_norm(
+                g,
+                Some(&self.weight),
+                Some(&self.bias),
+                None::<&Tensor>,
+                None::<&Tensor>,
+                true,
+                0.0,
+                self.eps,
+                false,
+            )
         };
-        y * self.weight.view([1, -1, 1]) + self.bias.view([1, -1, 1])
+        if groups <= 1 {
+            return norm(x);
+        }
+        let normed: Vec<Tensor> = x.chunk(groups, 0).iter().map(norm).collect();
+        Tensor::cat(&normed, 0)
     }
 }
 
