@@ -1,23 +1,21 @@
 #!/usr/bin/env bash
 # The paper's Table 3 at toy scale, three seeds, from one command (README, "Table 3"):
 #
-#   scripts/table3.sh [SEEDS] [ITERATIONS] [EVAL_IMAGES]     # defaults: 0,1,2 60 128
+#   scripts/table3.sh [SEEDS] [ITERATIONS] [EVAL_IMAGES]     # defaults: 0,1,2 80 256
 #
 # Every variant of `adt ablate` (ADT, StyleGAN-T discriminator, DRTune path,
 # lambda = 0, K = 1, K = 3, four feature levels, FT) from the committed base on each
-# seed, scored in EfficientNet-Lite1 and Lite2 features. The defaults are half the
-# demo's iterations and 128 held-out captions (the scale of the colour-drift
-# measurements), so that three seeds of all eight rows take about an hour on two CPU
-# cores; `scripts/table3.sh 0,1,2 120 256` runs them at the demo's own scale (about
-# three times as long). On a GPU box, DEVICE=cuda.
+# seed, scored in EfficientNet-Lite1 and Lite2 features. The defaults are the default
+# demo's scale (80 iterations, 256 held-out captions): three seeds of all eight rows
+# take a bit over an hour on two idle CPU cores. On a GPU box, DEVICE=cuda.
 #
 # Writes runs/table3/ and copies its report (report.md / report.json, the samples
 # side by side) and the log to assets/table3/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS=${1:-0,1,2}
-ITERATIONS=${2:-60}
-EVAL=${3:-128}
+ITERATIONS=${2:-80}
+EVAL=${3:-256}
 DEVICE=${DEVICE:-cpu}
 OUT=${OUT:-runs/table3}
 ASSETS=${ASSETS:-assets/table3}

@@ -46,14 +46,19 @@ pub struct DemoOptions {
     /// image folders (`base`, `ft-seed<N>`, `adt-seed<N>`) and optionally
     /// `metrics/<run>.jsonl` (what `scripts/gpu_demo.sh` writes).
     pub from_samples: Option<PathBuf>,
+    /// Draw the evaluation samples with the float32 UNet. By default the UNet that
+    /// samples has bfloat16 weights (about twice as fast on a CPU; the noise, the
+    /// sampler's arithmetic and the images stay float32).
+    pub sample_fp32: bool,
 }
 
 impl Default for DemoOptions {
     fn default() -> Self {
         DemoOptions {
             seeds: vec![0],
-            // Sized for two CPU cores: about 14 minutes (see the README).
-            iterations: 120,
+            // Sized for two idle CPU cores: the whole default demo in about 6 minutes
+            // (see the README).
+            iterations: 80,
             out: PathBuf::from("runs/demo"),
             base: PathBuf::from("assets/demo-base"),
             data: PathBuf::from(".cache/demo/data"),
@@ -62,6 +67,7 @@ impl Default for DemoOptions {
             adt_config: PathBuf::from("examples/demo-adt.toml"),
             device: "cpu".into(),
             from_samples: None,
+            sample_fp32: false,
         }
     }
 }
@@ -215,24 +221,19 @@ const SAMPLE_STEPS: usize = 10;
 
 /// Draw one image per caption with the demo sampler into `dir` (PNG files).
 pub fn generate_set(pipe: &Pipeline, captions: &[String], dir: &Path, seed: i64) -> Result<()> {
-    let plan = Plan::new(&pipe.schedule, SamplerKind::Ddim, SAMPLE_STEPS)?;
-    std::fs::create_dir_all(dir)?;
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
-    let mut progress = Progress::new(
-        format!("sample {}", name.unwrap_or_default()),
-        captions.len() as u64,
-    );
-    let mut k = 0;
-    for (bi, chunk) in captions.chunks(SAMPLE_CHUNK).enumerate() {
-        let imgs = crate::sample::generate(pipe, &plan, chunk, 2.0, seed * 1000 + bi as i64, 32)?;
-        for im in crate::sample::to_rgb8(&imgs)? {
-            im.save(dir.join(format!("{k:05}.png")))?;
-            k += 1;
-        }
-        progress.inc(chunk.len() as u64);
-    }
-    progress.finish();
-    Ok(())
+    generate_set_with(pipe, captions, dir, seed, SAMPLE_STEPS, 32)
+}
+
+/// Load a model to draw evaluation samples with: the UNet in bfloat16 unless `fp32`
+/// (the text encoder and, where there is one, the VAE stay float32).
+pub fn sampling_pipeline(dir: &Path, device: Device, fp32: bool) -> Result<Pipeline> {
+    let unet = if fp32 {
+        tch::Kind::Float
+    } else {
+        tch::Kind::BFloat16
+    };
+    Pipeline::load(dir, device, unet, tch::Kind::Float)
+        .with_context(|| format!("loading {} to sample", dir.display()))
 }
 
 struct Evaluator {
@@ -419,10 +420,13 @@ fn measure_rates(o: &DemoOptions, caps: &[String], ev: &Evaluator, train: bool) 
         let per = times.iter().sum::<f64>() / cycle as f64;
         if name == "ft" {
             r.ft_iteration = per;
-            let plan = Plan::new(&tr.pipe.schedule, SamplerKind::Ddim, 1)?;
+            // The sampling pipeline as the evaluation loads it, after a warm-up call.
+            let pipe = sampling_pipeline(&o.base, tr.pipe.device, o.sample_fp32)?;
+            let plan = Plan::new(&pipe.schedule, SamplerKind::Ddim, 1)?;
             let m = caps.len().clamp(1, SAMPLE_CHUNK);
+            let _ = crate::sample::generate(&pipe, &plan, &caps[..m], 2.0, 0, 32)?;
             let t = std::time::Instant::now();
-            let _ = crate::sample::generate(&tr.pipe, &plan, &caps[..m], 2.0, 0, 32)?;
+            let _ = crate::sample::generate(&pipe, &plan, &caps[..m], 2.0, 0, 32)?;
             r.sample_image = t.elapsed().as_secs_f64() * SAMPLE_STEPS as f64 / m as f64;
             r.sample_batch = m;
         } else {
@@ -662,10 +666,11 @@ pub fn run_demo(o: &DemoOptions) -> Result<DemoReport> {
         }
     }
     // The same samples (and the reference) in EfficientNet-Lite2: 260 px and width 1.1,
-    // counted as 1.5 Lite1 images each.
+    // counted as one Lite1 image each (measured: 37 s for the four sets of 256 images
+    // of a one-seed run whose Lite1 rate was 0.042 s/image, i.e. 43 s by this count).
     stages.add(
         "score every model in EfficientNet-Lite2",
-        1.5 * rates.feature_image * ((2 + 2 * o.seeds.len()) * caps.len()) as f64,
+        rates.feature_image * ((2 + 2 * o.seeds.len()) * caps.len()) as f64,
     );
     tracing::info!("{}", rates.describe());
     stages.announce();
@@ -681,7 +686,7 @@ pub fn run_demo(o: &DemoOptions) -> Result<DemoReport> {
     let mut models = Vec::new();
     let eval_model =
         |name: &str, seed: Option<u64>, dir: &Path, train_s: f64| -> Result<ModelResult> {
-            let pipe = Pipeline::load(dir, device, tch::Kind::Float, tch::Kind::Float)?;
+            let pipe = sampling_pipeline(dir, device, o.sample_fp32)?;
             let samples = o.out.join("samples").join(match seed {
                 Some(s) => format!("{name}-seed{s}"),
                 None => name.to_string(),

@@ -124,7 +124,7 @@ enum Command {
         /// Seeds (comma-separated); one FT and one ADT run each.
         #[arg(long, default_value = "0", value_delimiter = ',')]
         seeds: Vec<u64>,
-        /// Iterations per run (the README's three-seed table: 200).
+        /// Iterations per run.
         #[arg(long, default_value_t = adt::demo::DemoOptions::default().iterations)]
         iterations: usize,
         /// Held-out captions / images used in the evaluation (all of them: 478).
@@ -138,6 +138,10 @@ enum Command {
         /// Only evaluate runs made elsewhere (scripts/gpu_demo.sh output folder).
         #[arg(long)]
         from_samples: Option<PathBuf>,
+        /// Draw the evaluation samples with the float32 UNet (default: bfloat16 UNet
+        /// weights, about twice as fast on a CPU).
+        #[arg(long)]
+        sample_fp32: bool,
     },
     /// The paper's ablation (Table 3) at the demo's scale: ADT, StyleGAN-T discriminator,
     /// DRTune path, lambda 0, K 1 / 3, four feature levels and FT, from the same base on the
@@ -169,6 +173,10 @@ enum Command {
         /// Switch DiffAugment's colour op off in every run (colour-drift measurement).
         #[arg(long)]
         no_color_aug: bool,
+        /// Draw the evaluation samples with the float32 UNet (default: bfloat16 UNet
+        /// weights, about twice as fast on a CPU).
+        #[arg(long)]
+        sample_fp32: bool,
         /// Base pipeline folder.
         #[arg(long, default_value = "assets/demo-base")]
         base: PathBuf,
@@ -505,6 +513,7 @@ fn main() -> Result<()> {
             out,
             device,
             from_samples,
+            sample_fp32,
         } => {
             let o = adt::demo::DemoOptions {
                 seeds,
@@ -513,6 +522,7 @@ fn main() -> Result<()> {
                 out,
                 device,
                 from_samples,
+                sample_fp32,
                 ..Default::default()
             };
             let r = adt::demo::run_demo(&o)?;
@@ -539,6 +549,7 @@ fn main() -> Result<()> {
             variants,
             mut set,
             no_color_aug,
+            sample_fp32,
             base,
             data,
             adt_config,
@@ -560,6 +571,7 @@ fn main() -> Result<()> {
                     data,
                     adt_config,
                     ft_config,
+                    sample_fp32,
                     ..Default::default()
                 },
                 variants,

@@ -35,7 +35,6 @@ use super::{captions, check_inputs, mean_sd, DemoOptions, Evaluator};
 use crate::eval::metrics::{
     compare, load_image01, select_images, EvalOptions, FeatureExtractor, FeatureSpace,
 };
-use crate::models::pipeline::Pipeline;
 use crate::report::{md_table_to_html, png_data_uri, rows_grid};
 use crate::train::config::Config;
 use crate::train::run::{run, RunOptions};
@@ -503,8 +502,7 @@ pub fn run_ablation(o: &AblationOptions) -> Result<AblationReport> {
 
     let evaluate = |variant: &str, seed: u64, model: &Path, train_s: f64| -> Result<AblationRun> {
         let t0 = std::time::Instant::now();
-        let pipe = Pipeline::load(model, device, Kind::Float, Kind::Float)
-            .with_context(|| format!("loading {}", model.display()))?;
+        let pipe = super::sampling_pipeline(model, device, d.sample_fp32)?;
         let samples = d.out.join("samples").join(format!("{variant}-seed{seed}"));
         super::generate_set_with(&pipe, &caps, &samples, 1234, o.sample_steps, o.sample_size)?;
         drop(pipe);
