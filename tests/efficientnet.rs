@@ -157,6 +157,36 @@ fn lite2_classifies_chelsea_as_a_cat() {
     assert_eq!(cfg.stage_channels(), vec![16, 24, 48, 88, 120, 208, 352]);
 }
 
+/// `efficientnet::channels_last` changes the memory order only: NHWC strides, and the
+/// same pooled Lite1 features as the NCHW input up to float rounding.
+#[test]
+fn channels_last_input_gives_the_same_features() {
+    if !weights_available() {
+        return;
+    }
+    let loaded = EfficientNet::load(
+        &cache().join("efficientnet-lite1"),
+        Device::Cpu,
+        Kind::Float,
+    )
+    .unwrap();
+    let x = efficientnet::preprocess_eval(&chelsea01(), 240)
+        .unwrap()
+        .repeat([2, 1, 1, 1]);
+    let cl = efficientnet::channels_last(&x);
+    assert_eq!(cl.size(), x.size());
+    assert_eq!(cl.stride(), vec![240 * 240 * 3, 1, 240 * 3, 3]);
+    assert_eq!(x.stride(), vec![3 * 240 * 240, 240 * 240, 240, 1]);
+    let a = tch::no_grad(|| loaded.model.pooled(&x)).unwrap();
+    let b = tch::no_grad(|| loaded.model.pooled(&cl)).unwrap();
+    let err = (&a - &b).abs().max().double_value(&[]);
+    let scale = a.abs().max().double_value(&[]);
+    assert!(
+        err <= 1e-4 * scale,
+        "channels-last features differ by {err} (scale {scale})"
+    );
+}
+
 #[test]
 fn feature_network_shapes_and_pooled_features() {
     if !weights_available() {
