@@ -907,6 +907,11 @@ fn demo_stage_table_matches_its_report() {
         &n[3],
         fd(&first, "ft") - fd(&first, "adt"),
     );
+    let n = after(&f, "by a few FD points (same seed, 120 iterations: ");
+    same("ADT before", &n[0], fd(&before, "adt"));
+    same("ADT after", &n[1], fd(&after_, "adt"));
+    same("FT before", &n[2], fd(&before, "ft"));
+    same("FT after", &n[3], fd(&after_, "ft"));
 }
 
 /// The Table 3 table against `assets/table3/report.json` (`scripts/table3.sh`): for
