@@ -409,9 +409,7 @@ fn measure_rates(o: &DemoOptions, caps: &[String], ev: &Evaluator, train: bool) 
         let t = std::time::Instant::now();
         let mut tr = Trainer::new(cfg).with_context(|| format!("speed check of the {name} run"))?;
         r.run_setup = r.run_setup.max(t.elapsed().as_secs_f64());
-        // A warm-up iteration (one-off costs of the first passes); for ADT one with a G
-        // step (step H - 1), so that the timed cycle does not pay the first backward.
-        tr.step = cycle - 1;
+        // A warm-up iteration (one-off costs of the first passes).
         tr.iteration()?;
         let mut times = Vec::with_capacity(cycle);
         for _ in 0..cycle {
