@@ -917,6 +917,20 @@ pub fn generate_set_with(
 mod tests {
     use super::*;
 
+    /// The evaluation samples with a bfloat16 UNet by default, float32 with
+    /// `--sample-fp32`; the text encoder stays float32 either way.
+    #[test]
+    fn sampling_pipeline_kinds() {
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo-base");
+        assert!(!DemoOptions::default().sample_fp32);
+        for (fp32, kind) in [(false, tch::Kind::BFloat16), (true, tch::Kind::Float)] {
+            let pipe = sampling_pipeline(&base, Device::Cpu, fp32).unwrap();
+            assert_eq!(pipe.kind(), kind, "fp32 = {fp32}");
+            let (cond, _) = pipe.encode_text(&["red heart".to_string()], None).unwrap();
+            assert_eq!(cond.context.kind(), tch::Kind::Float);
+        }
+    }
+
     #[test]
     fn time_left_scales_the_remaining_estimates_by_the_finished_ones() {
         let mut s = Stages::new(std::time::Instant::now());
