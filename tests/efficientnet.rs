@@ -157,7 +157,7 @@ fn lite2_classifies_chelsea_as_a_cat() {
     assert_eq!(cfg.stage_channels(), vec![16, 24, 48, 88, 120, 208, 352]);
 }
 
-/// `efficientnet::channels_last` changes the memory order only: NHWC strides, and the
+/// `blocks::channels_last` changes the memory order only: NHWC strides, and the
 /// same pooled Lite1 features as the NCHW input up to float rounding.
 #[test]
 fn channels_last_input_gives_the_same_features() {
@@ -173,7 +173,7 @@ fn channels_last_input_gives_the_same_features() {
     let x = efficientnet::preprocess_eval(&chelsea01(), 240)
         .unwrap()
         .repeat([2, 1, 1, 1]);
-    let cl = efficientnet::channels_last(&x);
+    let cl = adt::models::blocks::channels_last(&x);
     assert_eq!(cl.size(), x.size());
     assert_eq!(cl.stride(), vec![240 * 240 * 3, 1, 240 * 3, 3]);
     assert_eq!(x.stride(), vec![3 * 240 * 240, 240 * 240, 240, 1]);

@@ -269,10 +269,10 @@ impl EfficientNetFeatures {
         self.model.pooled(&self.prepare(images))
     }
 
-    /// Resize and normalise, laid out channels-last ([`efficientnet::channels_last`]).
+    /// Resize and normalise, laid out channels-last ([`crate::models::blocks::channels_last`]).
     fn prepare(&self, images: &Tensor) -> Tensor {
         let x = resize_bilinear(images, self.resolution);
-        efficientnet::channels_last(&efficientnet::normalize(&((x + 1.0) * 0.5)))
+        crate::models::blocks::channels_last(&efficientnet::normalize(&((x + 1.0) * 0.5)))
     }
 }
 

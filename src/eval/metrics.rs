@@ -637,9 +637,7 @@ impl FeatureExtractor {
             0,
         );
         tch::no_grad(|| match &self.network {
-            Network::EfficientNet(e) => e
-                .model
-                .pooled(&crate::models::efficientnet::channels_last(&x)),
+            Network::EfficientNet(e) => e.model.pooled(&crate::models::blocks::channels_last(&x)),
             Network::Dinov2(d) => Ok(d.model.forward(&x)?.pooler_output),
             Network::Inception(m) => m.model.pool3(&x),
         })

@@ -170,13 +170,6 @@ impl EfficientNetConfig {
 }
 
 /// Map images with values in [0, 1] to the network's input range.
-/// `x` ([B, C, H, W]) laid out channels-last (NHWC strides; same shape and values):
-/// libtorch's CPU depthwise convolutions run about a third faster on it than on NCHW.
-/// The network's inputs go through this (discriminator features and evaluation).
-pub fn channels_last(x: &Tensor) -> Tensor {
-    x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
-}
-
 pub fn normalize(images01: &Tensor) -> Tensor {
     (images01 - INPUT_MEAN) / INPUT_STD
 }

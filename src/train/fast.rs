@@ -324,10 +324,6 @@ pub struct FastDenoiser {
     captured: RefCell<Option<Captured>>,
 }
 
-fn to_channels_last(t: &Tensor) -> Tensor {
-    t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
-}
-
 fn shape_key(t: &Tensor) -> (Vec<i64>, Kind) {
     (t.size(), t.kind())
 }
@@ -393,7 +389,7 @@ impl FastDenoiser {
             );
             let mut copy = copy;
             if opts.channels_last && copy.dim() == 4 {
-                tch::no_grad(|| copy.set_data(&to_channels_last(&copy)));
+                tch::no_grad(|| copy.set_data(&crate::models::blocks::channels_last(&copy)));
             }
             pairs.push((name, m.shallow_clone(), copy));
         }
@@ -498,7 +494,7 @@ impl Denoiser for FastDenoiser {
             let kind = self.opts.kind;
             let mut xk = x.to_device(self.device).to_kind(kind);
             if self.opts.channels_last {
-                xk = to_channels_last(&xk);
+                xk = crate::models::blocks::channels_last(&xk);
             }
             let t = t.to_device(self.device).to_kind(Kind::Float);
             // Token states and pooled embeddings in the copy's dtype; SDXL time ids
