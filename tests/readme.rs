@@ -1047,6 +1047,11 @@ fn table3_matches_its_report() {
         ],
         "Table 3 settings: iterations, held-out captions"
     );
+    same(
+        "Table 3 wall time",
+        &after(&f, "idle but for a few short builds beside it, ")[0],
+        rep["wall_seconds"].as_f64().unwrap(),
+    );
 }
 
 /// The fresh-clone `scripts/demo.sh` figures: the README's total, setup and demo
